@@ -1,0 +1,309 @@
+"""The settings schema and how it is loaded.
+
+Precedence, lowest first: embedded defaults, the YAML file, ``REGCACHE_*``
+environment variables, command-line flags. Nested keys use ``__`` in the
+environment (``REGCACHE_STORAGE__MAX_SIZE=200GiB``), list items their index
+(``REGCACHE_UPSTREAMS__0__PASSWORD``). A bad value fails at startup with a
+message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from config.units import parse_duration, parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Names docker users give Docker Hub; all route to the same upstream.
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret(value: SecretStr | None, file: Path | None, env: str | None, key: str) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if file is not None:
+        try:
+            return file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}_file: cannot read {file}: {exc.strerror}") from None
+    if env is not None:
+        found = os.environ.get(env)
+        if found is None:
+            raise ConfigError(f"{key}_env: environment variable {env} is not set")
+        return found
+    return None
+
+
+class UpstreamSettings(_Model):
+    name: str = Field(description="registry host as clients name it, e.g. docker.io, ghcr.io")
+    url: str = Field(description="base URL of the registry API")
+    default: bool = False
+    aliases: list[str] = Field(default_factory=list, description="other names routed here")
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tag_ttl: Duration = 300.0
+    ca_bundle: Path | None = None
+    insecure: bool = False
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    max_concurrency: int | None = Field(default=None, ge=1)
+    connect_timeout: Duration = 10.0
+    read_timeout: Duration = 60.0
+    retries: int = Field(default=3, ge=0, le=10)
+    token_realms: list[str] = Field(default_factory=list, description="extra hosts allowed as token realm")
+    search_url: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSettings:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http(s)://host[:port], got {self.url!r}")
+        if sum(x is not None for x in (self.password, self.password_file, self.password_env)) > 1:
+            raise ValueError("give only one of password, password_file, password_env")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        names = (self.name, *self.aliases)
+        if self.name in DOCKER_HUB_ALIASES:
+            names += DOCKER_HUB_ALIASES
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.name in DOCKER_HUB_ALIASES
+
+    def credentials(self) -> tuple[str, str] | None:
+        password = _read_secret(self.password, self.password_file, self.password_env, f"upstreams.{self.name}.password")
+        if self.username is None or password is None:
+            return None
+        return self.username, password
+
+
+class S3Settings(_Model):
+    endpoint: str | None = None
+    bucket: str
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    credentials_file: Path | None = None
+    path_style: bool = True
+    ca_bundle: Path | None = None
+    insecure: bool = False
+    redirect: bool = False
+    redirect_ttl: Duration = 300.0
+    lease_ttl: Duration = 300.0
+
+
+class StorageSettings(_Model):
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    max_size: Size | None = None
+    high_watermark: float = Field(default=0.95, gt=0, le=1)
+    low_watermark: float = Field(default=0.85, gt=0, le=1)
+    expire_unused_after: Duration | None = None
+    gc_interval: Duration = 600.0
+    gc_grace: Duration = 3600.0
+    flush_interval: Duration = 5.0
+    fill_timeout: Duration = 3600.0
+    s3: S3Settings | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StorageSettings:
+        if self.low_watermark > self.high_watermark:
+            raise ValueError("low_watermark must not exceed high_watermark")
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs a storage.s3 section")
+        return self
+
+
+class AdminSettings(_Model):
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    def resolve_token(self) -> str | None:
+        return _read_secret(self.token, self.token_file, None, "admin.token")
+
+
+class TLSSettings(_Model):
+    cert: Path
+    key: Path
+
+
+class AuthSettings(_Model):
+    htpasswd: Path | None = None
+    tokens: list[SecretStr] = Field(default_factory=list)
+    realm: str = "regcache"
+
+
+class MetricsSettings(_Model):
+    enabled: bool = True
+    listen: str | None = Field(default=None, description="separate HOST:PORT for /metrics")
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class LimitSettings(_Model):
+    max_manifest_size: Size = 4 * 1024 * 1024
+    max_admin_body: Size = 1024 * 1024
+    max_header_size: Size = 16 * 1024
+    client_timeout: Duration = 600.0
+    shutdown_timeout: Duration = 30.0
+
+
+class Settings(_Model):
+    listen: str = "0.0.0.0:5000"
+    data_dir: Path = Path("./data")
+    workers: int = Field(default=1, ge=1, le=64)
+    upstreams: list[UpstreamSettings] = Field(
+        default_factory=lambda: [UpstreamSettings(name=DOCKER_HUB, url=DOCKER_HUB_URL, default=True)]
+    )
+    storage: StorageSettings = StorageSettings()
+    admin: AdminSettings = AdminSettings()
+    tls: TLSSettings | None = None
+    auth: AuthSettings | None = None
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        _split_listen(self.listen)
+        if not self.upstreams:
+            raise ValueError("upstreams: at least one upstream is needed")
+        defaults = [u for u in self.upstreams if u.default]
+        if len(defaults) > 1:
+            raise ValueError("upstreams: only one upstream may be the default")
+        seen: set[str] = set()
+        for upstream in self.upstreams:
+            for name in upstream.names:
+                if name in seen:
+                    raise ValueError(f"upstreams: the name {name!r} is used twice")
+                seen.add(name)
+        return self
+
+    @property
+    def default_upstream(self) -> UpstreamSettings:
+        return next((u for u in self.upstreams if u.default), self.upstreams[0])
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return _split_listen(self.listen)
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """REGCACHE_A__B=v -> {"a": {"b": v}}; list indexes as numbers."""
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("REGCACHE_"):
+            continue
+        rest = key[len("REGCACHE_") :].lower()
+        if rest in ("admin_token",):  # the documented short form
+            rest = "admin__token"
+        if rest in ("config", "server", "upstream"):  # CLI-level variables, not settings
+            continue
+        path = rest.split("__")
+        node: Any = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for key, value in over.items():
+            merged[key] = _merge(base.get(key), value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(over, dict) and all(k.isdigit() for k in over):
+        merged_list = list(base)
+        for index, value in over.items():
+            i = int(index)
+            if i >= len(merged_list):
+                raise ConfigError(f"upstreams.{i}: no such list item to override")
+            merged_list[i] = _merge(merged_list[i], value)
+        return merged_list
+    return over
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Defaults < YAML file < environment < ``overrides`` (command-line flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = loaded or {}
+    env = _env_overrides(dict(os.environ if environ is None else environ))
+    if "upstreams" in env and "upstreams" not in data:
+        data["upstreams"] = [{"name": DOCKER_HUB, "url": DOCKER_HUB_URL, "default": True}]
+    data = _merge(data, env)
+    data = _merge(data, overrides or {})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def upstream_from_url(url: str) -> UpstreamSettings:
+    """``--upstream URL``: the default upstream, named after its host."""
+    host = urlsplit(url).netloc
+    name = DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
+    try:
+        return UpstreamSettings(name=name, url=url, default=True)
+    except ValidationError as exc:
+        raise ConfigError(f"--upstream: {_describe(exc)}") from None

@@ -1,0 +1,1 @@
+"""regcache's HTTP face: the registry API, the pull-through logic and the admin API."""

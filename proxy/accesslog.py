@@ -1,0 +1,90 @@
+"""One structured line per request, written after the response is fully sent.
+
+Handlers put what they know (upstream, repository, digest or tag, cache
+result) into ``request["log"]``; this logger adds method, route, status,
+bytes, duration and the request id. Never headers, never credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+log = logging.getLogger("regcache.access")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    request["log"] = {}
+    request["request_id"] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request["request_id"]
+    return response
+
+
+def route_name(request: web.BaseRequest) -> str:
+    match = getattr(request, "match_info", None)
+    route = getattr(match, "route", None)
+    name = getattr(route, "name", None)
+    if name:
+        return name
+    return "other" if match is None or route is None or route.resource is None else route.resource.canonical
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        fields = request.get("log", {})
+        entry = {
+            "ts": round(time.time(), 3),
+            "request_id": request.get("request_id", ""),
+            "method": request.method,
+            "route": route_name(request),
+            "path": request.path[:512],
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(duration * 1000, 2),
+            "remote": request.remote,
+        }
+        entry.update(fields)
+        error = request.get("error")
+        if error is not None:
+            entry["error"] = getattr(error, "message", None) or type(error).__name__
+        self.logger.info(json.dumps(entry, default=str))
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "regcache.access":
+            return record.getMessage()
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,93 @@
+"""The ``regcache`` command: ``serve``, and the admin verbs as a client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from config.settings import ConfigError, Settings, load_settings, upstream_from_url
+from proxy.accesslog import AccessLogger, configure_logging
+
+log = logging.getLogger("regcache")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "upstream", None):
+        overrides["upstreams"] = [upstream_from_url(args.upstream).model_dump(exclude_defaults=True)]
+    return load_settings(args.config, overrides=overrides)
+
+
+async def serve(settings: Settings) -> None:
+    from proxy.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("regcache.access"),
+        shutdown_timeout=settings.limits.shutdown_timeout,
+        handler_cancellation=True,
+    )
+    await runner.setup()
+    host, port = settings.host_port
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    log.info("regcache listening on %s:%s, data in %s", host, port, settings.data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", type=Path, help="YAML settings file")
+    parser.add_argument("--data-dir", type=Path, help="where blobs and metadata live (default ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regcache", description="A pull-through caching proxy for registries")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    p = verbs.add_parser("serve", help="run the proxy")
+    _add_config_flags(p)
+    p.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
+    p.add_argument("--upstream", help="default upstream registry URL (default https://registry-1.docker.io)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "serve":
+        try:
+            settings = settings_from_args(args)
+        except ConfigError as exc:
+            print(f"regcache: configuration error: {exc}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log.level, settings.log.format)
+        try:
+            asyncio.run(serve(settings))
+        except OSError as exc:
+            print(f"regcache: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    parser.error(f"unknown verb {args.verb}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

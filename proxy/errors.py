@@ -1,0 +1,222 @@
+"""Every error regcache answers with, and the one table that maps it to OCI.
+
+Handlers raise typed errors; ``error_middleware`` turns them into the OCI
+error body ``{"errors": [{"code", "message", "detail"}]}`` with the right
+status. Nothing else in the code base chooses an error code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from storage.errors import (
+    ArchiveInvalid,
+    BlobUnknown,
+    DigestInvalid,
+    DigestMismatch,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RegcacheError,
+    SizeMismatch,
+    StoreFull,
+    TagInvalid,
+)
+
+log = logging.getLogger("regcache.errors")
+
+API_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+class Unsupported(RegcacheError):
+    """The operation is unsupported."""
+
+
+class Unauthorized(RegcacheError):
+    """Authentication required."""
+
+    def __init__(self, message: str = "", challenge: str = "") -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class Denied(RegcacheError):
+    """Requested access to the resource is denied."""
+
+
+class RangeNotSatisfiable(RegcacheError):
+    """Requested range not satisfiable."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range not satisfiable for a blob of {size} bytes")
+        self.size = size
+
+
+class PaginationInvalid(RegcacheError):
+    """Invalid pagination parameters."""
+
+
+class RegistryUnknown(RegcacheError):
+    """The request names a registry that is not configured."""
+
+
+class ManifestTooLarge(RegcacheError):
+    """Manifest exceeds the size limit."""
+
+
+class RequestTooLarge(RegcacheError):
+    """Request body too large."""
+
+
+class AdminInvalid(RegcacheError):
+    """Invalid admin request."""
+
+
+class AdminNotFound(RegcacheError):
+    """No such image in the cache."""
+
+
+class AdminConflict(RegcacheError):
+    """The request conflicts with the cache's state."""
+
+
+# Upstream failures. ``UpstreamError`` carries the upstream's name (never its
+# credentials) so logs and metrics can say which registry failed.
+class UpstreamError(RegcacheError):
+    """The upstream registry failed."""
+
+    kind = "error"
+
+    def __init__(self, message: str = "", upstream: str = "") -> None:
+        super().__init__(message)
+        self.upstream = upstream
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream registry is unavailable."""
+
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    """The upstream registry timed out."""
+
+    kind = "timeout"
+
+
+class UpstreamServerError(UpstreamUnavailable):
+    """The upstream registry answered with a server error."""
+
+    kind = "5xx"
+
+
+class UpstreamTooManyRequests(UpstreamError):
+    """The upstream registry is rate limiting."""
+
+    kind = "429"
+
+    def __init__(self, message: str = "", upstream: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message, upstream)
+        self.retry_after = retry_after
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The upstream registry refused our credentials."""
+
+    kind = "auth"
+
+
+class UpstreamNotFound(UpstreamError):
+    """The upstream registry does not have it."""
+
+    kind = "not_found"
+
+
+class UpstreamDenied(UpstreamError):
+    """The upstream registry denied access."""
+
+    kind = "auth"
+
+
+# (OCI code, HTTP status), most specific class first: lookups walk the MRO.
+_OCI: dict[type[BaseException], tuple[str, int]] = {
+    DigestInvalid: ("DIGEST_INVALID", 400),
+    DigestMismatch: ("DIGEST_INVALID", 400),
+    SizeMismatch: ("SIZE_INVALID", 400),
+    NameInvalid: ("NAME_INVALID", 400),
+    TagInvalid: ("MANIFEST_INVALID", 400),
+    ManifestInvalid: ("MANIFEST_INVALID", 400),
+    BlobUnknown: ("BLOB_UNKNOWN", 404),
+    ManifestUnknown: ("MANIFEST_UNKNOWN", 404),
+    NameUnknown: ("NAME_UNKNOWN", 404),
+    RegistryUnknown: ("NAME_UNKNOWN", 404),
+    UpstreamNotFound: ("MANIFEST_UNKNOWN", 404),
+    Unsupported: ("UNSUPPORTED", 405),
+    Unauthorized: ("UNAUTHORIZED", 401),
+    Denied: ("DENIED", 403),
+    UpstreamUnauthorized: ("UNAUTHORIZED", 502),
+    UpstreamDenied: ("DENIED", 403),
+    RangeNotSatisfiable: ("RANGE_INVALID", 416),
+    PaginationInvalid: ("PAGINATION_NUMBER_INVALID", 400),
+    ManifestTooLarge: ("SIZE_INVALID", 413),
+    RequestTooLarge: ("SIZE_INVALID", 413),
+    UpstreamTooManyRequests: ("TOOMANYREQUESTS", 429),
+    UpstreamUnavailable: ("UNAVAILABLE", 503),
+    UpstreamError: ("UNAVAILABLE", 502),
+    StoreFull: ("UNAVAILABLE", 507),
+    ArchiveInvalid: ("ARCHIVE_INVALID", 400),
+    AdminInvalid: ("INVALID", 400),
+    AdminNotFound: ("NOT_FOUND", 404),
+    AdminConflict: ("CONFLICT", 409),
+}
+
+
+def oci_code(error: BaseException) -> tuple[str, int]:
+    for cls in type(error).__mro__:
+        if cls in _OCI:
+            return _OCI[cls]
+    return ("UNKNOWN", 500)
+
+
+def error_body(code: str, message: str, detail: object | None = None) -> bytes:
+    entry: dict[str, object] = {"code": code, "message": message}
+    if detail is not None:
+        entry["detail"] = detail
+    return json.dumps({"errors": [entry]}).encode()
+
+
+def error_response(error: RegcacheError) -> web.Response:
+    code, status = oci_code(error)
+    headers = {"Content-Type": "application/json", **API_HEADERS}
+    if isinstance(error, Unauthorized) and error.challenge:
+        headers["WWW-Authenticate"] = error.challenge
+    if isinstance(error, UpstreamTooManyRequests) and error.retry_after is not None:
+        headers["Retry-After"] = str(int(error.retry_after))
+    if isinstance(error, RangeNotSatisfiable):
+        headers["Content-Range"] = f"bytes */{error.size}"
+    return web.Response(status=status, body=error_body(code, error.message, error.detail), headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    try:
+        return await handler(request)
+    except RegcacheError as error:
+        request["error"] = error
+        return error_response(error)
+    except web.HTTPException as exc:
+        # aiohttp's own 404/405 for unmatched routes: give them OCI bodies too.
+        if exc.status >= 400 and exc.status != 401:
+            code = {404: "NOT_FOUND", 405: "UNSUPPORTED", 413: "SIZE_INVALID"}.get(exc.status, "UNKNOWN")
+            if request.path.startswith("/v2/") and exc.status == 404:
+                code = "NAME_UNKNOWN"
+            return web.Response(
+                status=exc.status,
+                body=error_body(code, exc.reason or "error"),
+                headers={"Content-Type": "application/json"},
+            )
+        raise

@@ -1,0 +1,149 @@
+"""A blob fill: one upstream fetch written to the store, read by every client.
+
+The fill runs in its own task, under its own timeout, so it completes even
+when the client that started it goes away. Every client, the first one
+included, reads the spool file as it grows. The last byte is held back until
+the digest is verified: a client never sees the clean end of a wrong body,
+only an aborted connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from storage.blobs import BlobWriter
+from storage.digest import Digest
+
+log = logging.getLogger("regcache.fill")
+
+READ_CHUNK = 1024 * 1024
+
+
+class Fill:
+    def __init__(self, digest: Digest, upstream: str, repository: str) -> None:
+        self.digest = digest
+        self.upstream = upstream
+        self.repository = repository
+        self.size: int | None = None
+        self.error: BaseException | None = None
+        self.finished = False  # verified and committed
+        self.writer: BlobWriter | None = None
+        self._fd: int | None = None
+        self._readers = 0
+        self._progress = asyncio.Event()
+        self.started = asyncio.Event()  # size known (or failed): headers may go out
+        self.followers = 0
+
+    # The writing side -------------------------------------------------------
+
+    def attach(self, writer: BlobWriter, size: int | None) -> None:
+        self.writer = writer
+        self.size = size
+        self._fd = os.open(writer.spool_path, os.O_RDONLY)
+        self.started.set()
+
+    def progressed(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def succeed(self) -> None:
+        self.finished = True
+        self.progressed()
+        self._maybe_close()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.started.set()
+        self.progressed()
+        self._maybe_close()
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.error is not None
+
+    # The reading side ------------------------------------------------------
+
+    async def wait_started(self) -> None:
+        await self.started.wait()
+        if self.error is not None and self.writer is None:
+            raise self.error
+
+    async def tail(self) -> AsyncIterator[bytes]:
+        """The blob's bytes as they land; raises if the fill fails."""
+        await self.wait_started()
+        assert self.writer is not None and self._fd is not None
+        self._readers += 1
+        fd = self._fd
+        offset = 0
+        try:
+            while True:
+                available = self.writer.flushed
+                if not self.finished:
+                    available -= 1  # hold back the last byte until verified
+                if offset < available:
+                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, available - offset), offset)
+                    if not chunk:
+                        raise OSError("spool file shorter than written")
+                    offset += len(chunk)
+                    yield chunk
+                    continue
+                if self.error is not None:
+                    raise self.error
+                if self.finished:
+                    return
+                await self._progress.wait()
+        finally:
+            self._readers -= 1
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.done and self._readers == 0 and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+FillBody = Callable[[Fill], Awaitable[None]]
+
+
+class Fills:
+    """At most one fill per digest in this process."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._fills: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def get(self, digest: Digest) -> Fill | None:
+        return self._fills.get(str(digest))
+
+    def start(self, fill: Fill, body: FillBody) -> Fill:
+        key = str(fill.digest)
+        self._fills[key] = fill
+        task = asyncio.create_task(self._run(fill, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run(self, fill: Fill, body: FillBody) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await body(fill)
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                log.warning("fill of %s timed out after %ss", fill.digest, self.timeout)
+            fill.fail(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._fills.pop(str(fill.digest), None)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,24 @@
+"""Typed keys for what the application carries (aiohttp ``web.AppKey``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from proxy.events import Events
+    from proxy.pullthrough import PullThrough
+    from proxy.routing import Router
+    from proxy.upstream import UpstreamClient
+    from storage.blobs import BlobStore
+    from storage.metadata import Metadata
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+STORE: web.AppKey[BlobStore] = web.AppKey("store")
+METADATA: web.AppKey[Metadata] = web.AppKey("metadata")
+PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams")
+EVENTS: web.AppKey[Events] = web.AppKey("events")

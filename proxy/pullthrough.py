@@ -1,0 +1,407 @@
+"""The cache logic: the one place that decides "local or upstream".
+
+Handlers ask for a manifest or a blob of a routed repository; this module
+answers from the store when it can, from the upstream when it must, and
+records what it learned. It never builds an HTTP response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.errors import (
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamTooManyRequests,
+    UpstreamUnavailable,
+)
+from proxy.events import Events
+from proxy.fill import Fill, Fills
+from proxy.routing import Route
+from proxy.singleflight import SingleFlight
+from proxy.upstream import UpstreamClient
+from storage.blobs import BlobStore
+from storage.digest import Digest
+from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
+from storage.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
+from storage.metadata import Metadata
+from storage.reference import ManifestReference
+
+log = logging.getLogger("regcache.pullthrough")
+
+# Upstream failures after which a stale tag is still served.
+_STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    data: bytes
+    result: str  # hit, miss, stale, revalidated, coalesced
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    """A committed blob on a local disk: served by sendfile."""
+
+    digest: str
+    size: int
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """A committed blob in a remote store: streamed, or redirected to."""
+
+    digest: str
+    size: int
+    redirect: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FillingBlob:
+    """A blob on its way from the upstream; ``fill.tail()`` gives its bytes."""
+
+    digest: str
+    fill: Fill
+    result: str  # miss or coalesced
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: str
+    size: int | None
+
+
+BlobAnswer = LocalBlob | StoredBlob | FillingBlob
+
+
+class ManifestCache:
+    """Recently served manifests by digest, bounded by bytes."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, digest: str) -> tuple[str, bytes] | None:
+        item = self._items.get(digest)
+        if item is not None:
+            self._items.move_to_end(digest)
+        return item
+
+    def put(self, digest: str, media_type: str, data: bytes) -> None:
+        if digest in self._items:
+            return
+        self._items[digest] = (media_type, data)
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and self._items:
+            _, (_, old) = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+
+class PullThrough:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: Metadata,
+        upstreams: dict[str, UpstreamClient],
+        events: Events,
+        *,
+        fill_timeout: float = 3600.0,
+        max_manifest_size: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.upstreams = upstreams
+        self.events = events
+        self.fills = Fills(fill_timeout)
+        self.max_manifest_size = max_manifest_size
+        self.manifests = ManifestCache()
+        self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
+        self._links: set[tuple[int, str]] = set()
+
+    def forget(self) -> None:
+        """Drop in-memory knowledge after rmi, eviction or load changed the store."""
+        self.manifests.clear()
+        self._links.clear()
+
+    async def close(self) -> None:
+        await self.fills.close()
+
+    def _client(self, route: Route) -> UpstreamClient:
+        return self.upstreams[route.upstream_name]
+
+    async def _repository(self, route: Route) -> int:
+        repo_id = await self.metadata.repository_id(route.upstream_name, route.repository)
+        assert repo_id is not None
+        return repo_id
+
+    # Manifests ---------------------------------------------------------------
+
+    async def manifest(
+        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True
+    ) -> Manifest:
+        if reference.digest is not None:
+            found = await self._manifest_by_digest(route, str(reference.digest))
+        else:
+            assert reference.tag is not None
+            found = await self._manifest_by_tag(route, reference.tag)
+        if not accepts(accept, found.media_type):
+            # Never convert: the digest a client sees is always the upstream's.
+            raise ManifestUnknown(f"manifest is {found.media_type}, which the client does not accept")
+        repo_id = await self._repository(route)
+        self.metadata.note_pull(repo_id, found.digest, count=count)
+        self.events.manifest(route.upstream_name, found.result)
+        return found
+
+    async def _stored_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        cached = self.manifests.get(digest)
+        if cached is not None:
+            return cached
+        row = await self.metadata.manifest(digest)
+        if row is None:
+            return None
+        try:
+            data = await self.store.read_small(Digest.parse(digest))
+        except BlobUnknown:
+            return None
+        self.manifests.put(digest, row.media_type, data)
+        return row.media_type, data
+
+    async def _linked(self, repo_id: int, digest: str) -> bool:
+        if (repo_id, digest) in self._links:
+            return True
+        linked, _ = await self.metadata.link(repo_id, digest)
+        if linked:
+            self._links.add((repo_id, digest))
+        return linked
+
+    async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
+        repo_id = await self._repository(route)
+        stored = await self._stored_manifest(digest)
+        if stored is not None:
+            media_type, data = stored
+            if await self._linked(repo_id, digest):
+                return Manifest(digest, media_type, data, "hit")
+            # Stored for another repository: the upstream must vouch for this one.
+            await self._confirm(route, lambda c: c.head_manifest(route.repository, digest, UPSTREAM_ACCEPT))
+            await self._record_manifest(repo_id, digest, media_type, data, tag=None)
+            return Manifest(digest, media_type, data, "hit")
+        found, shared = await self._manifest_flight.do(
+            (route.upstream_name, route.repository, digest), lambda: self._fetch_manifest(route, digest, None)
+        )
+        return _coalesced(found) if shared else found
+
+    async def _manifest_by_tag(self, route: Route, tag: str) -> Manifest:
+        repo_id = await self._repository(route)
+        row = await self.metadata.tag(repo_id, tag)
+        if row is not None:
+            stored = await self._stored_manifest(row.manifest)
+            if stored is not None:
+                media_type, data = stored
+                if time.time() - row.checked_at < route.upstream.tag_ttl:
+                    return Manifest(row.manifest, media_type, data, "hit")
+                found, shared = await self._manifest_flight.do(
+                    (route.upstream_name, route.repository, "tag", tag),
+                    lambda: self._revalidate(route, repo_id, tag, row.manifest, media_type, data),
+                )
+                return _coalesced(found) if shared else found
+        found, shared = await self._manifest_flight.do(
+            (route.upstream_name, route.repository, "tag", tag), lambda: self._fetch_manifest(route, tag, tag)
+        )
+        return _coalesced(found) if shared else found
+
+    async def _revalidate(
+        self, route: Route, repo_id: int, tag: str, digest: str, media_type: str, data: bytes
+    ) -> Manifest:
+        client = self._client(route)
+        try:
+            head = await client.head_manifest(route.repository, tag, UPSTREAM_ACCEPT)
+        except _STALE_OK as exc:
+            self.events.stale(route.upstream_name, _kind(exc))
+            log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag, _kind(exc))
+            return Manifest(digest, media_type, data, "stale")
+        except UpstreamNotFound:
+            raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
+        if head.digest == digest:
+            await self.metadata.confirm_tag(repo_id, tag)
+            return Manifest(digest, media_type, data, "revalidated")
+        if head.digest is not None:
+            stored = await self._stored_manifest(head.digest)
+            if stored is not None and await self._linked(repo_id, head.digest):
+                await self._record_manifest(repo_id, head.digest, stored[0], stored[1], tag=tag)
+                return Manifest(head.digest, stored[0], stored[1], "revalidated")
+        # The tag moved: fetch the new manifest by digest where we know it (a GET
+        # by digest is what Docker Hub does not count twice), else by tag.
+        found = await self._fetch_manifest(route, head.digest or tag, tag)
+        return found
+
+    async def _fetch_manifest(self, route: Route, reference: str, tag: str | None) -> Manifest:
+        client = self._client(route)
+        try:
+            fetched = await client.get_manifest(route.repository, reference, UPSTREAM_ACCEPT, self.max_manifest_size)
+        except UpstreamNotFound:
+            raise ManifestUnknown(f"manifest {route.repository}:{reference} unknown to the upstream") from None
+        digest = Digest.of(fetched.data)
+        expected = reference if ":" in reference else fetched.digest
+        if expected is not None and expected != str(digest):
+            self.events.digest_mismatch(route.upstream_name, "manifest")
+            raise DigestMismatch(f"upstream manifest for {route.repository}:{reference} hashes to {digest}")
+        repo_id = await self._repository(route)
+        media_type = await self._record_manifest(repo_id, str(digest), fetched.media_type, fetched.data, tag=tag)
+        self.events.fetched(route.upstream_name, "manifest", len(fetched.data))
+        return Manifest(str(digest), media_type, fetched.data, "miss")
+
+    async def _record_manifest(
+        self, repo_id: int, digest: str, media_type: str, data: bytes, tag: str | None, pinned: bool = False
+    ) -> str:
+        parsed = parse_manifest(data, media_type)
+        parsed_digest = Digest.parse(digest)
+        if await self.store.stat(parsed_digest) is None:
+            await self.store.put(parsed_digest, data)
+        await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
+        self.manifests.put(digest, parsed.media_type, data)
+        self._links.add((repo_id, digest))
+        return parsed.media_type
+
+    async def _confirm(self, route: Route, call) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await call(self._client(route))
+        except UpstreamNotFound:
+            raise ManifestUnknown(f"{route.repository} has no such content upstream") from None
+
+    # Blobs -------------------------------------------------------------------
+
+    async def blob(self, route: Route, digest: Digest) -> BlobAnswer:
+        repo_id = await self._repository(route)
+        key = str(digest)
+        linked = await self._linked(repo_id, key)
+        size = await self.store.stat(digest)
+        if size is not None:
+            if not linked:
+                await self._confirm_blob(route, repo_id, digest, size)
+            self.metadata.note_blob_access(key)
+            self.events.blob(route.upstream_name, "hit", size)
+            path = self.store.local_path(digest)
+            if path is not None:
+                return LocalBlob(key, size, path)
+            return StoredBlob(key, size, await self.store.backend.redirect_url(digest))
+        fill = self.fills.get(digest)
+        if fill is not None:
+            if not linked:
+                await self._confirm_blob(route, repo_id, digest, None)
+            fill.followers += 1
+            self.events.blob(route.upstream_name, "coalesced", None)
+            return FillingBlob(key, fill, "coalesced")
+        _, expected = await self.metadata.link(repo_id, key)
+        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
+                                lambda f: self._fill(route, repo_id, f, expected))  # fmt: skip
+        self.events.blob(route.upstream_name, "miss", None)
+        return FillingBlob(key, fill, "miss")
+
+    async def blob_info(self, route: Route, digest: Digest) -> BlobInfo:
+        """For HEAD: what a GET would send, without fetching bytes."""
+        repo_id = await self._repository(route)
+        key = str(digest)
+        linked, descriptor_size = await self.metadata.link(repo_id, key)
+        size = await self.store.stat(digest)
+        if size is not None:
+            if not linked:
+                await self._confirm_blob(route, repo_id, digest, size)
+            return BlobInfo(key, size)
+        if linked and descriptor_size is not None:
+            return BlobInfo(key, descriptor_size)
+        try:
+            upstream_size = await self._client(route).head_blob(route.repository, key)
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {key} unknown to the upstream") from None
+        return BlobInfo(key, upstream_size)
+
+    async def _confirm_blob(self, route: Route, repo_id: int, digest: Digest, size: int | None) -> None:
+        try:
+            await self._client(route).head_blob(route.repository, str(digest))
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {digest} unknown to {route.repository}") from None
+        await self.metadata.link_blob(repo_id, str(digest), size)
+        self._links.add((repo_id, str(digest)))
+
+    async def _fill(self, route: Route, repo_id: int, fill: Fill, expected: int | None) -> None:
+        client = self._client(route)
+        self.events.fill_started(route.upstream_name)
+        try:
+            async with client.open_blob(route.repository, str(fill.digest)) as stream:
+                size = stream.size if stream.size is not None else expected
+                if expected is not None and stream.size is not None and stream.size != expected:
+                    log.warning("upstream size %s for %s differs from its descriptor (%s)",
+                                stream.size, fill.digest, expected)  # fmt: skip
+                writer = await self.store.writer(fill.digest, size)
+                fill.attach(writer, size)
+                try:
+                    async for chunk in stream.chunks:
+                        if await writer.write(chunk):
+                            fill.progressed()
+                    written = await writer.finish()
+                except BaseException as exc:
+                    await writer.abort()
+                    if isinstance(exc, DigestMismatch | SizeMismatch):
+                        self.events.digest_mismatch(route.upstream_name, "blob")
+                        log.error("upstream blob %s of %s/%s failed verification: %s",
+                                  fill.digest, route.upstream_name, route.repository, exc)  # fmt: skip
+                    if isinstance(exc, StoreFull):
+                        self.events.store_full()
+                    raise
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
+        finally:
+            self.events.fill_finished(route.upstream_name)
+        await self.metadata.record_blob(repo_id, str(fill.digest), written)
+        self._links.add((repo_id, str(fill.digest)))
+        self.events.fetched(route.upstream_name, "blob", written)
+        fill.succeed()
+
+    # Tags and catalog ----------------------------------------------------------
+
+    async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags (a page) and whether there are more; the cache's own when the upstream is down."""
+        try:
+            tags, next_link = await self._client(route).list_tags(route.repository, n, last)
+            return tags, next_link is not None
+        except UpstreamNotFound:
+            raise NameUnknown(f"repository {route.repository} unknown to the upstream") from None
+        except (*_STALE_OK, UpstreamError) as exc:
+            repo_id = await self.metadata.repository_id(route.upstream_name, route.repository, create=False)
+            if repo_id is None:
+                raise
+            self.events.stale(route.upstream_name, _kind(exc))
+            known = await self.metadata.tags(repo_id)
+            return page(known, n, last)
+
+
+def page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """The ``n``/``last`` paging of the distribution spec over a sorted list."""
+    items = sorted(items)
+    if last is not None:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, False
+    return items[:n], len(items) > n
+
+
+def _coalesced(found: Manifest) -> Manifest:
+    return Manifest(found.digest, found.media_type, found.data, "coalesced")
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return getattr(exc, "kind", "error")

@@ -1,0 +1,158 @@
+"""The Registry HTTP API v2, pull side.
+
+Each handler parses and validates its input, asks ``PullThrough``, and turns
+the answer into a response. Errors are raised as types; ``proxy.errors``
+renders them.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from proxy.errors import API_HEADERS as API_VERSION
+from proxy.errors import PaginationInvalid, Unsupported
+from proxy.keys import METADATA, PULLTHROUGH, ROUTER
+from proxy.pullthrough import FillingBlob, LocalBlob, StoredBlob, page
+from proxy.routing import Route
+from storage.digest import Digest
+from storage.errors import NameInvalid
+from storage.manifests import merge_accept
+from storage.reference import ManifestReference
+
+log = logging.getLogger("regcache.registry")
+
+OCTET_STREAM = "application/octet-stream"
+
+
+def _route(request: web.Request) -> Route:
+    # No valid name, tag or digest contains "%": an encoded "/" or "." is a trick.
+    if "%" in request.raw_path.partition("?")[0]:
+        raise NameInvalid("percent-encoded characters are not allowed in registry paths")
+    route = request.app[ROUTER].resolve(request.match_info["name"], request.query.get("ns"))
+    request["log"].update(upstream=route.upstream_name, repository=route.repository)
+    return route
+
+
+def _pagination(request: web.Request) -> tuple[int | None, str | None]:
+    raw = request.query.get("n")
+    n = None
+    if raw is not None:
+        if not raw.isdigit() or len(raw) > 9:
+            raise PaginationInvalid(f"n must be a non-negative number, got {raw[:20]!r}")
+        n = int(raw)
+    return n, request.query.get("last")
+
+
+async def base(request: web.Request) -> web.Response:
+    # Answered locally: clients probe /v2/ before every pull, the upstream need not know.
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def manifest(request: web.Request) -> web.Response:
+    route = _route(request)
+    reference = ManifestReference.parse(request.match_info["reference"])
+    request["log"]["reference"] = str(reference)
+    accept = merge_accept(request.headers.getall("Accept", []))
+    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=request.method == "GET")
+    request["log"]["result"] = found.result
+    request["log"]["digest"] = found.digest
+    return web.Response(
+        body=found.data,
+        headers={
+            "Content-Type": found.media_type,
+            "Docker-Content-Digest": found.digest,
+            "ETag": f'"{found.digest}"',
+        },
+    )
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    route = _route(request)
+    digest = Digest.parse(request.match_info["digest"])
+    request["log"]["digest"] = str(digest)
+    pullthrough = request.app[PULLTHROUGH]
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM, "ETag": f'"{digest}"'}
+    if request.method == "HEAD":
+        info = await pullthrough.blob_info(route, digest)
+        response = web.StreamResponse(headers=headers)
+        if info.size is not None:
+            response.content_length = info.size
+        return response
+    answer = await pullthrough.blob(route, digest)
+    if isinstance(answer, LocalBlob):
+        request["log"]["result"] = "hit"
+        headers["Accept-Ranges"] = "bytes"
+        return web.FileResponse(answer.path, headers=headers)
+    if isinstance(answer, StoredBlob):
+        request["log"]["result"] = "hit"
+        if answer.redirect is not None:
+            raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
+        return await _stream(request, headers, answer.size, pullthrough.store.read(digest))
+    assert isinstance(answer, FillingBlob)
+    request["log"]["result"] = answer.result
+    await answer.fill.wait_started()
+    return await _stream(request, headers, answer.fill.size, answer.fill.tail())
+
+
+async def _stream(request: web.Request, headers: dict[str, str], size: int | None, chunks) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    response = web.StreamResponse(headers=headers)
+    if size is not None:
+        response.content_length = size
+    await response.prepare(request)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except Exception as exc:
+        # Headers are out: the only honest signal left is a broken connection,
+        # never a clean end of a short or wrong body.
+        request["log"]["result"] = "aborted"
+        request["error"] = exc
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("blob stream aborted") from exc
+    await response.write_eof()
+    return response
+
+
+async def tags(request: web.Request) -> web.Response:
+    route = _route(request)
+    n, last = _pagination(request)
+    found, more = await request.app[PULLTHROUGH].tags(route, n, last)
+    headers = dict(API_VERSION)
+    if more and found:
+        query = {"n": str(n), "last": found[-1]}
+        if "ns" in request.query:
+            query["ns"] = request.query["ns"]
+        headers["Link"] = f'</v2/{request.match_info["name"]}/tags/list?{urlencode(query)}>; rel="next"'
+    return web.json_response({"name": request.match_info["name"], "tags": found}, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    n, last = _pagination(request)
+    router = request.app[ROUTER]
+    names = [router.client_name(u, name) for u, name in await request.app[METADATA].catalog()]
+    repositories, more = page(names, n, last)
+    headers = dict(API_VERSION)
+    if more and repositories:
+        headers["Link"] = f'</v2/_catalog?{urlencode({"n": str(n), "last": repositories[-1]})}>; rel="next"'
+    return web.json_response({"repositories": repositories}, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    raise Unsupported("this registry is a read-only pull-through cache")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v2/", base, name="base")
+    r.add_get("/v2/_catalog", catalog, name="catalog")
+    r.add_route("*", "/v2/{name:.+}/blobs/uploads/{rest:.*}", unsupported, name="upload")
+    r.add_route("*", "/v2/{name:.+}/blobs/uploads", unsupported)
+    r.add_get("/v2/{name:.+}/tags/list", tags, name="tags")
+    r.add_get("/v2/{name:.+}/manifests/{reference}", manifest, name="manifest")
+    r.add_route("*", "/v2/{name:.+}/manifests/{reference}", unsupported)
+    r.add_get("/v2/{name:.+}/blobs/{digest}", blob, name="blob")
+    r.add_route("*", "/v2/{name:.+}/blobs/{digest}", unsupported)

@@ -1,0 +1,1 @@
+"""regcache storage: content-addressed blobs, metadata, lifecycle. Knows nothing of HTTP."""

@@ -1,0 +1,167 @@
+"""Blobs as files under the data directory (the layout in ``storage.paths``).
+
+Commit is fsync of the temp file, ``os.replace`` into place and fsync of the
+directory, so a crash leaves either the whole verified blob or nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from storage import paths
+from storage.backends.base import BlobBackend, Upload
+from storage.digest import Digest
+from storage.errors import BlobUnknown, StoreFull
+
+READ_CHUNK = 1024 * 1024
+
+
+class FileUpload(Upload):
+    def __init__(self, root: Path, digest: Digest) -> None:
+        self.final_path = paths.blob_path(root, digest)
+        self.spool_path = paths.tmp_dir(root) / uuid.uuid4().hex
+        self._file = open(self.spool_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        self._closed = False
+
+    def write_sync(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+            # Followers read the spool file by path: make the bytes visible to them.
+            self._file.flush()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull("no space left on the store's filesystem") from exc
+            raise
+
+    def _commit_sync(self) -> None:
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull("no space left on the store's filesystem") from exc
+            raise
+        self._file.close()
+        self._closed = True
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.spool_path, self.final_path)
+        _fsync_dir(self.final_path.parent)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._commit_sync)
+
+    async def abort(self) -> None:
+        if not self._closed:
+            self._file.close()
+            self._closed = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool_path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBackend(BlobBackend):
+    name = "filesystem"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def start(self) -> None:
+        # A fill that was running when the process died left only a temp file;
+        # none of it was ever visible under a digest, so it can simply go.
+        tmp = paths.tmp_dir(self.root)
+        if tmp.exists():
+            await asyncio.to_thread(shutil.rmtree, tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (self.root / paths.BLOBS).mkdir(parents=True, exist_ok=True)
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(paths.blob_path(self.root, digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def begin(self, digest: Digest) -> Upload:
+        return FileUpload(self.root, digest)
+
+    async def delete(self, digest: Digest) -> bool:
+        try:
+            os.unlink(paths.blob_path(self.root, digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        try:
+            fd = os.open(paths.blob_path(self.root, digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not in the store") from None
+        try:
+            remaining = length if length is not None else os.fstat(fd).st_size - offset
+            while remaining > 0:
+                chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, remaining), offset)
+                if not chunk:
+                    break
+                offset += len(chunk)
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def read_small(self, digest: Digest) -> bytes:
+        try:
+            return await asyncio.to_thread(paths.blob_path(self.root, digest).read_bytes)
+        except FileNotFoundError:
+            raise BlobUnknown(f"blob {digest} is not in the store") from None
+
+    async def list(self) -> AsyncIterator[tuple[Digest, int]]:
+        entries = await asyncio.to_thread(_walk_blobs, self.root)
+        for digest, size in entries:
+            yield digest, size
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return paths.blob_path(self.root, digest)
+
+    async def writable(self) -> bool:
+        probe = paths.tmp_dir(self.root) / f".probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+
+def _walk_blobs(root: Path) -> list[tuple[Digest, int]]:
+    out = []
+    base = root / paths.BLOBS
+    for dirpath, _dirs, files in os.walk(base):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            digest = paths.digest_from_path(os.path.relpath(full, root).replace(os.sep, "/"))
+            if digest is not None:
+                out.append((digest, os.stat(full).st_size))
+    return out
+
+
+def walk_strays(root: Path) -> list[Path]:
+    """Files under blobs/ that are not named like a blob (fsck reports them)."""
+    out = []
+    for dirpath, _dirs, files in os.walk(root / paths.BLOBS):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if paths.digest_from_path(os.path.relpath(full, root).replace(os.sep, "/")) is None:
+                out.append(Path(full))
+    return out

@@ -1,0 +1,134 @@
+"""The content-addressed blob store: hash while writing, verify, then commit.
+
+``BlobWriter`` is the only way bytes enter the store. It hashes every byte it
+is given and calls the backend's commit only when size and digest match what
+was asked for; otherwise the upload is aborted and nothing is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from storage.backends.base import BlobBackend, Upload
+from storage.digest import Digest
+from storage.errors import DigestMismatch, SizeMismatch
+
+# Bytes gathered before one hand-off to the worker thread: large enough that
+# thread switches cost nothing next to hashing, small enough that followers
+# reading the spool file stay close behind.
+FLUSH_BYTES = 512 * 1024
+
+
+class BlobWriter:
+    """Hashes and spools one blob; ``finish`` verifies and commits."""
+
+    def __init__(self, digest: Digest, upload: Upload, expected_size: int | None = None) -> None:
+        self.digest = digest
+        self.expected_size = expected_size
+        self._upload = upload
+        self._hasher = digest.hasher()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.received = 0
+        self.flushed = 0  # bytes readable in the spool file
+        self._done = False
+
+    @property
+    def spool_path(self) -> Path:
+        return self._upload.spool_path
+
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._hasher.update(chunk)
+            self._upload.write_sync(chunk)
+
+    async def write(self, chunk: bytes) -> bool:
+        """Buffer a chunk; True when it was flushed to the spool file."""
+        if self.expected_size is not None and self.received + len(chunk) > self.expected_size:
+            raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes")
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        self.received += len(chunk)
+        # The first bytes go out at once so that followers get their first byte early.
+        if self._pending_bytes >= FLUSH_BYTES or self.flushed == 0:
+            await self.flush()
+            return True
+        return False
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        await asyncio.to_thread(self._write_sync, chunks)
+        self.flushed += sum(len(c) for c in chunks)
+
+    async def finish(self) -> int:
+        """Verify size and digest, then commit. Raises (and aborts) on mismatch."""
+        try:
+            await self.flush()
+            if self.expected_size is not None and self.received != self.expected_size:
+                raise SizeMismatch(f"{self.digest}: got {self.received} bytes, expected {self.expected_size}")
+            actual = self._hasher.hexdigest()
+            if actual != self.digest.hex:
+                raise DigestMismatch(f"content of {self.digest} hashes to {self.digest.algorithm}:{actual}")
+            await self._upload.commit()
+        except BaseException:
+            await self.abort()
+            raise
+        self._done = True
+        return self.received
+
+    async def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._upload.abort()
+
+
+class BlobStore:
+    """Verified blobs on top of a backend."""
+
+    def __init__(self, backend: BlobBackend) -> None:
+        self.backend = backend
+        self.on_full: Callable[[], None] | None = None  # eviction hook
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter:
+        return BlobWriter(digest, await self.backend.begin(digest), expected_size)
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        """Store a small blob (manifests, configs) after verifying it."""
+        writer = await self.writer(digest, len(data))
+        await writer.write(data)
+        await writer.finish()
+
+    async def put_stream(self, digest: Digest, chunks: AsyncIterator[bytes], expected_size: int | None = None) -> int:
+        writer = await self.writer(digest, expected_size)
+        try:
+            async for chunk in chunks:
+                await writer.write(chunk)
+        except BaseException:
+            await writer.abort()
+            raise
+        return await writer.finish()
+
+    async def stat(self, digest: Digest) -> int | None:
+        return await self.backend.stat(digest)
+
+    async def read_small(self, digest: Digest) -> bytes:
+        return await self.backend.read_small(digest)
+
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        return self.backend.read(digest, offset, length)
+
+    async def delete(self, digest: Digest) -> bool:
+        return await self.backend.delete(digest)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return self.backend.local_path(digest)

@@ -1,0 +1,198 @@
+"""A registry in the test process, for the faults a real one cannot produce.
+
+It serves manifests and blobs from memory and can corrupt, truncate, reset,
+fail with a status, rate-limit, challenge for a token or redirect to another
+host. It counts every request it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Fault:
+    """What to do to the next matching requests (``times`` of them; -1 for all)."""
+
+    kind: str  # corrupt, truncate, reset, status, slow
+    status: int = 500
+    times: int = -1
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+def make_image(repository_layers: list[bytes], config: bytes | None = None) -> tuple[bytes, dict[str, bytes]]:
+    """An OCI manifest over the given layer bytes; returns (manifest, blobs by digest)."""
+    config = config or json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    blobs = {digest_of(config): config}
+    layers = []
+    for layer in repository_layers:
+        blobs[digest_of(layer)] = layer
+        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(layer),
+                       "size": len(layer)})  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": layers,
+    }).encode()  # fmt: skip
+    return manifest, blobs
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}  # (repo, tag or digest) -> (type, bytes)
+        self.blobs: dict[tuple[str, str], bytes] = {}
+        self.tags: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.faults: dict[str, Fault] = {}  # keyed by digest or "manifest"
+        self.token: str | None = None  # when set, a Bearer challenge is required
+        self.token_requests: list[dict[str, str]] = []
+        self.basic: tuple[str, str] | None = None
+        self.redirect_to: str | None = None  # base URL of a host blobs redirect to
+        self.app = web.Application()
+        self.app.router.add_get("/v2/", self._base)
+        self.app.router.add_get("/token", self._token)
+        self.app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
+        self.app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
+        self.app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        self.app.router.add_get("/cdn/{digest}", self._cdn)
+        self.base_url = ""
+
+    def add_image(self, repository: str, tag: str, layers: list[bytes], config: bytes | None = None) -> str:
+        manifest, blobs = make_image(layers, config)
+        digest = digest_of(manifest)
+        self.manifests[(repository, tag)] = (OCI_MANIFEST, manifest)
+        self.manifests[(repository, digest)] = (OCI_MANIFEST, manifest)
+        for blob_digest, data in blobs.items():
+            self.blobs[(repository, blob_digest)] = data
+        self.tags.setdefault(repository, []).append(tag)
+        return digest
+
+    def count(self, method: str, path_part: str) -> int:
+        return sum(1 for m, p, _ in self.requests if m == method and path_part in p)
+
+    def _record(self, request: web.Request) -> None:
+        self.requests.append((request.method, request.path, dict(request.headers)))
+
+    def _auth(self, request: web.Request) -> web.Response | None:
+        if self.token is None:
+            return None
+        if request.headers.get("Authorization") == f"Bearer {self.token}":
+            return None
+        realm = f"{self.base_url}/token"
+        name = request.match_info.get("name", "")
+        challenge = f'Bearer realm="{realm}",service="fake",scope="repository:{name}:pull"'
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]}, status=401,
+                                 headers={"WWW-Authenticate": challenge})  # fmt: skip
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.token_requests.append({"scope": request.query.get("scope", ""),
+                                    "authorization": request.headers.get("Authorization", "")})  # fmt: skip
+        if self.basic is not None:
+            expected = "Basic " + base64.b64encode(f"{self.basic[0]}:{self.basic[1]}".encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        return web.json_response({"token": self.token, "expires_in": 300})
+
+    async def _base(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return self._auth(request) or web.json_response({})
+
+    def _fault(self, key: str) -> Fault | None:
+        fault = self.faults.get(key)
+        if fault is None or fault.times == 0:
+            return None
+        if fault.times > 0:
+            fault.times -= 1
+        return fault
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        if denied := self._auth(request):
+            return denied
+        fault = self._fault("manifest")
+        if fault is not None and fault.kind == "status":
+            return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status,
+                                     headers=fault.headers)  # fmt: skip
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.delay)
+        found = self.manifests.get((request.match_info["name"], request.match_info["reference"]))
+        if found is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "unknown"}]}, status=404)
+        media_type, data = found
+        if fault is not None and fault.kind == "corrupt":
+            data = data.replace(b"schemaVersion", b"schemaversion")
+        headers = {"Content-Type": media_type, "Docker-Content-Digest": digest_of(found[1])}
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(len(data))})
+        return web.Response(body=data, headers=headers)
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        if denied := self._auth(request):
+            return denied
+        digest = request.match_info["digest"]
+        data = self.blobs.get((request.match_info["name"], digest))
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "unknown"}]}, status=404)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(len(data)), "Docker-Content-Digest": digest})
+        if self.redirect_to is not None:
+            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}")
+        return await self._send_blob(request, digest, data)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        digest = request.match_info["digest"]
+        data = next((d for (_, dg), d in self.blobs.items() if dg == digest), None)
+        if data is None:
+            raise web.HTTPNotFound()
+        return await self._send_blob(request, digest, data)
+
+    async def _send_blob(self, request: web.Request, digest: str, data: bytes) -> web.StreamResponse:
+        fault = self._fault(digest)
+        if fault is not None and fault.kind == "status":
+            return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status,
+                                     headers=fault.headers)  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        body = data
+        if fault is not None and fault.kind == "corrupt":
+            body = data[:-1] + bytes([data[-1] ^ 0xFF])
+        half = len(body) // 2
+        await response.write(body[:half])
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.kind in ("truncate", "reset"):
+            assert request.transport is not None
+            if fault.kind == "reset":
+                request.transport.abort()
+            else:
+                request.transport.close()
+            return response
+        await response.write(body[half:])
+        await response.write_eof()
+        return response
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        self._record(request)
+        name = request.match_info["name"]
+        if name not in self.tags:
+            return web.json_response({"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]}, status=404)
+        return web.json_response({"name": name, "tags": sorted(self.tags[name])})
