@@ -1,0 +1,46 @@
+"""Shared fixtures. Add new fixtures in their own section below; keep each one small."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.registry import Registry
+from tests.support.seed import SeededImage, seed_upstream
+
+# --------------------------------------------------------------------------- real upstream registry
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A real distribution registry on loopback, shared by the whole session.
+
+    Never stop it in a test (other tests use it) and call ``reset_requests()`` before counting:
+    the log is shared too. Tests that take an upstream away use ``registry_factory``.
+    """
+    with Registry(tmp_path_factory.mktemp("upstream")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def seeded(upstream: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SeededImage]:
+    """The standard images (see tests/support/seed.py) pushed into ``upstream``, by "repo:tag"."""
+    return seed_upstream(upstream, tmp_path_factory.mktemp("seed"))
+
+
+@pytest.fixture
+def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
+    """Start private registries (``Registry`` keyword arguments); all are stopped at teardown."""
+    started: list[Registry] = []
+
+    def make(**kwargs: Any) -> Registry:
+        registry = Registry(tmp_path / f"registry-{len(started)}", **kwargs)
+        started.append(registry)
+        return registry.start()
+
+    yield make
+    for registry in reversed(started):
+        registry.stop()

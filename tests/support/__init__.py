@@ -1,0 +1,1 @@
+"""Test-support layer: offline image builder, real registry peer, skopeo wrappers, seeding."""
