@@ -155,14 +155,16 @@ class TLSSettings(_Model):
 
 
 class AuthSettings(_Model):
-    htpasswd: Path | None = None
-    tokens: list[SecretStr] = Field(default_factory=list)
+    htpasswd: Path | None = Field(default=None, description="htpasswd file with bcrypt hashes (htpasswd -B)")
+    tokens: list[SecretStr] = Field(default_factory=list, description="static tokens: Bearer, or as a Basic password")
     realm: str = "regcache"
+    protect_metrics: bool = Field(default=False, description="require credentials for /metrics too")
 
 
 class MetricsSettings(_Model):
     enabled: bool = True
     listen: str | None = Field(default=None, description="separate HOST:PORT for /metrics")
+    store_interval: Duration = Field(default=30.0, description="how often store size gauges are recomputed")
 
 
 class LogSettings(_Model):
@@ -174,8 +176,10 @@ class LimitSettings(_Model):
     max_manifest_size: Size = 4 * 1024 * 1024
     max_admin_body: Size = 1024 * 1024
     max_header_size: Size = 16 * 1024
-    client_timeout: Duration = 600.0
+    client_timeout: Duration = Field(default=600.0, description="a client that takes no byte for this long is cut")
+    keepalive_timeout: Duration = Field(default=75.0, description="idle or unfinished request connections close")
     shutdown_timeout: Duration = 30.0
+    drain_delay: Duration = Field(default=0.0, description="on SIGTERM, /readyz says 503 this long before closing")
 
 
 class Settings(_Model):

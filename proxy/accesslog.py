@@ -16,6 +16,8 @@ import uuid
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.keys import EVENTS
+
 log = logging.getLogger("regcache.access")
 
 
@@ -40,26 +42,36 @@ def route_name(request: web.BaseRequest) -> str:
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         fields = request.get("log", {})
-        entry = {
-            "ts": round(time.time(), 3),
-            "request_id": request.get("request_id", ""),
-            "method": request.method,
-            "route": route_name(request),
-            "path": request.path[:512],
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_ms": round(duration * 1000, 2),
-            "remote": request.remote,
-        }
-        entry.update(fields)
-        error = request.get("error")
-        if error is not None:
-            entry["error"] = getattr(error, "message", None) or type(error).__name__
-        self.logger.info(json.dumps(entry, default=str))
+        route = route_name(request)
+        sent = response.body_length
+        if self.logger.isEnabledFor(logging.INFO):
+            entry = {
+                "ts": round(time.time(), 3),
+                "request_id": request.get("request_id", ""),
+                "method": request.method,
+                "route": route,
+                "path": request.path[:512],
+                "status": response.status,
+                "bytes": sent,
+                "duration_ms": round(duration * 1000, 2),
+                "remote": request.remote,
+            }
+            entry.update(fields)
+            error = request.get("error")
+            if error is not None:
+                entry.setdefault("result", "error")
+                entry["error"] = getattr(error, "message", None) or type(error).__name__
+            self.logger.info(json.dumps(entry, default=str))
+        app = getattr(request, "app", None)
+        events = app.get(EVENTS) if app is not None else None
+        if events is not None:
+            events.http_request(route, request.method, response.status, duration, sent,
+                                fields.get("upstream"), fields.get("result"))  # fmt: skip
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        # Always called: request metrics come from here even when the log level hides the line.
+        return True
 
 
 class _JsonFormatter(logging.Formatter):

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from config.settings import Settings
-from proxy import registry
+from proxy import health, registry
 from proxy.accesslog import request_context
 from proxy.errors import API_HEADERS, error_middleware
 from proxy.events import Events
-from proxy.keys import EVENTS, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
+from proxy.keys import AUTH, EVENTS, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
+from proxy.metrics import Metrics, StoreTotals, metrics_handler, refresh_store_totals
 from proxy.pullthrough import PullThrough
 from proxy.routing import Router
 from proxy.upstream import UpstreamClient
@@ -43,12 +44,26 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def create_app(settings: Settings, events: Events | None = None) -> web.Application:
+    middlewares = [request_context, error_middleware]
+    client_auth = None
+    if settings.auth is not None:
+        from proxy.auth import ClientAuth, auth_middleware
+
+        client_auth = ClientAuth(settings.auth)
+        middlewares.append(auth_middleware(client_auth))
     app = web.Application(
-        middlewares=[request_context, error_middleware],
+        middlewares=middlewares,
         client_max_size=settings.limits.max_admin_body,
     )
     app[SETTINGS] = settings
-    app[EVENTS] = events or Events()
+    if events is None:
+        events = Metrics() if settings.metrics.enabled else Events()
+    app[EVENTS] = events
+    if client_auth is not None:
+        app[AUTH] = client_auth
+    health.add_routes(app)
+    if settings.metrics.enabled and settings.metrics.listen is None:
+        app.router.add_get("/metrics", metrics_handler, name="metrics")
     app[ROUTER] = Router(settings.upstreams, settings.default_upstream)
     app.on_response_prepare.append(_on_prepare)
     app.cleanup_ctx.append(_lifecycle)
@@ -62,8 +77,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = BlobStore(make_backend(settings))
     await store.start()
     metadata = Metadata(paths.metadata_path(settings.data_dir))
+    metrics = events if isinstance(events, Metrics) else None
+    if metrics is not None:
+        metadata.observe = metrics.sqlite
     await metadata.open()
-    upstreams = {u.name: UpstreamClient(u) for u in settings.upstreams}
+    upstreams = {u.name: UpstreamClient(u, metrics) for u in settings.upstreams}
     for client in upstreams.values():
         await client.start()
     pullthrough = PullThrough(
@@ -75,13 +93,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_manifest_size=settings.limits.max_manifest_size,
     )
     app[STORE], app[METADATA], app[UPSTREAMS], app[PULLTHROUGH] = store, metadata, upstreams, pullthrough
-    flusher = asyncio.create_task(_flush_periodically(metadata, settings.storage.flush_interval))
+    background = [asyncio.create_task(_flush_periodically(metadata, settings.storage.flush_interval))]
+    if metrics is not None:
+
+        async def totals() -> StoreTotals:
+            return StoreTotals(*await metadata.totals())
+
+        background.append(asyncio.create_task(refresh_store_totals(metrics, totals, settings.metrics.store_interval)))
     try:
         yield
     finally:
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await pullthrough.close()
         for client in upstreams.values():
             await client.close()

@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from config.settings import ConfigError, Settings, load_settings, upstream_from_url
-from proxy.accesslog import AccessLogger, configure_logging
+from proxy.accesslog import configure_logging
 
 log = logging.getLogger("regcache")
 
@@ -30,28 +27,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 async def serve(settings: Settings) -> None:
-    from proxy.app import create_app
+    # Listeners, TLS, limits, signals and graceful shutdown live in proxy.server.
+    from proxy.server import serve as run_server
 
-    app = create_app(settings)
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("regcache.access"),
-        shutdown_timeout=settings.limits.shutdown_timeout,
-        handler_cancellation=True,
-    )
-    await runner.setup()
-    host, port = settings.host_port
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
-    log.info("regcache listening on %s:%s, data in %s", host, port, settings.data_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
+    await run_server(settings)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log.level, settings.log.format)
         try:
             asyncio.run(serve(settings))
+        except ConfigError as exc:
+            print(f"regcache: configuration error: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"regcache: {exc}", file=sys.stderr)
             return 1

@@ -35,3 +35,14 @@ class Events:
 
     def store_full(self) -> None:
         """A write failed for lack of space."""
+
+    def gc_run(self, trigger: str, seconds: float) -> None:
+        """A garbage collection pass ended (trigger: interval, watermark, admin, startup)."""
+
+    def evicted(self, reason: str, blobs: int, size: int) -> None:
+        """Blobs left the store (reason: lru, expired, unreferenced, rmi)."""
+
+    def http_request(
+        self, route: str, method: str, status: int, seconds: float, sent: int, upstream: str | None, result: str | None
+    ) -> None:
+        """A client request ended (called by the access logger after the last byte)."""

@@ -8,7 +8,9 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from config.settings import Settings
+    from proxy.auth import ClientAuth
     from proxy.events import Events
+    from proxy.health import Health
     from proxy.pullthrough import PullThrough
     from proxy.routing import Router
     from proxy.upstream import UpstreamClient
@@ -22,3 +24,5 @@ PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams")
 EVENTS: web.AppKey[Events] = web.AppKey("events")
+HEALTH: web.AppKey[Health] = web.AppKey("health")
+AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")

@@ -95,6 +95,33 @@ class Metadata:
         if self.observe:
             self.observe("write", time.perf_counter() - started)
 
+    async def transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        await self._transaction(statements)
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction that may read as it goes (GC decides and deletes in one)."""
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def ping(self) -> bool:
+        """Readiness: the database answers a query."""
+        return await self._one("SELECT 1") == (1,)
+
+    async def totals(self) -> tuple[int, int, int, int]:
+        """(bytes of blobs, blobs, images, repositories), for the store gauges."""
+        blobs = await self._one("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs")
+        images = await self._one("SELECT COUNT(*) FROM images")
+        repositories = await self._one("SELECT COUNT(*) FROM repositories")
+        assert blobs is not None and images is not None and repositories is not None
+        return int(blobs[0]), int(blobs[1]), int(images[0]), int(repositories[0])
+
     # Repositories -------------------------------------------------------
 
     async def repository_id(self, upstream: str, name: str, create: bool = True) -> int | None:
