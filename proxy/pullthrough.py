@@ -303,9 +303,10 @@ class PullThrough:
             fill.followers += 1
             self.events.blob(route.upstream_name, "coalesced", None)
             return FillingBlob(key, fill, "coalesced")
-        _, expected = await self.metadata.link(repo_id, key)
+        # No await between looking for a fill and starting one: that is what
+        # makes concurrent misses share a single upstream fetch.
         fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
-                                lambda f: self._fill(route, repo_id, f, expected))  # fmt: skip
+                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
         self.events.blob(route.upstream_name, "miss", None)
         return FillingBlob(key, fill, "miss")
 
@@ -335,8 +336,9 @@ class PullThrough:
         await self.metadata.link_blob(repo_id, str(digest), size)
         self._links.add((repo_id, str(digest)))
 
-    async def _fill(self, route: Route, repo_id: int, fill: Fill, expected: int | None) -> None:
+    async def _fill(self, route: Route, repo_id: int, fill: Fill) -> None:
         client = self._client(route)
+        _, expected = await self.metadata.link(repo_id, str(fill.digest))
         self.events.fill_started(route.upstream_name)
         try:
             async with client.open_blob(route.repository, str(fill.digest)) as stream:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.regcache import RegcacheProcess
 from tests.support.registry import Registry
 from tests.support.seed import SeededImage, seed_upstream
 
@@ -44,3 +45,26 @@ def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
     yield make
     for registry in reversed(started):
         registry.stop()
+
+
+# --------------------------------------------------------------------------- regcache processes
+
+
+@pytest.fixture
+def regcache_factory(tmp_path: Path) -> Iterator[Callable[..., RegcacheProcess]]:
+    """Start regcache servers: ``make(upstreams=[{name, url, default}], settings={...})``."""
+    started: list[RegcacheProcess] = []
+
+    def make(upstreams: list[dict[str, Any]], **kwargs: Any) -> RegcacheProcess:
+        server = RegcacheProcess(tmp_path / f"regcache-{len(started)}", upstreams, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in reversed(started):
+        server.stop()
+
+
+def upstream_entry(registry: Registry, name: str = "upstream.test", **extra: Any) -> dict[str, Any]:
+    """A regcache upstream setting for a test registry (plain HTTP on loopback)."""
+    return {"name": name, "url": registry.url, "default": True, **extra}
