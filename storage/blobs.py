@@ -13,7 +13,7 @@ from pathlib import Path
 
 from storage.backends.base import BlobBackend, Upload
 from storage.digest import Digest
-from storage.errors import DigestMismatch, SizeMismatch
+from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 
 # Bytes gathered before one hand-off to the worker thread: large enough that
 # thread switches cost nothing next to hashing, small enough that followers
@@ -24,8 +24,11 @@ FLUSH_BYTES = 512 * 1024
 class BlobWriter:
     """Hashes and spools one blob; ``finish`` verifies and commits."""
 
-    def __init__(self, digest: Digest, upload: Upload, expected_size: int | None = None) -> None:
+    def __init__(
+        self, digest: Digest, upload: Upload, expected_size: int | None = None, store: BlobStore | None = None
+    ) -> None:
         self.digest = digest
+        self._store = store
         self.expected_size = expected_size
         self._upload = upload
         self._hasher = digest.hasher()
@@ -61,7 +64,12 @@ class BlobWriter:
         if not self._pending:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        await asyncio.to_thread(self._write_sync, chunks)
+        try:
+            await asyncio.to_thread(self._write_sync, chunks)
+        except StoreFull:
+            if self._store is not None:
+                self._store.full()
+            raise
         self.flushed += sum(len(c) for c in chunks)
 
     async def finish(self) -> int:
@@ -74,10 +82,14 @@ class BlobWriter:
             if actual != self.digest.hex:
                 raise DigestMismatch(f"content of {self.digest} hashes to {self.digest.algorithm}:{actual}")
             await self._upload.commit()
-        except BaseException:
+        except BaseException as exc:
             await self.abort()
+            if isinstance(exc, StoreFull) and self._store is not None:
+                self._store.full()
             raise
         self._done = True
+        if self._store is not None and self._store.on_commit is not None:
+            self._store.on_commit(self.received)
         return self.received
 
     async def abort(self) -> None:
@@ -92,6 +104,11 @@ class BlobStore:
     def __init__(self, backend: BlobBackend) -> None:
         self.backend = backend
         self.on_full: Callable[[], None] | None = None  # eviction hook
+        self.on_commit: Callable[[int], None] | None = None  # size accounting hook
+
+    def full(self) -> None:
+        if self.on_full is not None:
+            self.on_full()
 
     async def start(self) -> None:
         await self.backend.start()
@@ -100,7 +117,22 @@ class BlobStore:
         await self.backend.close()
 
     async def writer(self, digest: Digest, expected_size: int | None = None) -> BlobWriter:
-        return BlobWriter(digest, await self.backend.begin(digest), expected_size)
+        """A writer; with a known size the space is reserved first, so a full
+        store fails here, before a client has seen a byte."""
+        try:
+            upload = await self.backend.begin(digest)
+        except StoreFull:
+            self.full()
+            raise
+        if expected_size:
+            try:
+                await upload.reserve(expected_size)
+            except BaseException as exc:
+                await upload.abort()
+                if isinstance(exc, StoreFull):
+                    self.full()
+                raise
+        return BlobWriter(digest, upload, expected_size, self)
 
     async def put(self, digest: Digest, data: bytes) -> None:
         """Store a small blob (manifests, configs) after verifying it."""

@@ -27,6 +27,9 @@ class Upload(abc.ABC):
     def write_sync(self, data: bytes) -> None:
         """Append bytes; called from a worker thread."""
 
+    async def reserve(self, size: int) -> None:  # noqa: B027 - optional hook
+        """Claim space for ``size`` bytes up front; raise ``StoreFull`` when there is none."""
+
     @abc.abstractmethod
     async def commit(self) -> None:
         """Make the verified bytes visible under the digest (atomically)."""
@@ -34,6 +37,19 @@ class Upload(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None:
         """Forget everything written; idempotent."""
+
+
+class FillLease:
+    """The right to fetch one blob from the upstream, held while the fill runs.
+
+    A store shared by several replicas hands out one lease per digest at a
+    time so that a cold blob is fetched once for all of them. This base class
+    is the lease of a store nobody else writes to: it is always granted and
+    releasing it does nothing.
+    """
+
+    async def release(self) -> None:
+        """Give the lease up (the fill committed, failed or was cancelled); idempotent."""
 
 
 class BlobBackend(abc.ABC):
@@ -81,3 +97,49 @@ class BlobBackend(abc.ABC):
     async def writable(self) -> bool:
         """Readiness: can a new blob be written now?"""
         return True
+
+    # Replicas sharing one store (see storage.backends.s3) -------------------
+
+    async def acquire_fill_lease(self, digest: Digest) -> FillLease | None:
+        """The lease to fetch ``digest`` upstream, or None when another process holds it."""
+        return FillLease()
+
+    async def wait_for(self, digest: Digest) -> int | None:
+        """After a lost lease: the blob's size once another process committed it, or
+        None when that process gave up (its lease was released or expired)."""
+        return await self.stat(digest)
+
+    @property
+    def shared(self) -> SharedIndex | None:
+        """Names (tags, images) shared with other replicas; None when this process is alone."""
+        return None
+
+
+class SharedIndex(abc.ABC):
+    """Tag and image records every replica on a store can see.
+
+    SQLite stays each replica's local index; these records are what the
+    replicas agree on. ``upstream``/``repository`` are validated names.
+    """
+
+    @abc.abstractmethod
+    async def put_image(self, upstream: str, repository: str, digest: str, media_type: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_image(self, upstream: str, repository: str, digest: str) -> str | None:
+        """The media type of a recorded image, or None."""
+
+    @abc.abstractmethod
+    async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, checked_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def get_tag(self, upstream: str, repository: str, tag: str) -> tuple[str, float] | None:
+        """(manifest digest, time last confirmed upstream) of a recorded tag, or None."""
+
+    @abc.abstractmethod
+    async def delete_image(self, upstream: str, repository: str, digest: str) -> None:
+        """Remove the image record and every tag record pointing at it."""
+
+    @abc.abstractmethod
+    def images(self) -> AsyncIterator[tuple[str, str, str]]:
+        """Every recorded image as (upstream, repository, manifest digest): GC's shared truth."""

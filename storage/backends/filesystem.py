@@ -40,6 +40,18 @@ class FileUpload(Upload):
                 raise StoreFull("no space left on the store's filesystem") from exc
             raise
 
+    def _reserve_sync(self, size: int) -> None:
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"no space left on the store's filesystem for {size} bytes") from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    async def reserve(self, size: int) -> None:
+        await asyncio.to_thread(self._reserve_sync, size)
+
     def _commit_sync(self) -> None:
         try:
             os.fsync(self._file.fileno())
@@ -94,7 +106,12 @@ class FilesystemBackend(BlobBackend):
             return None
 
     async def begin(self, digest: Digest) -> Upload:
-        return FileUpload(self.root, digest)
+        try:
+            return FileUpload(self.root, digest)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull("no space left on the store's filesystem") from exc
+            raise
 
     async def delete(self, digest: Digest) -> bool:
         try:
