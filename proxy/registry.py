@@ -7,6 +7,7 @@ renders them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from urllib.parse import urlencode
 
@@ -103,8 +104,10 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
         response.content_length = size
     await response.prepare(request)
     try:
-        async for chunk in chunks:
-            await response.write(chunk)
+        # aclosing: a client that goes away must release its reader at once.
+        async with contextlib.aclosing(chunks) as stream:
+            async for chunk in stream:
+                await response.write(chunk)
     except Exception as exc:
         # Headers are out: the only honest signal left is a broken connection,
         # never a clean end of a short or wrong body.
