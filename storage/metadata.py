@@ -184,6 +184,18 @@ class Metadata:
         pinned: bool = False,
     ) -> None:
         """Store a manifest's rows, its image in the repository, links to what it references, and the tag."""
+        await self._transaction(self.manifest_statements(repository_id, digest, size, parsed, tag, pinned))
+
+    def manifest_statements(
+        self,
+        repository_id: int,
+        digest: str,
+        size: int,
+        parsed: ParsedManifest,
+        tag: str | None = None,
+        pinned: bool = False,
+    ) -> list[tuple[str, tuple]]:
+        """The statements of ``record_manifest``, for callers that commit several manifests at once."""
         now = time.time()
         config = parsed.config
         content = None if parsed.is_index else sum(d.size for d in parsed.references if d.kind != "subject")
@@ -227,6 +239,20 @@ class Metadata:
                     (repository_id, tag, digest, now, now),
                 )
             )
+        return statements
+
+    async def record_images(
+        self, blobs: dict[str, int], manifests: list[tuple[int, str, int, ParsedManifest, str | None]]
+    ) -> None:
+        """A load: blob rows and pinned (repository, manifest, size, parsed, tag) images, all or nothing."""
+        now = time.time()
+        statements: list[tuple[str, tuple]] = [
+            ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
+             "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now))
+            for digest, size in blobs.items()
+        ]  # fmt: skip
+        for repository_id, digest, size, parsed, tag in manifests:
+            statements += self.manifest_statements(repository_id, digest, size, parsed, tag, pinned=True)
         await self._transaction(statements)
 
     async def set_manifest_details(self, digest: str, created: str | None, platform: str | None) -> None:
