@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.errors import (
@@ -27,6 +27,7 @@ from proxy.upstream import UpstreamClient
 from storage.blobs import BlobStore
 from storage.digest import Digest
 from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
+from storage.gc import InUse, Lease
 from storage.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
 from storage.metadata import Metadata
 from storage.reference import ManifestReference
@@ -52,6 +53,8 @@ class LocalBlob:
     digest: str
     size: int
     path: Path
+    # Held until the file is open for sending: GC never unlinks it before.
+    lease: Lease | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,7 @@ class PullThrough:
         self.manifests = ManifestCache()
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
         self._links: set[tuple[int, str]] = set()
+        self.in_use = InUse()  # digests GC must leave alone (storage.gc)
 
     def forget(self) -> None:
         """Drop in-memory knowledge after rmi, eviction or load changed the store."""
@@ -267,9 +271,10 @@ class PullThrough:
     ) -> str:
         parsed = parse_manifest(data, media_type)
         parsed_digest = Digest.parse(digest)
-        if await self.store.stat(parsed_digest) is None:
-            await self.store.put(parsed_digest, data)
-        await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
+        with self.in_use.hold(digest):
+            if await self.store.stat(parsed_digest) is None:
+                await self.store.put(parsed_digest, data)
+            await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
         self.manifests.put(digest, parsed.media_type, data)
         self._links.add((repo_id, digest))
         return parsed.media_type
@@ -286,16 +291,23 @@ class PullThrough:
         repo_id = await self._repository(route)
         key = str(digest)
         linked = await self._linked(repo_id, key)
+        lease = self.in_use.lease(key)  # taken before looking, so GC cannot unlink what we find
         size = await self.store.stat(digest)
         if size is not None:
             if not linked:
-                await self._confirm_blob(route, repo_id, digest, size)
+                try:
+                    await self._confirm_blob(route, repo_id, digest, size)
+                except BaseException:
+                    lease.release()
+                    raise
             self.metadata.note_blob_access(key)
             self.events.blob(route.upstream_name, "hit", size)
             path = self.store.local_path(digest)
             if path is not None:
-                return LocalBlob(key, size, path)
+                return LocalBlob(key, size, path, lease)
+            lease.release()
             return StoredBlob(key, size, await self.store.backend.redirect_url(digest))
+        lease.release()
         fill = self.fills.get(digest)
         if fill is not None:
             if not linked:

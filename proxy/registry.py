@@ -86,6 +86,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     if isinstance(answer, LocalBlob):
         request["log"]["result"] = "hit"
         headers["Accept-Ranges"] = "bytes"
+        request["blob_lease"] = answer.lease
         return web.FileResponse(answer.path, headers=headers)
     if isinstance(answer, StoredBlob):
         request["log"]["result"] = "hit"
@@ -148,7 +149,15 @@ async def unsupported(request: web.Request) -> web.Response:
     raise Unsupported("this registry is a read-only pull-through cache")
 
 
+async def _release_blob_lease(request: web.Request, response: web.StreamResponse) -> None:
+    # FileResponse opens the file before it prepares: from here on GC may unlink it.
+    lease = request.get("blob_lease")
+    if lease is not None:
+        lease.release()
+
+
 def add_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(_release_blob_lease)
     r = app.router
     r.add_get("/v2/", base, name="base")
     r.add_get("/v2/_catalog", catalog, name="catalog")
