@@ -39,11 +39,22 @@ def route_name(request: web.BaseRequest) -> str:
     return "other" if match is None or route is None or route.resource is None else route.resource.canonical
 
 
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes sent: aiohttp's ``body_length`` counts headers and misses sendfile."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    finished = response.body_length > 0 or (isinstance(response, web.FileResponse) and response.prepared)
+    if response.content_length is not None:
+        # An aborted stream never wrote its end, so body_length stays 0 and so does this.
+        return response.content_length if finished else 0
+    return response.body_length
+
+
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         fields = request.get("log", {})
         route = route_name(request)
-        sent = response.body_length
+        sent = _body_bytes(request, response)
         if self.logger.isEnabledFor(logging.INFO):
             entry = {
                 "ts": round(time.time(), 3),
