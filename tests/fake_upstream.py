@@ -11,7 +11,6 @@ import asyncio
 import base64
 import hashlib
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web

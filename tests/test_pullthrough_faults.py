@@ -6,11 +6,11 @@ import asyncio
 import os
 
 import pytest
-from aiohttp import ClientPayloadError, ServerDisconnectedError, web
+from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from tests.fake_upstream import Fault, FakeUpstream, digest_of
+from tests.fake_upstream import FakeUpstream, Fault, digest_of
 
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
 SMALL = b"small layer bytes" * 100
@@ -181,8 +181,13 @@ async def test_bad_input_gets_oci_errors(proxy, path, code):
 
 
 async def test_push_is_unsupported(proxy):
-    for method, path in [("POST", "/v2/team/app/blobs/uploads/"), ("PUT", "/v2/team/app/manifests/1"),
-                         ("DELETE", "/v2/team/app/manifests/1"), ("PATCH", "/v2/team/app/blobs/uploads/x")]:  # fmt: skip
+    attempts = [
+        ("POST", "/v2/team/app/blobs/uploads/"),
+        ("PUT", "/v2/team/app/manifests/1"),
+        ("DELETE", "/v2/team/app/manifests/1"),
+        ("PATCH", "/v2/team/app/blobs/uploads/x"),
+    ]
+    for method, path in attempts:
         r = await proxy.request(method, path)
         assert r.status == 405, path
         assert (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
@@ -205,5 +210,3 @@ async def test_range_on_cached_blob(fake, proxy):
     r = await proxy.get(f"/v2/team/app/blobs/{layer}", headers={"Range": f"bytes={len(LAYER) + 5}-"})
     assert r.status == 416
 
-
-_ = web
