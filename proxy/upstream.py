@@ -77,6 +77,16 @@ class FetchedManifest:
     digest: str | None  # the upstream's Docker-Content-Digest, if well formed
 
 
+@dataclass(frozen=True)
+class RateLimit:
+    """What the upstream last said in ``RateLimit-*`` headers (Docker Hub: pulls per window)."""
+
+    limit: int | None
+    remaining: int | None
+    window: int | None  # seconds, from ``;w=`` when given
+    seen_at: float  # wall clock
+
+
 @dataclass
 class BlobStream:
     size: int | None
@@ -120,6 +130,7 @@ class UpstreamClient:
         self._sleep = sleep
         self._auth = UpstreamAuth(settings, self._get_token_body, clock)
         self._slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
+        self.rate_limit: RateLimit | None = None  # for admin stats; metrics get it through the observer
         self._session: aiohttp.ClientSession | None = None
         self._ssl_own: ssl.SSLContext | None = None
         self._ssl_other: ssl.SSLContext | None = None
@@ -389,8 +400,14 @@ class UpstreamClient:
 
     def _note_rate_limit(self, resp: aiohttp.ClientResponse) -> None:
         limit, remaining = resp.headers.get("RateLimit-Limit"), resp.headers.get("RateLimit-Remaining")
-        if limit is not None or remaining is not None:
-            self._observer.rate_limit(self.name, _leading_int(limit), _leading_int(remaining))
+        if limit is None and remaining is None:
+            return
+        previous = self.rate_limit
+        self.rate_limit = RateLimit(_leading_int(limit), _leading_int(remaining), _window(limit), time.time())
+        self._observer.rate_limit(self.name, self.rate_limit.limit, self.rate_limit.remaining)
+        if self.rate_limit.remaining == 0 and (previous is None or previous.remaining != 0):
+            log.warning("upstream %s: rate limit exhausted (limit %s per %ss); cached tags are served stale",
+                        self.name, self.rate_limit.limit, self.rate_limit.window)  # fmt: skip
 
     async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         try:
@@ -518,6 +535,15 @@ def _leading_int(value: str | None) -> int | None:
         return int(value.split(";", 1)[0].strip()) if value else None
     except ValueError:
         return None
+
+
+def _window(value: str | None) -> int | None:
+    """The ``w=`` parameter of a RateLimit header (``100;w=21600``), in seconds."""
+    for part in (value or "").split(";")[1:]:
+        key, _, number = part.partition("=")
+        if key.strip() == "w" and number.strip().isdigit():
+            return int(number.strip())
+    return None
 
 
 def _retry_after(value: str | None) -> float | None:
