@@ -36,6 +36,9 @@ class Fill:
         self._progress = asyncio.Event()
         self.started = asyncio.Event()  # size known (or failed): headers may go out
         self.followers = 0
+        # Set when another replica sharing the store committed the blob first:
+        # every client of this fill then reads the store instead of a spool file.
+        self.stored: Callable[[], AsyncIterator[bytes]] | None = None
 
     # The writing side -------------------------------------------------------
 
@@ -44,6 +47,13 @@ class Fill:
         self.size = size
         self._fd = os.open(writer.spool_path, os.O_RDONLY)
         self.started.set()
+
+    def committed_elsewhere(self, size: int, read: Callable[[], AsyncIterator[bytes]]) -> None:
+        self.size = size
+        self.stored = read
+        self.finished = True
+        self.started.set()
+        self.progressed()
 
     def progressed(self) -> None:
         self._progress.set()
@@ -68,12 +78,16 @@ class Fill:
 
     async def wait_started(self) -> None:
         await self.started.wait()
-        if self.error is not None and self.writer is None:
+        if self.error is not None and self.writer is None and self.stored is None:
             raise self.error
 
     async def tail(self) -> AsyncIterator[bytes]:
         """The blob's bytes as they land; raises if the fill fails."""
         await self.wait_started()
+        if self.stored is not None:
+            async for chunk in self.stored():
+                yield chunk
+            return
         assert self.writer is not None and self._fd is not None
         self._readers += 1
         fd = self._fd

@@ -21,9 +21,11 @@ from proxy.errors import (
 )
 from proxy.events import Events
 from proxy.fill import Fill, Fills
+from proxy.replicas import SharedNames
 from proxy.routing import Route
 from proxy.singleflight import SingleFlight
 from proxy.upstream import UpstreamClient
+from storage.backends.base import FillLease
 from storage.blobs import BlobStore
 from storage.digest import Digest
 from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
@@ -133,6 +135,8 @@ class PullThrough:
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
         self._links: set[tuple[int, str]] = set()
         self.in_use = InUse()  # digests GC must leave alone (storage.gc)
+        # Tag and image records shared with other replicas on the same object store.
+        self.shared = SharedNames(store.backend.shared, store) if store.backend.shared is not None else None
 
     def forget(self) -> None:
         """Drop in-memory knowledge after rmi, eviction or load changed the store."""
@@ -193,6 +197,12 @@ class PullThrough:
     async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
         repo_id = await self._repository(route)
         stored = await self._stored_manifest(digest)
+        if stored is None and self.shared is not None:
+            # Another replica on this store recorded it for this repository: adopt it.
+            image = await self.shared.image(route, digest)
+            if image is not None:
+                await self._record_manifest(repo_id, digest, image.media_type, image.data, tag=None)
+                stored = image.media_type, image.data
         if stored is not None:
             media_type, data = stored
             if await self._linked(repo_id, digest):
@@ -200,6 +210,7 @@ class PullThrough:
             # Stored for another repository: the upstream must vouch for this one.
             await self._confirm(route, lambda c: c.head_manifest(route.repository, digest, UPSTREAM_ACCEPT))
             await self._record_manifest(repo_id, digest, media_type, data, tag=None)
+            await self._publish(route, digest, media_type, None)
             return Manifest(digest, media_type, data, "hit")
         found, shared = await self._manifest_flight.do(
             (route.upstream_name, route.repository, digest), lambda: self._fetch_manifest(route, digest, None)
@@ -209,6 +220,14 @@ class PullThrough:
     async def _manifest_by_tag(self, route: Route, tag: str) -> Manifest:
         repo_id = await self._repository(route)
         row = await self.metadata.tag(repo_id, tag)
+        if row is None and self.shared is not None:
+            # Another replica on this store knows the tag: adopt its record, with
+            # the time it was last confirmed upstream (the tag TTL runs from there).
+            found = await self.shared.tag(route, tag)
+            if found is not None and found.checked_at is not None:
+                await self._record_manifest(repo_id, found.digest, found.media_type, found.data, tag=tag)
+                await self.metadata.confirm_tag(repo_id, tag, when=found.checked_at)
+                row = await self.metadata.tag(repo_id, tag)
         if row is not None:
             stored = await self._stored_manifest(row.manifest)
             if stored is not None:
@@ -239,11 +258,14 @@ class PullThrough:
             raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
         if head.digest == digest:
             await self.metadata.confirm_tag(repo_id, tag)
+            if self.shared is not None:
+                await self.shared.confirm_tag(route, tag, digest, time.time())
             return Manifest(digest, media_type, data, "revalidated")
         if head.digest is not None:
             stored = await self._stored_manifest(head.digest)
             if stored is not None and await self._linked(repo_id, head.digest):
                 await self._record_manifest(repo_id, head.digest, stored[0], stored[1], tag=tag)
+                await self._publish(route, head.digest, stored[0], tag)
                 return Manifest(head.digest, stored[0], stored[1], "revalidated")
         # The tag moved: fetch the new manifest by digest where we know it (a GET
         # by digest is what Docker Hub does not count twice), else by tag.
@@ -263,6 +285,7 @@ class PullThrough:
             raise DigestMismatch(f"upstream manifest for {route.repository}:{reference} hashes to {digest}")
         repo_id = await self._repository(route)
         media_type = await self._record_manifest(repo_id, str(digest), fetched.media_type, fetched.data, tag=tag)
+        await self._publish(route, str(digest), media_type, tag)
         self.events.fetched(route.upstream_name, "manifest", len(fetched.data))
         return Manifest(str(digest), media_type, fetched.data, "miss")
 
@@ -278,6 +301,11 @@ class PullThrough:
         self.manifests.put(digest, parsed.media_type, data)
         self._links.add((repo_id, digest))
         return parsed.media_type
+
+    async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
+        """Tell the other replicas on this store (if any) what was just recorded."""
+        if self.shared is not None:
+            await self.shared.publish(route, digest, media_type, tag, time.time())
 
     async def _confirm(self, route: Route, call) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -348,7 +376,39 @@ class PullThrough:
         await self.metadata.link_blob(repo_id, str(digest), size)
         self._links.add((repo_id, str(digest)))
 
+    async def _fill_lease(self, repo_id: int, fill: Fill) -> FillLease | None:
+        """Cross-replica single flight (replicas sharing one object store).
+
+        Only the holder of the digest's fill lease fetches from the upstream.
+        A replica that loses the race waits for the holder's commit and then
+        serves the blob from the store (None here); if the holder gives up or
+        dies, its lease is released or expires and this replica takes over.
+        A store nobody else writes to grants the lease at once.
+        """
+        backend = self.store.backend
+        while True:
+            lease = await backend.acquire_fill_lease(fill.digest)
+            # Committed by another replica between our first look and now?
+            size = await (backend.stat(fill.digest) if lease is not None else backend.wait_for(fill.digest))
+            if size is not None:
+                if lease is not None:
+                    await lease.release()
+                await self.metadata.record_blob(repo_id, str(fill.digest), size)
+                fill.committed_elsewhere(size, lambda: self.store.read(fill.digest))
+                return None
+            if lease is not None:
+                return lease
+
     async def _fill(self, route: Route, repo_id: int, fill: Fill) -> None:
+        lease = await self._fill_lease(repo_id, fill)
+        if lease is None:
+            return
+        try:
+            await self._fetch_blob(route, repo_id, fill)
+        finally:
+            await lease.release()
+
+    async def _fetch_blob(self, route: Route, repo_id: int, fill: Fill) -> None:
         client = self._client(route)
         _, expected = await self.metadata.link(repo_id, str(fill.digest))
         self.events.fill_started(route.upstream_name)

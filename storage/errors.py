@@ -56,5 +56,13 @@ class StoreFull(RegcacheError):
     """No space left in the blob store."""
 
 
+class StoreUnavailable(RegcacheError):
+    """The blob store cannot be reached or refused a request."""
+
+
+class ImagePinned(RegcacheError):
+    """The image is pinned."""
+
+
 class ArchiveInvalid(RegcacheError):
     """Archive is malformed or unsafe."""
