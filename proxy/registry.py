@@ -13,9 +13,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from proxy import slowclient
 from proxy.errors import API_HEADERS as API_VERSION
 from proxy.errors import PaginationInvalid, Unsupported
-from proxy.keys import METADATA, PULLTHROUGH, ROUTER
+from proxy.keys import METADATA, PULLTHROUGH, ROUTER, SETTINGS
 from proxy.pullthrough import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.routing import Route
 from storage.digest import Digest
@@ -87,7 +88,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
         request["log"]["result"] = "hit"
         headers["Accept-Ranges"] = "bytes"
         request["blob_lease"] = answer.lease
-        return web.FileResponse(answer.path, headers=headers)
+        stall = request.app[SETTINGS].limits.client_timeout
+        return slowclient.GuardedFileResponse(answer.path, headers=headers, stall_timeout=stall)
     if isinstance(answer, StoredBlob):
         request["log"]["result"] = "hit"
         if answer.redirect is not None:
@@ -107,8 +109,9 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
     try:
         # aclosing: a client that goes away must release its reader at once.
         async with contextlib.aclosing(chunks) as stream:
+            stall = request.app[SETTINGS].limits.client_timeout
             async for chunk in stream:
-                await response.write(chunk)
+                await slowclient.write(request, response, chunk, stall)
     except Exception as exc:
         # Headers are out: the only honest signal left is a broken connection,
         # never a clean end of a short or wrong body.
