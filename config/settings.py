@@ -118,6 +118,8 @@ class S3Settings(_Model):
     redirect: bool = False
     redirect_ttl: Duration = 300.0
     lease_ttl: Duration = 300.0
+    # Parts of a multipart upload; S3 needs at least 5 MiB for every part but the last.
+    part_size: Size = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
 
 
 class StorageSettings(_Model):

@@ -25,6 +25,7 @@ from storage.errors import (
     SizeMismatch,
     StoreFull,
     TagInvalid,
+    StoreUnavailable,
 )
 
 log = logging.getLogger("regcache.errors")
@@ -169,6 +170,7 @@ _OCI: dict[type[BaseException], tuple[str, int]] = {
     UpstreamError: ("UNAVAILABLE", 502),
     StoreFull: ("UNAVAILABLE", 507),
     ArchiveInvalid: ("ARCHIVE_INVALID", 400),
+    StoreUnavailable: ("UNAVAILABLE", 503),
     AdminInvalid: ("INVALID", 400),
     AdminNotFound: ("NOT_FOUND", 404),
     AdminConflict: ("CONFLICT", 409),
