@@ -14,7 +14,7 @@ from proxy import health, registry
 from proxy.accesslog import request_context
 from proxy.errors import API_HEADERS, error_middleware
 from proxy.events import Events
-from proxy.keys import AUTH, EVENTS, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
+from proxy.keys import AUTH, EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
 from proxy.metrics import Metrics, StoreTotals, metrics_handler, refresh_store_totals
 from proxy.pullthrough import PullThrough
 from proxy.routing import Router
@@ -22,6 +22,8 @@ from proxy.upstream import UpstreamClient
 from storage import paths
 from storage.backends.base import BlobBackend
 from storage.blobs import BlobStore
+from storage.fsck import StoreLock, recover
+from storage.lifecycle import Lifecycle
 from storage.metadata import Metadata
 
 log = logging.getLogger("regcache.app")
@@ -74,6 +76,8 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     events = app[EVENTS]
+    lock = StoreLock(settings.data_dir)
+    lock.acquire(exclusive=False)  # refuses to start while fsck runs
     store = BlobStore(make_backend(settings))
     await store.start()
     metadata = Metadata(paths.metadata_path(settings.data_dir))
@@ -93,6 +97,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_manifest_size=settings.limits.max_manifest_size,
     )
     app[STORE], app[METADATA], app[UPSTREAMS], app[PULLTHROUGH] = store, metadata, upstreams, pullthrough
+    if lock.try_exclusive():
+        # Alone on this store: reconcile what a crash may have left before serving.
+        recovered = await recover(settings.data_dir, metadata, store.backend)
+        if recovered.problems:
+            log.warning("startup recovery: %s", recovered.render().replace("\n", "; "))
+        lock.share()
+    lifecycle = Lifecycle(settings.storage, metadata, store, pullthrough.in_use,
+                          data_dir=settings.data_dir, forget=pullthrough.forget)  # fmt: skip
+    await lifecycle.start()
+    app[LIFECYCLE] = lifecycle
     background = [asyncio.create_task(_flush_periodically(metadata, settings.storage.flush_interval))]
     if metrics is not None:
 
@@ -108,11 +122,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await lifecycle.close()
         await pullthrough.close()
         for client in upstreams.values():
             await client.close()
         await metadata.close()
         await store.close()
+        lock.release()
 
 
 async def _flush_periodically(metadata: Metadata, interval: float) -> None:

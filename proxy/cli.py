@@ -45,7 +45,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     p.add_argument("--upstream", help="default upstream registry URL (default https://registry-1.docker.io)")
+    p = verbs.add_parser("fsck", help="check the store against its metadata (with the server stopped)")
+    _add_config_flags(p)
+    p.add_argument("--repair", action="store_true", help="fix what is wrong, not only report it")
+    p.add_argument("--fast", action="store_true", help="skip the sha256 verification of every blob")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    from proxy import cli_admin
+
+    cli_admin.add_parsers(verbs)
     return parser
+
+
+def fsck(args: argparse.Namespace) -> int:
+    """Exit 0 when the store is consistent, 1 when all found was fixed, 4 when problems remain, 8 on failure."""
+    import json
+
+    from proxy.app import make_backend
+    from storage.fsck import FAILED, StoreBusy
+    from storage.fsck import fsck as check
+
+    try:
+        settings = settings_from_args(args)
+        report = asyncio.run(check(settings.data_dir, make_backend(settings), repair=args.repair, fast=args.fast))
+    except ConfigError as exc:
+        print(f"regcache: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (StoreBusy, OSError) as exc:
+        print(f"regcache fsck: {exc}", file=sys.stderr)
+        return FAILED
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return report.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"regcache: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.verb == "fsck":
+        return fsck(args)
+    from proxy import cli_admin
+
+    if args.verb in cli_admin.VERBS:
+        return cli_admin.run(args)
     parser.error(f"unknown verb {args.verb}")
     return 2
 

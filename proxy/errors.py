@@ -17,6 +17,7 @@ from storage.errors import (
     BlobUnknown,
     DigestInvalid,
     DigestMismatch,
+    ImagePinned,
     ManifestInvalid,
     ManifestUnknown,
     NameInvalid,
@@ -174,6 +175,7 @@ _OCI: dict[type[BaseException], tuple[str, int]] = {
     AdminInvalid: ("INVALID", 400),
     AdminNotFound: ("NOT_FOUND", 404),
     AdminConflict: ("CONFLICT", 409),
+    ImagePinned: ("CONFLICT", 409),
 }
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from proxy.routing import Router
     from proxy.upstream import UpstreamClient
     from storage.blobs import BlobStore
+    from storage.lifecycle import Lifecycle
     from storage.metadata import Metadata
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -26,3 +27,4 @@ UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams")
 EVENTS: web.AppKey[Events] = web.AppKey("events")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")
+LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
