@@ -68,3 +68,18 @@ def regcache_factory(tmp_path: Path) -> Iterator[Callable[..., RegcacheProcess]]
 def upstream_entry(registry: Registry, name: str = "upstream.test", **extra: Any) -> dict[str, Any]:
     """A regcache upstream setting for a test registry (plain HTTP on loopback)."""
     return {"name": name, "url": registry.url, "default": True, **extra}
+
+
+# --------------------------------------------------------------------------- object store (Ceph RGW)
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Ceph RADOS Gateway (mon + memstore OSD + radosgw) for the session (tests/support/ceph.py).
+
+    Give each test its own bucket (``rgw.make_bucket()``); everything is killed at the end.
+    """
+    from tests.support.ceph import CephRGW
+
+    with CephRGW(tmp_path_factory.mktemp("ceph")) as gateway:
+        yield gateway
