@@ -30,8 +30,21 @@ async def request_context(request: web.Request, handler):  # type: ignore[no-unt
     return response
 
 
+def _routed(request: web.BaseRequest, attribute: str):  # type: ignore[no-untyped-def]
+    """``request.match_info`` or ``request.app``, or None for a request that never reached routing.
+
+    aiohttp answers a request it could not parse (a TLS probe on the plain port, as podman sends
+    to an insecure mirror) with a 400 whose request has no match info: both attributes then
+    assert instead of returning None.
+    """
+    try:
+        return getattr(request, attribute, None)
+    except AssertionError:
+        return None
+
+
 def route_name(request: web.BaseRequest) -> str:
-    match = getattr(request, "match_info", None)
+    match = _routed(request, "match_info")
     route = getattr(match, "route", None)
     name = getattr(route, "name", None)
     if name:
@@ -73,7 +86,7 @@ class AccessLogger(AbstractAccessLogger):
                 entry.setdefault("result", "error")
                 entry["error"] = getattr(error, "message", None) or type(error).__name__
             self.logger.info(json.dumps(entry, default=str))
-        app = getattr(request, "app", None)
+        app = _routed(request, "app")
         events = app.get(EVENTS) if app is not None else None
         if events is not None:
             events.http_request(route, request.method, response.status, duration, sent,

@@ -304,6 +304,12 @@ def test_podman_unknown_image_reports_manifest_unknown(podman):
     assert "manifest unknown" in done.stderr
 
 
+def test_client_probes_leave_no_traceback_in_the_log(regcache, podman):
+    # podman tries TLS first on an insecure mirror; regcache must answer it as a bad request quietly.
+    _ok(podman.podman("pull", "docker.io/library/busybox:latest"), "podman pull")
+    assert "Traceback" not in regcache.log_text()
+
+
 # --------------------------------------------------------------------------- upstream outage (last)
 
 
