@@ -1,0 +1,518 @@
+"""The Helm chart, the container image and the node configuration, against the code they deploy.
+
+The chart is rendered and linted by the real Helm engine (helm-python-sdk embeds it; no cluster),
+every object is validated against the Kubernetes API schemas (kubernetes-validate). The config file
+and Secret the chart renders are "mounted" into a temporary directory the way kubelet would, and a
+real regcache is started from them; the node DaemonSet's own command is run against a temporary
+hosts directory, and a real containerd pulls through the hosts.toml files it writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from config.settings import load_settings
+from proxy.cli import build_parser
+from tests.support.daemons import Containerd, hosts_toml
+from tests.support.images import build_image
+from tests.support.registry import Registry, free_port
+from tests.support.seed import ALPHA, SeededImage, seed_upstream
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "regcache"
+KUBE_VERSION = "1.34.0"
+RELEASE, NAMESPACE = "rc", "cache"
+MONITORING = "monitoring.coreos.com/v1"
+
+ON = {"enabled": True}
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ingress": {
+        "ingress": {**ON, "className": "nginx", "tls": [{"hosts": ["regcache.example.com"], "secretName": "tls"}]}
+    },
+    "service-monitor": {"metrics": {"serviceMonitor": ON}},
+    "prometheus-rule": {"metrics": {"prometheusRule": ON}},
+    "dashboard": {"metrics": {"dashboard": ON}},
+    "node-config": {"nodeConfig": ON},
+    "credentials": {"credentials": {"docker.io": {"username": "puller", "password": "s3cret"}}},
+    "existing-secret": {"secret": {"existingSecret": "mine"}, "credentials": {"docker.io": {"username": "puller"}}},
+    "no-persistence": {"persistence": {"enabled": False}, "config": {"storage": {"max_size": "10GiB"}}},
+    "node-port": {"service": {"type": "NodePort", "nodePort": 30500}},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+SCENARIOS["everything"] = {}
+for _name in ("ingress", "service-monitor", "prometheus-rule", "dashboard", "node-config", "credentials"):
+    SCENARIOS["everything"] = _merge(SCENARIOS["everything"], SCENARIOS[_name])
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for path, text in sorted(rendered.items())
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["kind"] for d in docs}
+
+
+def pod_spec(docs: list[dict[str, Any]], kind: str = "StatefulSet") -> dict[str, Any]:
+    return find(docs, kind)["spec"]["template"]["spec"]
+
+
+# --------------------------------------------------------------------------- chart, schemas
+
+
+def check_monitoring_object(obj: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """kubernetes-validate has no schemas for the Prometheus operator's CRDs: check their shape here."""
+    assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == NAMESPACE
+    duration = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+    if obj["kind"] == "ServiceMonitor":
+        spec = obj["spec"]
+        selected = [
+            d for d in docs
+            if d["kind"] == "Service"
+            and spec["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+            and all(e["key"] not in d["metadata"]["labels"] for e in spec["selector"]["matchExpressions"])
+        ]  # fmt: skip
+        # Exactly the client Service: the headless one would scrape every pod twice.
+        assert [s["metadata"]["name"] for s in selected] == [f"{RELEASE}-regcache"]
+        ports = {p["name"] for p in selected[0]["spec"]["ports"]}
+        for endpoint in spec["endpoints"]:
+            assert endpoint["port"] in ports and endpoint["path"].startswith("/")
+            assert duration.match(endpoint["interval"]) and duration.match(endpoint["scrapeTimeout"])
+    elif obj["kind"] == "PrometheusRule":
+        rules = [r for group in obj["spec"]["groups"] for r in group["rules"]]
+        assert rules and all(group["name"] for group in obj["spec"]["groups"])
+        for rule in rules:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rule["alert"]) and rule["expr"].strip()
+            assert duration.match(rule["for"]) and rule["labels"]["severity"] in {"info", "warning", "critical"}
+    else:
+        raise AssertionError(f"unexpected {obj['kind']}")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_chart_lints_renders_and_every_object_matches_the_kubernetes_schemas(scenario: str) -> None:
+    values = SCENARIOS[scenario]
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}", namespace=NAMESPACE)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    docs = render(values)
+    for obj in docs:
+        if obj["apiVersion"] == MONITORING:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):  # if it gains them, use them
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            check_monitoring_object(obj, docs)
+        else:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    expected = {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}
+    assert expected <= kinds(docs)
+    assert ("Secret" in kinds(docs)) == (scenario != "existing-secret")
+
+
+def test_optional_parts_are_off_by_default_and_each_switch_adds_its_object() -> None:
+    assert kinds(render()).isdisjoint({"Ingress", "ServiceMonitor", "PrometheusRule", "DaemonSet"})
+    assert "Ingress" in kinds(render(SCENARIOS["ingress"]))
+    assert "ServiceMonitor" in kinds(render(SCENARIOS["service-monitor"]))
+    assert "PrometheusRule" in kinds(render(SCENARIOS["prometheus-rule"]))
+    assert "DaemonSet" in kinds(render(SCENARIOS["node-config"]))
+    # The dashboard JSON is written separately; the chart tolerates its absence.
+    dashboards = [d for d in render(SCENARIOS["dashboard"]) if d["metadata"]["name"].endswith("-dashboard")]
+    assert len(dashboards) == (CHART / "dashboards" / "regcache.json").is_file()
+    for dashboard in dashboards:
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+        json.loads(dashboard["data"]["regcache.json"])
+
+
+def test_values_schema_rejects_what_the_chart_cannot_deploy() -> None:
+    with helm.Chart.load(CHART) as chart:
+        for bad in (
+            {"replicas": "two"},
+            {"mode": "daemonset"},
+            {"config": {"listen": "0.0.0.0:80"}},  # the chart owns listen and data_dir
+            {"config": {"upstreams": [{"name": "docker.io"}]}},  # no url
+            {"persistence": {"size": "lots"}},
+            {"typo": True},
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_pods_run_hardened() -> None:
+    docs = render(SCENARIOS["everything"])
+    pod = pod_spec(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    for container in [*pod["containers"], *pod_spec(docs, "DaemonSet")["containers"]]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]} and not context.get("privileged")
+    (regcache,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in regcache["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert regcache["resources"]["requests"] and regcache["resources"]["limits"]["memory"]
+    assert regcache["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert regcache["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    claim = find(docs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == mounts["/var/lib/regcache"]
+    sized = render({"persistence": {"size": "200Gi", "storageClass": "fast"}})
+    claim = find(sized, "StatefulSet")["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "200Gi" and claim["storageClassName"] == "fast"
+
+
+def test_a_config_change_rolls_the_pods_and_nothing_else_does() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        values = _merge({"admin": {"token": "fixed"}}, values)
+        return find(render(values), "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum({}) == checksum({}) == checksum({"podLabels": {"team": "platform"}})
+    assert checksum({}) != checksum({"config": {"log": {"level": "debug"}}})
+    assert checksum({}) != checksum({"credentials": {"docker.io": {"username": "u", "password": "p"}}})
+
+
+def test_alerts_use_only_metrics_regcache_exports() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics, StoreTotals
+
+    metrics = Metrics()
+    metrics.store.update(StoreTotals())
+    exported = set(re.findall(r"^# TYPE (\S+)", generate_latest(metrics.registry).decode(), re.MULTILINE))
+    exported |= {f"{name}_total" for name in exported}
+    rule = find(render(SCENARIOS["prometheus-rule"]), "PrometheusRule")
+    used = {name for r in rule["spec"]["groups"][0]["rules"] for name in re.findall(r"([a-z_:]+)\{", r["expr"])}
+    assert {"registry_proxy_hits_total", "regcache_upstream_errors_total", "regcache_store_bytes"} <= used
+    assert {name for name in used if not name.startswith("kubelet_")} <= exported
+    alerts = {r["alert"]: r["expr"] for r in rule["spec"]["groups"][0]["rules"]}
+    # The size budget is the one the config file gives regcache: 90% of the 50Gi volume.
+    assert alerts["RegcacheStoreOverBudget"].strip().endswith(str(int(50 * 1024**3 * 0.9)))
+
+
+# --------------------------------------------------------------------------- the pods, run here
+
+
+def mount(docs: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
+    """Lay out each volumeMount of ``container`` under ``root``, as kubelet would; mountPath -> directory."""
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted: dict[str, Path] = {}
+    for volume_mount in container["volumeMounts"]:
+        volume = volumes.get(volume_mount["name"], {})
+        target = root / volume_mount["mountPath"].lstrip("/")
+        files: dict[str, bytes] = {}
+        if "configMap" in volume:
+            data = objects[("ConfigMap", volume["configMap"]["name"])]["data"]
+            files = {key: value.encode() for key, value in data.items()}
+        elif "secret" in volume:
+            data = objects[("Secret", volume["secret"]["secretName"])]["data"]
+            files = {key: base64.b64decode(value) for key, value in data.items()}
+        if "subPath" in volume_mount:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(files[volume_mount["subPath"]])
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            for key, content in files.items():
+                (target / key).write_bytes(content)
+        mounted[volume_mount["mountPath"]] = target
+    return mounted
+
+
+def relocate(text: str, mounted: dict[str, Path]) -> str:
+    """Paths under a mount point -> the same paths under its stand-in directory (one pass)."""
+    pattern = "|".join(re.escape(m) for m in sorted(mounted, key=len, reverse=True))
+    return re.sub(rf"(?<![\w/])({pattern})(?=/|\b|$)", lambda match: str(mounted[match.group(1)]), text)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def private_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, SeededImage]]:
+    """A registry that wants a password, with one small image."""
+    with Registry(tmp_path_factory.mktemp("private"), htpasswd={"puller": "chart-secret"}) as registry:
+        image = build_image({"srv/private.txt": b"only with the password\n"})
+        seeded = seed_upstream(registry, tmp_path_factory.mktemp("seed-private"), {"team/app:1": image})
+        yield registry, seeded["team/app:1"]
+
+
+@pytest.fixture(scope="module")
+def chart_regcache(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Registry, private_upstream: tuple[Registry, SeededImage]
+) -> Iterator[dict[str, Any]]:
+    """regcache started from the config file and Secret the chart renders, as the StatefulSet runs it."""
+    private, _ = private_upstream
+    values = {
+        "config": {
+            "upstreams": [
+                {"name": "docker.io", "url": upstream.url, "default": True},
+                {"name": "private.example", "url": private.url, "tag_ttl": "1m"},
+            ]
+        },
+        "credentials": {"private.example": {"username": "puller", "password": "chart-secret"}},
+        "nodeConfig": ON,
+    }
+    root = tmp_path_factory.mktemp("pod")
+    port = free_port()
+    docs = render(values)
+    pod = pod_spec(docs)
+    (container,) = pod["containers"]
+    mounted = mount(docs, pod, container, root)
+    config = root / "etc/regcache/config.yaml"
+    config.write_text(relocate(config.read_text(), mounted))
+    args = [relocate(arg, mounted) for arg in container["args"]]
+    assert args[:1] == ["serve"]
+    # The listener moves to a free loopback port; everything else is as rendered.
+    command = [sys.executable, "-m", "proxy.cli", *args, "--listen", f"127.0.0.1:{port}"]
+    log = (root / "regcache.log").open("wb")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            assert process.poll() is None, (root / "regcache.log").read_text()
+            try:
+                if get(f"{url}/v2/")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield {"url": url, "config": config, "container": container, "values": values, "mounted": mounted}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_the_rendered_config_is_what_regcache_loads(chart_regcache: dict[str, Any]) -> None:
+    settings = load_settings(chart_regcache["config"])
+    private = next(u for u in settings.upstreams if u.name == "private.example")
+    assert private.credentials() == ("puller", "chart-secret")  # from the mounted Secret file
+    assert private.tag_ttl == 60 and settings.default_upstream.name == "docker.io"
+    assert settings.admin.resolve_token()  # the generated token, from the Secret
+    assert settings.storage.max_size == int(50 * 1024**3 * 0.9)
+    data_mount = next(m["mountPath"] for m in chart_regcache["container"]["volumeMounts"] if m["name"] == "data")
+    assert settings.data_dir == chart_regcache["mounted"][data_mount]  # the store is on the volume
+    assert settings.host_port == ("0.0.0.0", chart_regcache["container"]["ports"][0]["containerPort"])
+
+
+def test_regcache_started_from_the_chart_serves_probes_metrics_and_pulls(
+    chart_regcache: dict[str, Any], private_upstream: tuple[Registry, SeededImage], seeded: dict[str, SeededImage]
+) -> None:
+    url, container = chart_regcache["url"], chart_regcache["container"]
+    assert get(f"{url}/v2/") == (200, b"{}")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert get(url + container[probe]["httpGet"]["path"])[0] == 200, probe
+    monitor = find(render(SCENARIOS["service-monitor"]), "ServiceMonitor")
+    assert get(url + monitor["spec"]["endpoints"][0]["path"])[0] == 200
+    _, image = private_upstream
+    status, body = get(f"{url}/v2/private.example/{image.repository}/manifests/{image.tag}")
+    assert status == 200 and body == image.manifest  # the password came from the Secret
+    alpha = seeded[ALPHA]
+    status, body = get(f"{url}/v2/{alpha.repository}/manifests/{alpha.tag}?ns=docker.io")
+    assert status == 200 and body == alpha.manifest
+
+
+def test_node_daemonset_writes_the_hosts_toml_containerd_pulls_through_and_removes_it(
+    chart_regcache: dict[str, Any], upstream: Registry, seeded: dict[str, SeededImage], tmp_path: Path
+) -> None:
+    url = chart_regcache["url"]
+    docs = render(_merge(chart_regcache["values"], {"nodeConfig": {"endpoint": url, "interval": 0.2}}))
+    pod = pod_spec(docs, "DaemonSet")
+    (container,) = pod["containers"]
+    mounted = mount(docs, pod, container, tmp_path / "node")
+    hosts_dir = mounted["/host/containerd-hosts"]
+    registries = json.loads((mounted["/opt/regcache-node"] / "registries.json").read_text())
+    assert registries == [
+        {"registry": "docker.io", "server": upstream.url},
+        {"registry": "private.example", "server": chart_regcache["values"]["config"]["upstreams"][1]["url"]},
+    ]
+    # Files an administrator wrote: one for a mirrored registry, one for another.
+    by_hand = {name: hosts_dir / name / "hosts.toml" for name in ("private.example", "quay.io")}
+    for path in by_hand.values():
+        path.parent.mkdir(parents=True)
+        path.write_text('server = "https://example.invalid"\n')
+    command = [relocate(arg, mounted) for arg in container["command"]]
+    assert command[0] == "python3"
+    ours = hosts_dir / "docker.io" / "hosts.toml"
+    process = subprocess.Popen([sys.executable, *command[1:]], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if ours.exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        marker, _, rest = ours.read_text().partition("\n")
+        assert marker.startswith(f"# Managed by regcache {NAMESPACE}/{RELEASE}")
+        # Byte for byte the format the containerd mirror tests use.
+        assert rest == hosts_toml(url, server=upstream.url)
+        assert all(path.read_text() == 'server = "https://example.invalid"\n' for path in by_hand.values())
+
+        containerd = Containerd(tmp_path / "containerd").start()
+        try:
+            alpha = seeded[ALPHA]
+            reference = f"docker.io/{alpha.repository}:{alpha.tag}"
+            upstream.reset_requests()
+            pulled = containerd.pull(reference, hosts_dir)
+            assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+            assert containerd.image_digest(reference) == alpha.digest
+            # containerd's own requests would go straight to the fallback server: none did.
+            agents = [record.header("User-Agent") or "" for record in upstream.request_log()]
+            assert agents and not [agent for agent in agents if agent.startswith("containerd")]
+        finally:
+            containerd.stop()
+    finally:
+        process.send_signal(signal.SIGTERM)  # the pod is deleted: uninstall, or nodeConfig turned off
+        _, errors = process.communicate(timeout=10)
+    assert process.returncode == 0, errors
+    assert not ours.exists() and not ours.parent.exists()
+    assert all(path.read_text() == 'server = "https://example.invalid"\n' for path in by_hand.values())
+
+
+def test_node_config_finds_the_service_by_its_cluster_address() -> None:
+    """Without an endpoint the DaemonSet resolves the Service name (cluster DNS) to the ClusterIP."""
+    (container,) = pod_spec(render(SCENARIOS["node-config"]), "DaemonSet")["containers"]
+    service = container["command"][container["command"].index("--service") + 1]
+    assert service == f"{RELEASE}-regcache.{NAMESPACE}.svc.cluster.local:5000"
+    namespace: dict[str, Any] = {"__name__": "node_config"}
+    exec(compile((CHART / "files" / "node-config.py").read_text(), "node-config.py", "exec"), namespace)
+    assert namespace["resolve_endpoint"]("localhost:5000") in {"http://127.0.0.1:5000", "http://[::1]:5000"}
+
+
+def test_the_image_runs_the_command_the_chart_runs() -> None:
+    stages = parse_dockerfile(ROOT / "Dockerfile")
+    assert len(stages) >= 2, "multi-stage"
+    final = stages[-1]
+    assert final["FROM"][0].split()[0] in {"python:3.11-slim", "${PYTHON_IMAGE}"}
+    assert "python:3.11-slim" in (ROOT / "Dockerfile").read_text()
+    user = final["USER"][-1].split(":")[0]
+    # Numeric, or kubelet cannot prove runAsNonRoot; the chart's pod runs as the same user.
+    assert user.isdigit() and int(user) != 0
+    pod = pod_spec(render())
+    assert pod["securityContext"]["runAsUser"] == int(user)
+    entrypoint = json.loads(final["ENTRYPOINT"][-1])
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint == ["regcache"] and scripts["regcache"] == "proxy.cli:main"
+    (container,) = pod["containers"]
+    assert "command" not in container  # the chart keeps the image's entrypoint
+    for args in (json.loads(final["CMD"][-1]), container["args"]):
+        assert build_parser().parse_args(args).verb == "serve"
+
+
+def test_the_image_build_context_holds_an_installable_package(tmp_path: Path) -> None:
+    """The files the build stage COPYs, filtered by .dockerignore, make a package with every module."""
+    stages = parse_dockerfile(ROOT / "Dockerfile")
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    context = tmp_path / "context"
+    for copy_args in stages[0]["COPY"]:
+        *sources, _ = shlex.split(copy_args)
+        for source in sources:
+            path = ROOT / source
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            assert files, f"COPY {source}: nothing there"
+            for file in files:
+                relative = file.relative_to(ROOT).as_posix()
+                if not ignored(relative, ignore):
+                    (context / relative).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(file, context / relative)
+    assert not list(context.rglob("__pycache__"))
+    # An sdist needs what a wheel needs from the tree (metadata, readme, every package) and no
+    # `wheel` package, which this interpreter's setuptools would want for bdist_wheel.
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    built = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=context,
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "README.md" in names and "proxy/cli.py" in names
+    for package in packages:
+        assert f"{package.replace('.', '/')}/__init__.py" in names
+
+
+def parse_dockerfile(path: Path) -> list[dict[str, list[str]]]:
+    """Instructions by stage: [{"FROM": [...], "COPY": [...], ...}, ...]; continuations joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: list[dict[str, list[str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stages.append({})
+        elif not stages:
+            assert instruction == "ARG", f"{instruction} before FROM"
+            continue
+        if instruction == "COPY" and rest.startswith("--from"):
+            instruction = "COPY --from"
+        stages[-1].setdefault(instruction, []).append(rest.strip())
+    return stages
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule for the patterns used here: the last pattern matching the path or a parent wins."""
+    from fnmatch import fnmatch
+
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch(part, pattern[3:]) for part in parts)
+        else:
+            hit = any(fnmatch(prefix, pattern) and prefix.count("/") == pattern.count("/") for prefix in prefixes)
+        if hit:
+            result = not negate
+    return result
