@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     p.add_argument("--upstream", help="default upstream registry URL (default https://registry-1.docker.io)")
+    from proxy import cli_archive
+
+    cli_archive.add_parsers(verbs)
     p = verbs.add_parser("fsck", help="check the store against its metadata (with the server stopped)")
     _add_config_flags(p)
     p.add_argument("--repair", action="store_true", help="fix what is wrong, not only report it")
@@ -77,6 +80,8 @@ def fsck(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # verbs that carry their own runner (save, load)
+        return args.handler(args)
     if args.verb == "serve":
         try:
             settings = settings_from_args(args)
