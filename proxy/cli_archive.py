@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode
 
-from proxy.admin_client import DEFAULT_SERVER, SERVER_ENV, AdminClientError, _message, resolve_token
-
 CHUNK = 1024 * 1024
 
 
@@ -61,7 +59,9 @@ def _human(n: int | None) -> str:
 
 
 def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, str], query: list | None = None):  # type: ignore[no-untyped-def]
-    server = args.server.rstrip("/")
+    from proxy.admin_client import DEFAULT_SERVER, SERVER_ENV, AdminClientError, _message, resolve_token
+
+    server = (args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER).rstrip("/")
     url = f"{server}/admin/{path}" + ("?" + urlencode(query) if query else "")
     headers = {"Authorization": f"Bearer {resolve_token(args.token_file)}", **headers}
     request = urllib.request.Request(url, data=data, method="POST", headers=headers)
@@ -86,6 +86,7 @@ def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, 
 
 def run_save(args: argparse.Namespace) -> int:
     from proxy.admin_archive import host_platform
+    from proxy.admin_client import AdminClientError
 
     if args.output is None and sys.stdout.isatty():
         print("regcache: cowardly refusing to save to a terminal. Use the -o flag or redirect", file=sys.stderr)
@@ -135,6 +136,8 @@ def _chunks(stream: IO[bytes], progress: Progress) -> Iterator[bytes]:
 
 
 def run_load(args: argparse.Namespace) -> int:
+    from proxy.admin_client import AdminClientError
+
     query = []
     if args.upstream:
         query.append(("upstream", args.upstream))
@@ -177,8 +180,8 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-                        help=f"regcache to talk to (default ${SERVER_ENV} or {DEFAULT_SERVER})")  # fmt: skip
+    # The admin client is imported when a verb runs, not when the parser is built.
+    parser.add_argument("--server", help="regcache to talk to (default $REGCACHE_SERVER or http://127.0.0.1:5000)")
     parser.add_argument("--token-file", type=Path, help="file holding the admin token (default $REGCACHE_ADMIN_TOKEN)")
     parser.add_argument("--timeout", type=float, default=3600.0, help=argparse.SUPPRESS)
 
