@@ -283,6 +283,7 @@ class RegcacheServer:
                 _wait_for("regcache", self._answers, self._proc, self.log_path, 30)
                 return self
             except DaemonError:
+                self.stop()
                 if "address already in use" not in _tail(self.log_path, 2000):
                     raise
                 self.port = 0
@@ -358,7 +359,11 @@ class Dockerd:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        _wait_for("dockerd", self._answers, self._proc, self.log_path, 60)
+        try:
+            _wait_for("dockerd", self._answers, self._proc, self.log_path, 60)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _answers(self) -> bool:
@@ -463,7 +468,11 @@ class Containerd:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _wait_for("containerd", self._answers, self._proc, self.log_path, 30)
+        try:
+            _wait_for("containerd", self._answers, self._proc, self.log_path, 30)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _answers(self) -> bool:
