@@ -172,6 +172,7 @@ def test_values_schema_rejects_what_the_chart_cannot_deploy() -> None:
             {"config": {"listen": "0.0.0.0:80"}},  # the chart owns listen and data_dir
             {"config": {"upstreams": [{"name": "docker.io"}]}},  # no url
             {"persistence": {"size": "lots"}},
+            {"admin": {"token": "short"}},  # regcache refuses tokens under 8 characters
             {"typo": True},
         ):
             with pytest.raises(helm.HelmValuesError):
@@ -204,7 +205,7 @@ def test_pods_run_hardened() -> None:
 
 def test_a_config_change_rolls_the_pods_and_nothing_else_does() -> None:
     def checksum(values: dict[str, Any]) -> str:
-        values = _merge({"admin": {"token": "fixed"}}, values)
+        values = _merge({"admin": {"token": "fixed-admin-token"}}, values)
         return find(render(values), "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
     assert checksum({}) == checksum({}) == checksum({"podLabels": {"team": "platform"}})
@@ -343,6 +344,9 @@ def test_the_rendered_config_is_what_regcache_loads(chart_regcache: dict[str, An
     data_mount = next(m["mountPath"] for m in chart_regcache["container"]["volumeMounts"] if m["name"] == "data")
     assert settings.data_dir == chart_regcache["mounted"][data_mount]  # the store is on the volume
     assert settings.host_port == ("0.0.0.0", chart_regcache["container"]["ports"][0]["containerPort"])
+    # kubelet's grace period covers regcache's own drain and shutdown.
+    grace = pod_spec(render())["terminationGracePeriodSeconds"]
+    assert grace > settings.limits.drain_delay + settings.limits.shutdown_timeout
 
 
 def test_regcache_started_from_the_chart_serves_probes_metrics_and_pulls(
