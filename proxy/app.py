@@ -12,6 +12,7 @@ from aiohttp import web
 from config.settings import Settings
 from proxy import health, registry
 from proxy.accesslog import request_context
+from proxy.admin_auth import admin_token
 from proxy.errors import API_HEADERS, error_middleware
 from proxy.events import Events
 from proxy.keys import AUTH, EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
@@ -70,6 +71,12 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     app.on_response_prepare.append(_on_prepare)
     app.cleanup_ctx.append(_lifecycle)
     registry.add_routes(app)
+    # Admin exists only with a token: no token, no /admin/ routes at all.
+    token = admin_token(settings)
+    if token is not None:
+        from proxy.admin import add_admin_routes
+
+        add_admin_routes(app, token)
     return app
 
 

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="fix what is wrong, not only report it")
     p.add_argument("--fast", action="store_true", help="skip the sha256 verification of every blob")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    from proxy import cli_admin
+
+    cli_admin.add_parsers(verbs)
     return parser
 
 
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "fsck":
         return fsck(args)
+    from proxy import cli_admin
+
+    if args.verb in cli_admin.VERBS:
+        return cli_admin.run(args)
     parser.error(f"unknown verb {args.verb}")
     return 2
 

@@ -1,0 +1,132 @@
+"""``pin``, ``unpin``, ``gc`` and ``stats``: the lifecycle verbs of the admin API.
+
+Pinning marks every row of an image (in each repository that holds it, with
+an index's platform images) so eviction passes it by. ``gc`` sweeps what
+nothing references; ``stats`` reports the store and the hit ratio since the
+process started.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import AdminInvalid
+from proxy.image_query import Resolver, refs_of
+from proxy.keys import EVENTS, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
+from storage.errors import RegcacheError
+from storage.gc import Collector
+from storage.listing import list_images
+
+
+async def _names(request: web.Request) -> list[str]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise AdminInvalid("request body is not JSON") from None
+    names = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise AdminInvalid('expected {"images": ["IMAGE", ...]}')
+    return names
+
+
+async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
+    metadata = request.config_dict[METADATA]
+    router = request.config_dict[ROUTER]
+    images = await list_images(metadata)
+    resolver = Resolver(images, router)
+    verb = "Pinned" if pinned else "Unpinned"
+    results: list[dict[str, Any]] = []
+    for name in await _names(request):
+        try:
+            image, ref = resolver.find(name)
+        except RegcacheError as exc:
+            results.append({"image": name, "error": exc.message})
+            continue
+        digests = [image.digest, *(child for child, _ in image.children)]
+        await metadata.transaction(
+            [("UPDATE images SET pinned = ? WHERE manifest = ?", (int(pinned), d)) for d in digests]
+        )
+        shown = str(ref) if ref is not None else next((str(r) for r in refs_of(image, router)), image.digest)
+        results.append({"image": name, "lines": [f"{verb}: {shown}"]})
+    return web.json_response({"results": results})
+
+
+async def pin(request: web.Request) -> web.Response:
+    return await _set_pinned(request, True)
+
+
+async def unpin(request: web.Request) -> web.Response:
+    return await _set_pinned(request, False)
+
+
+async def gc(request: web.Request) -> web.Response:
+    settings = request.config_dict[SETTINGS]
+    raw = request.query.get("grace")
+    try:
+        grace = settings.storage.gc_grace if raw is None else float(raw)
+    except ValueError:
+        raise AdminInvalid(f"grace must be a number of seconds, got {raw[:20]!r}") from None
+    if grace < 0:
+        raise AdminInvalid("grace must not be negative")
+    metadata, store = request.config_dict[METADATA], request.config_dict[STORE]
+    pullthrough = request.config_dict[PULLTHROUGH]
+    started = time.perf_counter()
+    removal = await Collector(metadata, store, pullthrough.in_use).sweep(grace)
+    pullthrough.forget()
+    events = request.config_dict[EVENTS]
+    events.gc_run("admin", time.perf_counter() - started)
+    if removal.blobs:
+        events.evicted("unreferenced", removal.blobs, removal.bytes)
+    return web.json_response(
+        {"blobs": removal.blobs, "bytes": removal.bytes, "manifests": removal.manifests, "deferred": removal.deferred}
+    )
+
+
+def _hit_ratio(events: object) -> tuple[float | None, dict[str, float]]:
+    """Hits over requests for blobs and manifests, from the metrics when they are on."""
+    registry = getattr(events, "registry", None)
+    if registry is None:
+        return None, {}
+    counts: dict[str, float] = {}
+    for kind in ("blob", "manifest"):
+        for what in ("requests", "hits"):
+            value = registry.get_sample_value(f"registry_proxy_{what}_total", {"type": kind})
+            counts[f"{kind}_{what}"] = value or 0.0
+    requests = counts["blob_requests"] + counts["manifest_requests"]
+    hits = counts["blob_hits"] + counts["manifest_hits"]
+    return (hits / requests if requests else None), counts
+
+
+async def stats(request: web.Request) -> web.Response:
+    metadata = request.config_dict[METADATA]
+    await metadata.flush()
+    stored_bytes, blobs, images, repositories = await metadata.totals()
+    async with metadata.db.execute("SELECT COUNT(*) FROM images WHERE pinned = 1") as cur:
+        pinned = (await cur.fetchone() or (0, 0))[0]
+    async with metadata.db.execute("SELECT COALESCE(SUM(pull_count), 0) FROM images") as cur:
+        pulls = (await cur.fetchone() or (0,))[0]
+    ratio, counts = _hit_ratio(request.config_dict[EVENTS])
+    settings = request.config_dict[SETTINGS]
+    return web.json_response(
+        {
+            "store_bytes": stored_bytes,
+            "max_size": settings.storage.max_size,
+            "blobs": blobs,
+            "images": images,
+            "repositories": repositories,
+            "pinned_images": pinned,
+            "pulls": pulls,
+            "hit_ratio": ratio,
+            "requests": counts,
+        }
+    )
+
+
+def add_routes(admin: web.Application) -> None:
+    admin.router.add_post("/pin", pin, name="admin_pin")
+    admin.router.add_post("/unpin", unpin, name="admin_unpin")
+    admin.router.add_post("/gc", gc, name="admin_gc")
+    admin.router.add_get("/stats", stats, name="admin_stats")

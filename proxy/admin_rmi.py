@@ -1,0 +1,170 @@
+"""``POST /admin/rmi``: docker's ``rmi`` for a cache, with docker's rules and lines.
+
+- ``name:tag`` removes that tag (``Untagged: name:tag``); when no other tag
+  of the repository points at the image, the image leaves the repository too
+  (``Untagged: name@digest``).
+- ``name@digest`` removes the image from that repository with its tags there.
+- an image ID (prefix) or bare digest removes every name of the image, but
+  only with ``force`` when several tags or repositories use it, as dockerd
+  refuses ("must be forced").
+
+When no repository holds the image any more it is deleted: the rows go in one
+transaction and ``storage.gc.Collector`` unlinks exactly the blobs nothing
+else references (``Deleted:`` lines); layers another image uses stay.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import AdminConflict, AdminInvalid
+from proxy.image_query import Ref, Resolver, refs_of
+from proxy.keys import EVENTS, METADATA, PULLTHROUGH, ROUTER, STORE
+from proxy.routing import Router
+from storage.blobs import BlobStore
+from storage.digest import Digest
+from storage.errors import RegcacheError
+from storage.gc import Collector, ImageKey
+from storage.listing import CachedImage, list_images
+from storage.metadata import Metadata
+
+log = logging.getLogger("regcache.admin.rmi")
+
+
+def _short(digest: str) -> str:
+    return digest.partition(":")[2][:12]
+
+
+async def _rows(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
+    async with metadata.db.execute(sql, args) as cur:
+        return list(await cur.fetchall())
+
+
+async def _reachable(metadata: Metadata, digest: str) -> list[str]:
+    """The manifest and everything it references, in order: blobs that may go with it."""
+    rows = await _rows(
+        metadata,
+        "WITH RECURSIVE reach(digest) AS (SELECT ? UNION SELECT r.child FROM manifest_references r "
+        "JOIN reach ON r.manifest = reach.digest WHERE r.kind != 'subject') SELECT digest FROM reach",
+        (digest,),
+    )
+    return [r[0] for r in rows]
+
+
+class Remover:
+    def __init__(self, metadata: Metadata, store: BlobStore, collector: Collector, router: Router) -> None:
+        self.metadata = metadata
+        self.store = store
+        self.collector = collector
+        self.router = router
+        self.freed_blobs = 0
+        self.freed_bytes = 0
+
+    async def remove(self, text: str, force: bool) -> list[str]:
+        images = await list_images(self.metadata)
+        image, ref = Resolver(images, self.router).find(text)
+        refs = refs_of(image, self.router)
+        if ref is None:
+            tags = [r for r in refs if r.tag]
+            repos = {(r.upstream, r.repository) for r in refs}
+            if (len(tags) > 1 or len(repos) > 1) and not force:
+                raise AdminConflict(
+                    f"conflict: unable to delete {_short(image.image_id)} (must be forced) - "
+                    "image is referenced in multiple repositories"
+                )
+            return await self._drop(image, images, refs, sorted(repos))
+        if ref.tag is not None:
+            lines = [f"Untagged: {ref}"]
+            still_tagged = [r for r in refs if r.tag and r != ref and r.repository == ref.repository
+                            and r.upstream == ref.upstream]  # fmt: skip
+            if still_tagged:
+                await self._untag(ref)
+                return lines
+            return lines + await self._drop(
+                image, images, [ref, *self._digest_refs(refs, ref)], [(ref.upstream, ref.repository)]
+            )
+        in_repo = [r for r in refs if (r.upstream, r.repository) == (ref.upstream, ref.repository)]
+        return await self._drop(image, images, in_repo, [(ref.upstream, ref.repository)])
+
+    @staticmethod
+    def _digest_refs(refs: list[Ref], ref: Ref) -> list[Ref]:
+        return [r for r in refs if r.digest and (r.upstream, r.repository) == (ref.upstream, ref.repository)]
+
+    async def _untag(self, ref: Ref) -> None:
+        repo_id = await self.metadata.repository_id(ref.upstream, ref.repository, create=False)
+        await self.metadata.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo_id, ref.tag))])
+
+    async def _drop(
+        self, image: CachedImage, images: list[CachedImage], untag: list[Ref], repos: list[tuple[str, str]]
+    ) -> list[str]:
+        """Take the image (and an index's platform images) out of ``repos``; delete what nothing else uses."""
+        lines = [f"Untagged: {r}" for r in untag if r.tag] + [f"Untagged: {r}" for r in untag if r.digest]
+        by_digest = {i.digest: i for i in images}
+        keys: list[ImageKey] = []
+        for upstream, repository in repos:
+            repo_id = await self.metadata.repository_id(upstream, repository, create=False)
+            if repo_id is None:
+                continue
+            keys.append(ImageKey(repo_id, image.digest))
+            for child, _ in image.children:
+                other = by_digest.get(child)
+                # A platform image that is tagged on its own is an image of its own.
+                if (
+                    other is not None
+                    and (upstream, repository) in other.repositories
+                    and not any((t.upstream, t.repository) == (upstream, repository) for t in other.tags)
+                ):
+                    keys.append(ImageKey(repo_id, child))
+        remaining = [r for r in image.repositories if r not in repos]
+        candidates = [] if remaining else await _reachable(self.metadata, image.digest)
+        removal = await self.collector.remove(keys)
+        self.freed_blobs += removal.blobs
+        self.freed_bytes += removal.bytes
+        log.info(
+            "rmi %s: %d image rows, %d blobs, %d bytes", image.digest, len(removal.images), removal.blobs, removal.bytes
+        )
+        if remaining:
+            return lines
+        deleted = []
+        for digest in candidates:
+            if await self.store.stat(Digest.parse(digest)) is None:
+                deleted.append(digest)
+        first = image.image_id if image.image_id in deleted or image.is_index else None
+        if first is not None:
+            lines.append(f"Deleted: {first}")
+        lines += [f"Deleted: {d}" for d in deleted if d != first]
+        return lines
+
+
+async def rmi(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise AdminInvalid("request body is not JSON") from None
+    names = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise AdminInvalid('expected {"images": ["IMAGE", ...], "force": false}')
+    pullthrough = request.config_dict[PULLTHROUGH]
+    metadata = request.config_dict[METADATA]
+    store = request.config_dict[STORE]
+    remover = Remover(metadata, store, Collector(metadata, store, pullthrough.in_use), request.config_dict[ROUTER])
+    results: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            results.append({"image": name, "lines": await remover.remove(name, bool(body.get("force")))})
+        except RegcacheError as exc:
+            results.append({"image": name, "error": exc.message})
+    # Cached manifests and links may name what is gone.
+    pullthrough.forget()
+    await metadata.flush()
+    if remover.freed_blobs:
+        request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
+    request["log"]["result"] = f"{sum('lines' in r for r in results)} removed"
+    return web.json_response({"results": results})
+
+
+def add_routes(admin: web.Application) -> None:
+    admin.router.add_post("/rmi", rmi, name="admin_rmi")
