@@ -23,6 +23,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,13 +78,14 @@ class Lifecycle:
         self.settings = settings
         self.metadata = metadata
         self.store = store
-        self.in_use = in_use or InUse()
+        self.in_use = in_use if in_use is not None else InUse()
         self.collector = Collector(metadata, store, self.in_use)
         self.data_dir = data_dir
         self.forget = forget  # drop the pull path's in-memory caches after a removal
         self.size = 0  # bytes of committed blobs: recounted each pass, added to on every commit
         self.passes = 0
         self.last_report: GcReport | None = None
+        self.history: deque[GcReport] = deque(maxlen=32)  # recent passes that changed something
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._full = False
@@ -187,7 +189,8 @@ class Lifecycle:
         return await self.collector.remove(k for u in units for k in u.keys)
 
     async def _evict(self, full: bool) -> Removal:
-        total = await self._stored_bytes()
+        # The running total already counts a blob whose row its fill is still writing.
+        total = max(await self._stored_bytes(), self.size)
         budget = self.settings.max_size
         target: int | None = None
         if budget is not None and total > budget * self.settings.high_watermark:
@@ -212,6 +215,7 @@ class Lifecycle:
         report.seconds = round(time.monotonic() - started, 3)
         self.last_report = report
         if report.changed:
+            self.history.append(report)
             if self.forget is not None:
                 self.forget()
             log.info(

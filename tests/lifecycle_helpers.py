@@ -1,0 +1,100 @@
+"""Images and helpers shared by the lifecycle, fsck and crash tests.
+
+Three small images share one base layer, so eviction can be watched freeing a
+layer of its own while the shared one stays; an index with two platforms shows
+that an index keeps its children.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from storage.digest import Digest
+from storage.paths import blob_path
+from tests.support import skopeo
+from tests.support.images import File, Image, Index, build_image, build_index, build_layer, write_oci_layout
+from tests.support.registry import Registry
+
+KIB = 1024
+
+
+def _random(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@dataclass(frozen=True)
+class LifecycleImages:
+    base_digest: str
+    images: dict[str, Image]  # "lc/a" -> image, tagged "1"
+    index: Index  # "lc/multi:1"
+
+    def blobs(self, name: str) -> list[str]:
+        image = self.images[name]
+        return [image.digest, image.config_digest, *image.layer_digests]
+
+    def own_layer(self, name: str) -> str:
+        return self.images[name].layer_digests[-1]
+
+    def stored_size(self, *names: str) -> int:
+        """Bytes the store holds once these images are pulled completely (shared blobs once)."""
+        sizes: dict[str, int] = {}
+        for name in names:
+            image = self.images[name]
+            sizes[image.digest] = len(image.manifest)
+            sizes[image.config_digest] = len(image.config)
+            for layer in image.layers:
+                sizes[layer.digest] = layer.size
+        return sum(sizes.values())
+
+
+def build_images() -> LifecycleImages:
+    base = build_layer({"base/data.bin": File(_random(1, 192 * KIB))})
+    images = {
+        f"lc/{name}": build_image({f"{name}/data.bin": File(_random(seed, 256 * KIB))}, base_layers=[base])
+        for seed, name in ((2, "a"), (3, "b"), (4, "c"))
+    }
+    amd = build_image({"amd.bin": File(_random(5, 64 * KIB))}, platform=("linux", "amd64"))
+    arm = build_image({"arm.bin": File(_random(6, 64 * KIB))}, platform=("linux", "arm64"))
+    return LifecycleImages(base.digest, images, build_index([amd, arm]))
+
+
+_pushed: dict[str, LifecycleImages] = {}
+
+
+def push_images(upstream: Registry, workdir: Path) -> LifecycleImages:
+    """Push the lifecycle images into ``upstream`` once per registry."""
+    if upstream.url in _pushed:
+        return _pushed[upstream.url]
+    built = build_images()
+    items: dict[str, Image | Index] = {**built.images, "lc/multi": built.index}
+    for ref, item in items.items():
+        layout = write_oci_layout(workdir / ref.replace("/", "-"), {"1": item})
+        skopeo.push_layout(layout, "1", upstream.host, ref, "1")
+    _pushed[upstream.url] = built
+    return built
+
+
+def skopeo_pull(host: str, repository: str, dest: Path, reference: str = "1") -> None:
+    """A whole image (every platform) through regcache; skopeo verifies every digest."""
+    skopeo.copy(skopeo.docker_ref(host, repository, reference), f"dir:{dest}")
+
+
+def on_disk(data_dir: Path, digest: str) -> bool:
+    return blob_path(data_dir, Digest.parse(digest)).exists()
+
+
+async def pull_verified(session: aiohttp.ClientSession, base: str, repository: str, image: Image) -> None:
+    """Manifest by tag, then config and layers; every body checked against its digest."""
+    accept = {"Accept": image.media_type}
+    async with session.get(f"{base}/v2/{repository}/manifests/1", headers=accept) as r:
+        assert r.status == 200, await r.text()
+        assert hashlib.sha256(await r.read()).hexdigest() == image.digest.split(":")[1]
+    for digest in (image.config_digest, *image.layer_digests):
+        async with session.get(f"{base}/v2/{repository}/blobs/{digest}") as r:
+            assert r.status == 200, await r.text()
+            assert hashlib.sha256(await r.read()).hexdigest() == digest.split(":")[1]
