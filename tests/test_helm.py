@@ -370,7 +370,10 @@ def test_node_daemonset_writes_the_hosts_toml_containerd_pulls_through_and_remov
     chart_regcache: dict[str, Any], upstream: Registry, seeded: dict[str, SeededImage], tmp_path: Path
 ) -> None:
     url = chart_regcache["url"]
-    docs = render(_merge(chart_regcache["values"], {"nodeConfig": {"endpoint": url, "interval": 0.2}}))
+    # The NodePort form of the endpoint: each node's own address, from the downward API.
+    port = url.rpartition(":")[2]
+    endpoint = f"http://$(NODE_IP):{port}"
+    docs = render(_merge(chart_regcache["values"], {"nodeConfig": {"endpoint": endpoint, "interval": 0.2}}))
     pod = pod_spec(docs, "DaemonSet")
     (container,) = pod["containers"]
     mounted = mount(docs, pod, container, tmp_path / "node")
@@ -385,7 +388,10 @@ def test_node_daemonset_writes_the_hosts_toml_containerd_pulls_through_and_remov
     for path in by_hand.values():
         path.parent.mkdir(parents=True)
         path.write_text('server = "https://example.invalid"\n')
-    command = [relocate(arg, mounted) for arg in container["command"]]
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env["NODE_IP"] == "status.hostIP"
+    env["NODE_IP"] = "127.0.0.1"  # this machine is the node; kubelet expands $(VAR) in commands
+    command = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], relocate(arg, mounted)) for arg in container["command"]]
     assert command[0] == "python3"
     ours = hosts_dir / "docker.io" / "hosts.toml"
     process = subprocess.Popen([sys.executable, *command[1:]], stderr=subprocess.PIPE, text=True)
