@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
@@ -313,7 +314,9 @@ def chart_regcache(
     # The listener moves to a free loopback port; everything else is as rendered.
     command = [sys.executable, "-m", "proxy.cli", *args, "--listen", f"127.0.0.1:{port}"]
     log = (root / "regcache.log").open("wb")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGCACHE_")}
+    env["REGCACHE_LIMITS__DRAIN_DELAY"] = "0"  # no load balancer to drain here: stop at once
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(400):
