@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy import admin_images, admin_lifecycle, admin_pull, admin_rmi, admin_search
+from proxy import admin_archive, admin_images, admin_lifecycle, admin_pull, admin_rmi, admin_search
 from proxy.admin_auth import ADMIN_PREFIX, admin_app, check_admin_exposure
 from proxy.keys import SETTINGS
 
@@ -23,5 +23,6 @@ def add_admin_routes(app: web.Application, token: str) -> web.Application:
     admin_search.add_routes(admin)
     admin_pull.add_routes(admin)
     admin_lifecycle.add_routes(admin)
+    admin_archive.add_routes(admin)
     app.add_subapp(ADMIN_PREFIX.rstrip("/"), admin)
     return admin

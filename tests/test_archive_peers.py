@@ -183,3 +183,28 @@ async def test_failed_save_leaves_no_file(proxy, tmp_path, capsys):
     assert await regcache(proxy, "save", "library/nothing:here", "-o", str(target)) == 1
     assert "manifest" in capsys.readouterr().err.lower()
     assert list(target.parent.iterdir()) == []
+
+
+def test_save_and_load_through_the_guarded_admin_api_of_regcache_serve(
+    regcache_factory, upstream, seeded, tmp_path, capsys, monkeypatch
+):
+    from tests.conftest import upstream_entry
+
+    token = "archive-serve-token-0123456789"
+    source = regcache_factory([upstream_entry(upstream, name=UPSTREAM)], settings={"admin": {"token": token}})
+    # The target's upstream does not answer: what it serves came from the load.
+    dead = {"name": UPSTREAM, "url": "http://127.0.0.1:9", "default": True, "retries": 0}
+    target = regcache_factory([dead], settings={"admin": {"token": token}})
+    archive = tmp_path / "alpha.tar.gz"
+    monkeypatch.setenv("REGCACHE_ADMIN_TOKEN", "wrong-token-0123456789")
+    assert cli.main(["save", ALPHA, "-o", str(archive), "--server", source.url]) == 1
+    assert "unauthorized" in capsys.readouterr().err
+    assert not archive.exists()
+    monkeypatch.setenv("REGCACHE_ADMIN_TOKEN", token)
+    assert cli.main(["save", ALPHA, "-o", str(archive), "--compress", "gzip", "--server", source.url]) == 0
+    assert archive.read_bytes()[:2] == b"\x1f\x8b"
+    capsys.readouterr()
+    assert cli.main(["load", "-i", str(archive), "--server", target.url]) == 0
+    assert capsys.readouterr().out.strip() == "Loaded image: library/alpha:1"
+    raw = skopeo.inspect(skopeo.docker_ref(target.host, "library/alpha", seeded[ALPHA].digest), raw=True)
+    assert raw == seeded[ALPHA].manifest
