@@ -16,7 +16,7 @@ import pytest
 
 from proxy import cli
 from tests.support import skopeo
-from tests.support.daemons import Dockerd, Netns
+from tests.support.daemons import Dockerd, Netns, Podman
 from tests.support.seed import ALPHA, BUSYBOX, OCI_INDEX
 from tests.test_archive import UPSTREAM, proxy_for
 
@@ -32,6 +32,17 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
         yield daemon.start()
     finally:
         daemon.stop()
+        netns.delete()
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    netns = Netns().create()
+    client = Podman(tmp_path_factory.mktemp("podman"), netns, {})
+    try:
+        yield client
+    finally:
+        client.close()
         netns.delete()
 
 
@@ -208,3 +219,21 @@ def test_save_and_load_through_the_guarded_admin_api_of_regcache_serve(
     assert capsys.readouterr().out.strip() == "Loaded image: library/alpha:1"
     raw = skopeo.inspect(skopeo.docker_ref(target.host, "library/alpha", seeded[ALPHA].digest), raw=True)
     assert raw == seeded[ALPHA].manifest
+
+
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])
+async def test_podman_save_loads_into_regcache(proxy, offline, podman, seeded, tmp_path, capsys, fmt):
+    image = seeded[ALPHA]
+    source = tmp_path / "from-regcache.tar"
+    assert await regcache(proxy, "save", ALPHA, "-o", str(source)) == 0
+    ok(await blocking(podman.podman, "load", "-i", str(source)), "podman load")
+    saved = tmp_path / f"podman-{fmt}.tar"
+    name = f"{UPSTREAM}/{ALPHA}"
+    ok(await blocking(podman.podman, "save", "--format", fmt, "-o", str(saved), name), "podman save")
+    capsys.readouterr()
+    assert await regcache(offline, "load", "-i", str(saved)) == 0
+    assert capsys.readouterr().out.strip() == "Loaded image: library/alpha:1"
+    ref = f"docker://{host_of(offline)}/library/alpha:1"
+    config = await blocking(skopeo.inspect, ref, config=True, raw=True)
+    assert "sha256:" + hashlib.sha256(config).hexdigest() == image.item.config_digest
+    await blocking(skopeo.copy, ref, f"oci:{tmp_path / 'pulled'}:x")
