@@ -351,6 +351,8 @@ async def fsck(root: Path, backend: BlobBackend, *, repair: bool = False, fast: 
         try:
             await metadata.open()
         except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await metadata.close()
             report = FsckReport(repair=repair)
             report.add("database", paths.METADATA, f"cannot be opened: {exc}")
             return report
