@@ -15,9 +15,9 @@ from aiohttp import web
 
 from proxy.errors import AdminInvalid
 from proxy.image_query import Resolver, refs_of
-from proxy.keys import EVENTS, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
+from proxy.keys import EVENTS, LIFECYCLE, METADATA, ROUTER
 from storage.errors import RegcacheError
-from storage.gc import Collector
+from storage.gc import ImageKey
 from storage.listing import list_images
 
 
@@ -45,10 +45,13 @@ async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
         except RegcacheError as exc:
             results.append({"image": name, "error": exc.message})
             continue
-        digests = [image.digest, *(child for child, _ in image.children)]
-        await metadata.transaction(
-            [("UPDATE images SET pinned = ? WHERE manifest = ?", (int(pinned), d)) for d in digests]
-        )
+        lifecycle = request.config_dict[LIFECYCLE]
+        # Every repository holding it; a unit (index with its platform images) is pinned by any of its rows.
+        for upstream, repository in image.repositories:
+            repo_id = await metadata.repository_id(upstream, repository, create=False)
+            if repo_id is not None:
+                key = ImageKey(repo_id, image.digest)
+                await (lifecycle.pin(key) if pinned else lifecycle.unpin(key))
         shown = str(ref) if ref is not None else next((str(r) for r in refs_of(image, router)), image.digest)
         results.append({"image": name, "lines": [f"{verb}: {shown}"]})
     return web.json_response({"results": results})
@@ -63,26 +66,25 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def gc(request: web.Request) -> web.Response:
-    settings = request.config_dict[SETTINGS]
+    """A whole lifecycle pass (expire, evict to the budget, sweep); ``grace`` sweeps with that grace."""
     raw = request.query.get("grace")
-    try:
-        grace = settings.storage.gc_grace if raw is None else float(raw)
-    except ValueError:
-        raise AdminInvalid(f"grace must be a number of seconds, got {raw[:20]!r}") from None
-    if grace < 0:
-        raise AdminInvalid("grace must not be negative")
-    metadata, store = request.config_dict[METADATA], request.config_dict[STORE]
-    pullthrough = request.config_dict[PULLTHROUGH]
+    lifecycle = request.config_dict[LIFECYCLE]
     started = time.perf_counter()
-    removal = await Collector(metadata, store, pullthrough.in_use).sweep(grace)
-    pullthrough.forget()
+    if raw is None:
+        report = await lifecycle.gc("manual")
+    else:
+        try:
+            grace = float(raw)
+        except ValueError:
+            raise AdminInvalid(f"grace must be a number of seconds, got {raw[:20]!r}") from None
+        if grace < 0:
+            raise AdminInvalid("grace must not be negative")
+        report = await lifecycle.sweep(grace)
     events = request.config_dict[EVENTS]
     events.gc_run("admin", time.perf_counter() - started)
-    if removal.blobs:
-        events.evicted("unreferenced", removal.blobs, removal.bytes)
-    return web.json_response(
-        {"blobs": removal.blobs, "bytes": removal.bytes, "manifests": removal.manifests, "deferred": removal.deferred}
-    )
+    if report.blobs:
+        events.evicted("unreferenced", report.blobs, report.bytes)
+    return web.json_response(report.to_dict())
 
 
 def _hit_ratio(events: object) -> tuple[float | None, dict[str, float]]:
@@ -103,26 +105,12 @@ def _hit_ratio(events: object) -> tuple[float | None, dict[str, float]]:
 async def stats(request: web.Request) -> web.Response:
     metadata = request.config_dict[METADATA]
     await metadata.flush()
-    stored_bytes, blobs, images, repositories = await metadata.totals()
-    async with metadata.db.execute("SELECT COUNT(*) FROM images WHERE pinned = 1") as cur:
-        pinned = (await cur.fetchone() or (0, 0))[0]
+    answer = await request.config_dict[LIFECYCLE].stats()
     async with metadata.db.execute("SELECT COALESCE(SUM(pull_count), 0) FROM images") as cur:
-        pulls = (await cur.fetchone() or (0,))[0]
-    ratio, counts = _hit_ratio(request.config_dict[EVENTS])
-    settings = request.config_dict[SETTINGS]
-    return web.json_response(
-        {
-            "store_bytes": stored_bytes,
-            "max_size": settings.storage.max_size,
-            "blobs": blobs,
-            "images": images,
-            "repositories": repositories,
-            "pinned_images": pinned,
-            "pulls": pulls,
-            "hit_ratio": ratio,
-            "requests": counts,
-        }
-    )
+        row = await cur.fetchone()
+    answer["pulls"] = row[0] if row else 0
+    answer["hit_ratio"], answer["requests"] = _hit_ratio(request.config_dict[EVENTS])
+    return web.json_response(answer)
 
 
 def add_routes(admin: web.Application) -> None:

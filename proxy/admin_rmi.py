@@ -9,8 +9,9 @@
   refuses ("must be forced").
 
 When no repository holds the image any more it is deleted: the rows go in one
-transaction and ``storage.gc.Collector`` unlinks exactly the blobs nothing
-else references (``Deleted:`` lines); layers another image uses stay.
+transaction and the lifecycle (``storage.lifecycle``) unlinks exactly the
+blobs nothing else references (``Deleted:`` lines); layers another image
+uses stay. A pinned image needs ``force`` too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from aiohttp import web
 
 from proxy.errors import AdminConflict, AdminInvalid
 from proxy.image_query import Ref, Resolver, refs_of
-from proxy.keys import EVENTS, METADATA, PULLTHROUGH, ROUTER, STORE
+from proxy.keys import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, STORE
 from proxy.routing import Router
 from storage.blobs import BlobStore
 from storage.digest import Digest
 from storage.errors import RegcacheError
-from storage.gc import Collector, ImageKey
+from storage.gc import ImageKey
+from storage.lifecycle import Lifecycle
 from storage.listing import CachedImage, list_images
 from storage.metadata import Metadata
 
@@ -55,10 +57,10 @@ async def _reachable(metadata: Metadata, digest: str) -> list[str]:
 
 
 class Remover:
-    def __init__(self, metadata: Metadata, store: BlobStore, collector: Collector, router: Router) -> None:
+    def __init__(self, metadata: Metadata, store: BlobStore, lifecycle: Lifecycle, router: Router) -> None:
         self.metadata = metadata
         self.store = store
-        self.collector = collector
+        self.lifecycle = lifecycle
         self.router = router
         self.freed_blobs = 0
         self.freed_bytes = 0
@@ -75,7 +77,7 @@ class Remover:
                     f"conflict: unable to delete {_short(image.image_id)} (must be forced) - "
                     "image is referenced in multiple repositories"
                 )
-            return await self._drop(image, images, refs, sorted(repos))
+            return await self._drop(image, refs, sorted(repos), force)
         if ref.tag is not None:
             lines = [f"Untagged: {ref}"]
             still_tagged = [r for r in refs if r.tag and r != ref and r.repository == ref.repository
@@ -83,11 +85,10 @@ class Remover:
             if still_tagged:
                 await self._untag(ref)
                 return lines
-            return lines + await self._drop(
-                image, images, [ref, *self._digest_refs(refs, ref)], [(ref.upstream, ref.repository)]
-            )
+            repo = [(ref.upstream, ref.repository)]
+            return lines + await self._drop(image, self._digest_refs(refs, ref), repo, force)
         in_repo = [r for r in refs if (r.upstream, r.repository) == (ref.upstream, ref.repository)]
-        return await self._drop(image, images, in_repo, [(ref.upstream, ref.repository)])
+        return await self._drop(image, in_repo, [(ref.upstream, ref.repository)], force)
 
     @staticmethod
     def _digest_refs(refs: list[Ref], ref: Ref) -> list[Ref]:
@@ -97,46 +98,26 @@ class Remover:
         repo_id = await self.metadata.repository_id(ref.upstream, ref.repository, create=False)
         await self.metadata.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo_id, ref.tag))])
 
-    async def _drop(
-        self, image: CachedImage, images: list[CachedImage], untag: list[Ref], repos: list[tuple[str, str]]
-    ) -> list[str]:
-        """Take the image (and an index's platform images) out of ``repos``; delete what nothing else uses."""
-        lines = [f"Untagged: {r}" for r in untag if r.tag] + [f"Untagged: {r}" for r in untag if r.digest]
-        by_digest = {i.digest: i for i in images}
-        keys: list[ImageKey] = []
+    async def _drop(self, image: CachedImage, untag: list[Ref], repos: list[tuple[str, str]], force: bool) -> list[str]:
+        """Take the image (with an index's platform images) out of ``repos``; delete what nothing else uses."""
+        remaining = [r for r in image.repositories if r not in repos]
+        candidates = [] if remaining else await _reachable(self.metadata, image.digest)
         for upstream, repository in repos:
             repo_id = await self.metadata.repository_id(upstream, repository, create=False)
             if repo_id is None:
                 continue
-            keys.append(ImageKey(repo_id, image.digest))
-            for child, _ in image.children:
-                other = by_digest.get(child)
-                # A platform image that is tagged on its own is an image of its own.
-                if (
-                    other is not None
-                    and (upstream, repository) in other.repositories
-                    and not any((t.upstream, t.repository) == (upstream, repository) for t in other.tags)
-                ):
-                    keys.append(ImageKey(repo_id, child))
-        remaining = [r for r in image.repositories if r not in repos]
-        candidates = [] if remaining else await _reachable(self.metadata, image.digest)
-        removal = await self.collector.remove(keys)
-        self.freed_blobs += removal.blobs
-        self.freed_bytes += removal.bytes
-        log.info(
-            "rmi %s: %d image rows, %d blobs, %d bytes", image.digest, len(removal.images), removal.blobs, removal.bytes
-        )
+            report = await self.lifecycle.remove_image(ImageKey(repo_id, image.digest), force=force)
+            if report is not None:
+                self.freed_blobs += report.blobs
+                self.freed_bytes += report.bytes
+        lines = [f"Untagged: {r}" for r in untag if r.tag] + [f"Untagged: {r}" for r in untag if r.digest]
         if remaining:
             return lines
-        deleted = []
-        for digest in candidates:
-            if await self.store.stat(Digest.parse(digest)) is None:
-                deleted.append(digest)
+        deleted = [d for d in candidates if await self.store.stat(Digest.parse(d)) is None]
         first = image.image_id if image.image_id in deleted or image.is_index else None
         if first is not None:
             lines.append(f"Deleted: {first}")
-        lines += [f"Deleted: {d}" for d in deleted if d != first]
-        return lines
+        return lines + [f"Deleted: {d}" for d in deleted if d != first]
 
 
 async def rmi(request: web.Request) -> web.Response:
@@ -147,19 +128,16 @@ async def rmi(request: web.Request) -> web.Response:
     names = body.get("images") if isinstance(body, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise AdminInvalid('expected {"images": ["IMAGE", ...], "force": false}')
-    pullthrough = request.config_dict[PULLTHROUGH]
     metadata = request.config_dict[METADATA]
-    store = request.config_dict[STORE]
-    remover = Remover(metadata, store, Collector(metadata, store, pullthrough.in_use), request.config_dict[ROUTER])
+    remover = Remover(metadata, request.config_dict[STORE], request.config_dict[LIFECYCLE], request.config_dict[ROUTER])
     results: list[dict[str, Any]] = []
     for name in names:
         try:
             results.append({"image": name, "lines": await remover.remove(name, bool(body.get("force")))})
         except RegcacheError as exc:
             results.append({"image": name, "error": exc.message})
-    # Cached manifests and links may name what is gone.
-    pullthrough.forget()
-    await metadata.flush()
+    # Cached manifests and links may name what is gone (the lifecycle forgets after a removal).
+    request.config_dict[PULLTHROUGH].forget()
     if remover.freed_blobs:
         request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
     request["log"]["result"] = f"{sum('lines' in r for r in results)} removed"

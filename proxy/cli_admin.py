@@ -155,6 +155,8 @@ def _pull(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
 def _gc(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     query = [("grace", str(args.grace))] if args.grace is not None else []
     answer = client.call("POST", "gc", query)
+    for image in answer.get("images", []):
+        out.write(f"Evicted: {image['upstream']}/{image['repository']}@{image['manifest']}\n")
     out.write(f"Deleted blobs: {answer['blobs']}\nTotal reclaimed space: {_size(answer['bytes'])}\n")
     if answer.get("deferred"):
         out.write(f"In use, left for a later sweep: {answer['deferred']}\n")
@@ -175,9 +177,9 @@ def _stats(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     ratio = answer.get("hit_ratio")
     budget = answer.get("max_size")
     lines = [
-        f"Store size:     {_size(answer['store_bytes'])}" + (f" of {_size(budget)}" if budget else ""),
+        f"Store size:     {_size(answer['size'])}" + (f" of {_size(budget)}" if budget else ""),
         f"Blobs:          {answer['blobs']}",
-        f"Images:         {answer['images']} ({answer['pinned_images']} pinned)",
+        f"Images:         {answer['images']} ({answer['pinned']} pinned)",
         f"Repositories:   {answer['repositories']}",
         f"Pulls:          {answer['pulls']}",
         f"Hit ratio:      {'n/a' if ratio is None else f'{ratio:.1%}'}",

@@ -325,11 +325,14 @@ def test_pin_unpin_gc_and_stats(cache, seeded):
     cli(cache, "pull", "alpha:1")
     assert cli(cache, "pin", "alpha:1").stdout == "Pinned: alpha:1\n"
     stats = json.loads(cli(cache, "stats", "--json").stdout)
-    assert stats["images"] == 1 and stats["pinned_images"] == 1
+    assert stats["images"] == 1 and stats["pinned"] == 1
     assert stats["blobs"] == len(alpha.blob_digests) + 1  # and the manifest
-    assert stats["store_bytes"] >= sum(layer.size for layer in alpha.item.layers)
+    assert stats["size"] >= sum(layer.size for layer in alpha.item.layers)
     assert 0 <= stats["hit_ratio"] <= 1
     assert [r["Pinned"] for r in image_json(cache)] == [True]
+    refused = cli(cache, "rmi", "alpha:1", check=False)
+    assert refused.returncode == 1 and "is pinned" in refused.stderr and refused.stderr.count("\n") == 1
+    assert set(alpha.blob_digests) <= stored(cache)
     assert cli(cache, "unpin", alpha.item.config_digest[7:19]).stdout == "Unpinned: alpha:1\n"
     assert [r["Pinned"] for r in image_json(cache)] == [False]
     assert "Hit ratio:" in cli(cache, "stats").stdout
