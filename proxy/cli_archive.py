@@ -24,7 +24,7 @@ CHUNK = 1024 * 1024
 
 
 class Progress:
-    """Bytes so far on a terminal's stderr, redrawn in place; silent when stderr is not a terminal."""
+    """docker's progress bar on a terminal's stderr, redrawn in place; silent when stderr is not a terminal."""
 
     def __init__(self, label: str, total: int | None = None, stream: IO[str] | None = None) -> None:
         self.label = label
@@ -34,28 +34,22 @@ class Progress:
         self.done = 0
         self._drawn = 0.0
 
+    def _draw(self, end: str = "") -> None:
+        from proxy.cli_progress import progress_bar
+
+        self.stream.write(f"\r{self.label} {progress_bar(self.done, self.total or 0)}{end}")
+        self.stream.flush()
+
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
         if self.enabled and now - self._drawn > 0.1:
             self._drawn = now
-            total = f"/{_human(self.total)}" if self.total else ""
-            self.stream.write(f"\r{self.label}: {_human(self.done)}{total}   ")
-            self.stream.flush()
+            self._draw()
 
     def close(self) -> None:
         if self.enabled:
-            self.stream.write(f"\r{self.label}: {_human(self.done)}   \n")
-            self.stream.flush()
-
-
-def _human(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.1f}{unit}" if unit != "B" else f"{int(value)}B"
-        value /= 1000
-    return f"{value:.1f}TB"
+            self._draw("\n")
 
 
 def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, str], query: list | None = None):  # type: ignore[no-untyped-def]
