@@ -25,8 +25,8 @@ from storage.errors import (
     RegcacheError,
     SizeMismatch,
     StoreFull,
-    TagInvalid,
     StoreUnavailable,
+    TagInvalid,
 )
 
 log = logging.getLogger("regcache.errors")
@@ -170,8 +170,8 @@ _OCI: dict[type[BaseException], tuple[str, int]] = {
     UpstreamUnavailable: ("UNAVAILABLE", 503),
     UpstreamError: ("UNAVAILABLE", 502),
     StoreFull: ("UNAVAILABLE", 507),
-    ArchiveInvalid: ("ARCHIVE_INVALID", 400),
     StoreUnavailable: ("UNAVAILABLE", 503),
+    ArchiveInvalid: ("ARCHIVE_INVALID", 400),
     AdminInvalid: ("INVALID", 400),
     AdminNotFound: ("NOT_FOUND", 404),
     AdminConflict: ("CONFLICT", 409),
