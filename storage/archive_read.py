@@ -344,7 +344,9 @@ class ArchiveLoader:
             diff_ids = doc["rootfs"]["diff_ids"]
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):
             raise ArchiveInvalid(f"{config_path} is not an image config with rootfs.diff_ids") from None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_paths):
+        if not isinstance(diff_ids, list):
+            raise ArchiveInvalid(f"{config_path}: rootfs.diff_ids is not a list")
+        if len(diff_ids) != len(layer_paths):
             raise ArchiveInvalid(f"{config_path} lists {len(diff_ids)} diff_ids for {len(layer_paths)} layers")
         layers = []
         oci = False

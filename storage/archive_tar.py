@@ -15,6 +15,7 @@ import gzip
 import io
 import posixpath
 import tarfile
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -59,8 +60,6 @@ def compressor(kind: Compression | None):  # type: ignore[no-untyped-def]
     if kind is None:
         return None
     if kind == "gzip":
-        import zlib
-
         return zlib.compressobj(6, zlib.DEFLATED, 31)
     if kind == "zstd":
         return zstandard.ZstdCompressor(level=3).compressobj()
@@ -186,7 +185,7 @@ async def decompressed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         while True:
             try:
                 chunk = await asyncio.to_thread(reader.read, CHUNK)
-            except (OSError, EOFError, zstandard.ZstdError) as exc:
+            except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
                 raise ArchiveInvalid(f"archive's {kind} stream is corrupt or truncated: {exc}") from None
             if not chunk:
                 return
@@ -274,7 +273,10 @@ class TarReader:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
                 raise ArchiveInvalid(f"not a tar archive, or a corrupt header: {exc}") from None
-            size = int(overrides.pop("size", info.size))
+            try:
+                size = int(overrides.pop("size", info.size))
+            except ValueError:
+                raise ArchiveInvalid("malformed size in a pax header") from None
             if size < 0:
                 raise ArchiveInvalid("member with a negative size")
             if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):

@@ -340,3 +340,49 @@ async def test_save_and_load_of_a_big_image_keep_memory_flat(proxy, offline, big
     assert load_peak < 16 * 2**20, load_peak
     r = await offline.get(f"/v2/{big_image.repository}/manifests/{big_image.tag}")
     assert r.headers["Docker-Content-Digest"] == big_image.digest
+
+
+async def test_corrupted_archives_are_refused_cleanly_never_with_a_server_error(proxy, offline):
+    import random
+
+    plain = await save(proxy, ALPHA)
+    data_dir = offline.server.app[SETTINGS].data_dir
+    before = state(data_dir)
+    rng = random.Random(4)
+    for round_ in range(40):
+        damaged = bytearray(plain if round_ % 2 else gzip.compress(plain, mtime=0))
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(min(len(damaged), 3000) if round_ % 3 else len(damaged))] ^= 1 << rng.randrange(8)
+        r = await load(offline, bytes(damaged))
+        # A flip in padding or in a name-only field may be harmless; anything else is a clean refusal.
+        assert r.status in (200, 400), (round_, r.status, await r.text())
+        if r.status == 400:
+            assert (await r.json())["errors"][0]["code"] in ("ARCHIVE_INVALID", "MANIFEST_INVALID"), round_
+            assert state(data_dir) == before, round_
+        else:
+            before = state(data_dir)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"index.json": b"[]"},
+        {"index.json": b'{"manifests": "x"}'},
+        {"index.json": b'{"manifests": [1]}'},
+        {"index.json": b'{"manifests": [{"digest": "sha256:00", "size": 1}]}'},
+        {"index.json": b'{"manifests": [{"digest": "sha256:' + b"0" * 64 + b'", "size": "1"}]}'},
+        {"index.json": b"\xff\xfe"},
+        {"manifest.json": b'{"Config": "x"}'},
+        {"manifest.json": b"[1]"},
+        {"manifest.json": b'[{"Config": "c.json", "Layers": [1]}]', "c.json": b"{}"},
+        {"manifest.json": b'[{"Config": "c.json", "Layers": []}]', "c.json": b'{"rootfs": {"diff_ids": 5}}'},
+        {"manifest.json": b'[{"Config": "c.json", "Layers": ["l"]}]', "c.json": b'{"rootfs": {"diff_ids": [1]}}'},
+        {"manifest.json": b'[{"Config": "missing.json"}]'},
+        {"manifest.json": b'[{"Config": "c.json", "RepoTags": ["Bad!"]}]', "c.json": b'{"rootfs":{"diff_ids":[]}}'},
+        {"manifest.json": b"[]"},
+    ],
+)
+async def test_malformed_indexes_are_refused_cleanly(offline, files):
+    r = await load(offline, build_tar(files))
+    assert r.status == 400, await r.text()
+    assert (await r.json())["errors"][0]["code"] == "ARCHIVE_INVALID"
