@@ -24,7 +24,7 @@ from storage import paths
 from storage.backends.base import BlobBackend
 from storage.blobs import BlobStore
 from storage.fsck import StoreLock, recover
-from storage.lifecycle import Lifecycle
+from storage.lifecycle import GcReport, Lifecycle
 from storage.metadata import Metadata
 
 log = logging.getLogger("regcache.app")
@@ -112,6 +112,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         lock.share()
     lifecycle = Lifecycle(settings.storage, metadata, store, pullthrough.in_use,
                           data_dir=settings.data_dir, forget=pullthrough.forget)  # fmt: skip
+    lifecycle.on_report = lambda report: _report_gc(events, report)
     await lifecycle.start()
     app[LIFECYCLE] = lifecycle
     background = [asyncio.create_task(_flush_periodically(metadata, settings.storage.flush_interval))]
@@ -136,6 +137,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await metadata.close()
         await store.close()
         lock.release()
+
+
+def _report_gc(events: Events, report: GcReport) -> None:
+    events.gc_run(report.reason, report.seconds)
+    if report.blobs:
+        events.evicted(report.reason, report.blobs, report.bytes)
 
 
 async def _flush_periodically(metadata: Metadata, interval: float) -> None:

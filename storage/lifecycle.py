@@ -82,6 +82,7 @@ class Lifecycle:
         self.collector = Collector(metadata, store, self.in_use)
         self.data_dir = data_dir
         self.forget = forget  # drop the pull path's in-memory caches after a removal
+        self.on_report: Callable[[GcReport], None] | None = None  # metrics
         self.size = 0  # bytes of committed blobs: recounted each pass, added to on every commit
         self.passes = 0
         self.last_report: GcReport | None = None
@@ -214,6 +215,8 @@ class Lifecycle:
         report.size_after = self.size = await self._stored_bytes()
         report.seconds = round(time.monotonic() - started, 3)
         self.last_report = report
+        if self.on_report is not None:
+            self.on_report(report)
         if report.changed:
             self.history.append(report)
             if self.forget is not None:
