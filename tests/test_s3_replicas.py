@@ -105,7 +105,7 @@ async def fake(aiohttp_server) -> FakeUpstream:
 
 
 async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry(fake, rgw, regcache_factory, tmp_path):
-    layer = os.urandom(2 * PART + 4321)
+    layer = os.urandom(3 * PART + 4321)
     digest = digest_of(layer)
     fake.add_image("team/app", "1", [layer])
     fake.faults[digest] = Fault("slow", delay=60, times=1)  # the first fetch stalls after half the body
@@ -116,7 +116,13 @@ async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry
     async with aiohttp.ClientSession() as session:
         response = await session.get(f"{doomed.url}/v2/team/app/blobs/{digest}")
         assert response.status == 200
-        await response.content.readexactly(PART)  # more than one part has reached the store
+        await response.content.readexactly(PART + 1)  # the fill is well under way
+        # A part is on its way into a multipart upload: the kill happens mid-upload.
+        for _ in range(100):
+            if rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads"):
+                break
+            await asyncio.sleep(0.05)
+        assert rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
         await asyncio.to_thread(doomed.kill)
         response.close()
         assert blob_key(digest) not in rgw.keys(bucket)
