@@ -9,7 +9,8 @@ This follows dockerd's own rules so that ``regcache images`` answers what
 - ``reference=`` patterns use Go's ``path.Match`` (``*`` never crosses
   ``/``) against ``name:tag`` and then against the bare name, and only the
   references that match are kept on the image;
-- ``dangling=true`` means no tag points at the image any more;
+- ``dangling=true`` means no tag points at the image any more (``false``
+  keeps every image that has a name, as dockerd does);
   ``before=``/``since=`` compare creation times strictly;
 - ``IMAGE`` arguments are ``name[:tag]`` (``latest`` by default),
   ``name@digest``, a bare digest, or a prefix of the image ID.
@@ -223,7 +224,9 @@ def select(
         tags = [str(r) for r in refs if r.tag]
         if image.is_child and not all_images:
             continue
-        if "dangling" in filters and (bool(tags) == dangling_only):
+        # dockerd: dangling=true keeps images without a tag; dangling=false drops only images
+        # with no name at all, which a cache never has (every image is in a repository).
+        if dangling_only and tags:
             continue
         out.append((created or 0.0, image, summary(image, refs, created)))
     out.sort(key=lambda item: (-item[0], -item[1].last_pulled, item[1].digest))
