@@ -255,6 +255,9 @@ class PullThrough:
             log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag, _kind(exc))
             return Manifest(digest, media_type, data, "stale")
         except UpstreamNotFound:
+            # A loaded (pinned) image may exist only here: the cache is its source.
+            if await self.metadata.is_pinned(repo_id, digest):
+                return Manifest(digest, media_type, data, "hit")
             raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
         if head.digest == digest:
             await self.metadata.confirm_tag(repo_id, tag)

@@ -261,6 +261,11 @@ class Metadata:
               "WHERE digest = ?", (created, platform, digest))]
         )  # fmt: skip
 
+    async def is_pinned(self, repository_id: int, digest: str) -> bool:
+        row = await self._one("SELECT pinned FROM images WHERE repository_id = ? AND manifest = ?",
+                              (repository_id, digest))  # fmt: skip
+        return bool(row and row[0])
+
     async def has_image(self, repository_id: int, digest: str) -> bool:
         return await self._one("SELECT 1 FROM images WHERE repository_id = ? AND manifest = ?",
                                (repository_id, digest)) is not None  # fmt: skip

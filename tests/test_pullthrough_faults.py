@@ -210,3 +210,24 @@ async def test_range_on_cached_blob(fake, proxy):
     r = await proxy.get(f"/v2/team/app/blobs/{layer}", headers={"Range": f"bytes={len(LAYER) + 5}-"})
     assert r.status == 416
 
+
+
+async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, tmp_path):
+    from proxy.keys import METADATA
+
+    app = create_app(settings_for(fake, tmp_path / "d", tag_ttl=0))
+    proxy = await aiohttp_client(app)
+    digest = fake.add_image("team/app", "1", [SMALL])
+    assert (await proxy.get("/v2/team/app/manifests/1")).status == 200
+    del fake.manifests[("team/app", "1")]
+    r = await proxy.get("/v2/team/app/manifests/1")
+    assert r.status == 404, "an unpinned tag the upstream lost is gone"
+    fake.manifests[("team/app", "1")] = fake.manifests[("team/app", digest)]
+    assert (await proxy.get("/v2/team/app/manifests/1")).status == 200
+    metadata = app[METADATA]
+    repo = await metadata.repository_id("fake.test", "team/app")
+    await metadata.db.execute("UPDATE images SET pinned = 1 WHERE repository_id = ?", (repo,))
+    del fake.manifests[("team/app", "1")]
+    r = await proxy.get("/v2/team/app/manifests/1")
+    assert r.status == 200
+    assert r.headers["Docker-Content-Digest"] == digest
