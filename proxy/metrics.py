@@ -47,6 +47,7 @@ CONTENT_ROUTES = {"manifest": "manifest", "blob": "blob"}
 # Results served from the cache, in distribution's hit/miss terms.
 _HITS = frozenset({"hit", "revalidated", "stale"})
 _MISSES = frozenset({"miss", "coalesced"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def multiprocess_dir() -> str | None:
@@ -203,7 +204,9 @@ class Metrics(Events):
     def http_request(
         self, route: str, method: str, status: int, seconds: float, sent: int, upstream: str | None, result: str | None
     ) -> None:
-        self.http_seconds.labels(route, method, str(status)).observe(seconds)
+        # Clients choose the method: only known ones become label values.
+        method_label = method if method in _METHODS else "other"
+        self.http_seconds.labels(route, method_label, str(status)).observe(seconds)
         kind = CONTENT_ROUTES.get(route)
         if kind is None or upstream is None or method != "GET":
             return

@@ -223,3 +223,14 @@ def test_several_worker_processes_report_their_sum(tmp_path):
     again = subprocess.run([sys.executable, "-c", WORKER, "0"], env=env, capture_output=True, check=True, text=True)
     assert sample(again.stdout, "regcache_fills_in_flight", upstream="docker.io") == 2
     assert sample(again.stdout, "registry_proxy_requests_total", type="manifest") == 7
+
+
+async def test_client_chosen_methods_do_not_create_new_series(fake, aiohttp_server, aiohttp_client, tmp_path):
+    proxy = await start_proxy(aiohttp_server, aiohttp_client, settings_for(fake, tmp_path / "d"))
+    # WebDAV and other methods the HTTP parser accepts: each would be a new series.
+    methods = ["PROPFIND", "MKCOL", "LOCK", "SEARCH", "PURGE"]
+    for method in methods:
+        await proxy.request(method, "/v2/")
+    text = await scrape(proxy)
+    assert not any(f'method="{m}"' in text for m in methods)
+    assert sample(text, "regcache_http_request_duration_seconds_count", method="other") == len(methods)
