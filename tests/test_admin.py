@@ -6,6 +6,8 @@ read as docker users know them: ``alpha:1`` is ``library/alpha:1`` upstream.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -64,17 +66,39 @@ def cache(upstream, seeded, regcache_factory, search_server):
     return regcache_factory([entry], settings={"admin": {"token": TOKEN}})
 
 
-def cli(server, *args: str, token: str | None = TOKEN, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGCACHE_")}
-    env["PYTHONPATH"] = str(ROOT)
-    if token is not None:
-        env["REGCACHE_ADMIN_TOKEN"] = token
+def cli(
+    server, *args: str, token: str | None = TOKEN, check: bool = True, process: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``regcache VERB --server URL ARGS``: in this process (fast), or as a real process to see
+    exactly what a user's terminal gets (stderr lines, exit status)."""
     url = server if isinstance(server, str) else server.url
     verb, *rest = args
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", verb, "--server", url, *rest],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    argv = [verb, "--server", url, *rest]
+    if process:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGCACHE_")}
+        env["PYTHONPATH"] = str(ROOT)
+        if token is not None:
+            env["REGCACHE_ADMIN_TOKEN"] = token
+        done = subprocess.run([sys.executable, "-m", "proxy.cli", *argv],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    else:
+        from proxy.cli import main
+
+        saved = os.environ.pop("REGCACHE_ADMIN_TOKEN", None)
+        if token is not None:
+            os.environ["REGCACHE_ADMIN_TOKEN"] = token
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 2
+        finally:
+            os.environ.pop("REGCACHE_ADMIN_TOKEN", None)
+            if saved is not None:
+                os.environ["REGCACHE_ADMIN_TOKEN"] = saved
+        done = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -123,7 +147,7 @@ def test_missing_or_wrong_token_gets_401_and_changes_nothing(cache, seeded):
     assert stored(cache) == before
     assert [r["Repository"] for r in image_json(cache)] == ["alpha"]
     # The CLI with the wrong token: one line, non-zero.
-    done = cli(cache, "rmi", "alpha:1", token="wrong-token-of-some-length", check=False)
+    done = cli(cache, "rmi", "alpha:1", token="wrong-token-of-some-length", check=False, process=True)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "unauthorized" in done.stderr
     assert stored(cache) == before
@@ -133,7 +157,7 @@ def test_without_a_token_there_is_no_admin_api(upstream, seeded, regcache_factor
     server = regcache_factory([{"name": "docker.io", "url": upstream.url, "default": True}])
     status, _, _ = admin(server, "GET", "images")
     assert status == 404
-    done = cli(server, "images", check=False)
+    done = cli(server, "images", check=False, process=True)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"regcache images: {server.url} has no admin API (is admin.token set there?)"
@@ -288,7 +312,7 @@ def test_rmi_by_id_used_by_several_tags_needs_force(cache, upstream, seeded, tmp
     cli(cache, "pull", "alpha:other")
     image_id = short(alpha.item.config_digest)
     before = stored(cache)
-    done = cli(cache, "rmi", image_id[:6], check=False)
+    done = cli(cache, "rmi", image_id[:6], check=False, process=True)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"Error response from daemon: conflict: unable to delete {image_id} (must be forced) - "
@@ -365,8 +389,8 @@ def test_cli_errors_are_one_line_and_non_zero(cache, upstream):
         (("pull", "library/absent:1"), TOKEN, "absent"),
     ]
     for args, token, message in cases:
-        done = cli(cache, *args, token=token, check=False)
+        done = cli(cache, *args, token=token, check=False, process=True)
         assert done.returncode == 1, args
         assert done.stderr.count("\n") == 1 and message in done.stderr, (args, done.stderr)
-    dead = cli("http://127.0.0.1:9", "images", check=False)
+    dead = cli("http://127.0.0.1:9", "images", check=False, process=True)
     assert dead.returncode == 1 and dead.stderr.count("\n") == 1 and "cannot reach" in dead.stderr
