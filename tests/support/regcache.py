@@ -84,7 +84,7 @@ class RegcacheProcess:
             if self.process.poll() is not None:
                 raise RegcacheError(f"regcache exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
