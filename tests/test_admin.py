@@ -179,6 +179,19 @@ def test_admin_is_refused_without_a_real_token():
     assert admin_token(Settings(admin={"token": TOKEN})) == TOKEN
 
 
+def test_serve_refuses_to_start_with_a_blank_admin_token(upstream, tmp_path):
+    from tests.support.regcache import RegcacheError, RegcacheProcess
+
+    server = RegcacheProcess(
+        tmp_path / "r",
+        [{"name": "docker.io", "url": upstream.url, "default": True}],
+        settings={"admin": {"token": "x"}},
+    )
+    with pytest.raises(RegcacheError, match="exited with 2"):
+        server.start()
+    assert "configuration error: admin.token: must be at least 8 characters" in server.log_text()
+
+
 def test_regcache_admin_token_environment_variable_enables_admin(upstream, seeded, regcache_factory):
     server = regcache_factory(
         [{"name": "docker.io", "url": upstream.url, "default": True}], env={"REGCACHE_ADMIN_TOKEN": TOKEN}

@@ -171,6 +171,18 @@ def test_empty_results_match_docker(dockerd, regcache, pulled):
         assert ours == theirs == ""
 
 
+def test_json_rows_agree_with_docker_on_the_shared_keys(dockerd, regcache, pulled):
+    import json
+
+    theirs, ours = both(dockerd, regcache, "images", "--digests", "--format", "{{json .}}")
+    keys = ("ID", "Repository", "Tag", "Digest", "CreatedSince", "CreatedAt")
+    mine = [json.loads(line) for line in ours.splitlines()]
+    assert [{k: r[k] for k in keys} for r in mine] == [
+        {k: json.loads(line)[k] for k in keys} for line in theirs.splitlines()
+    ]
+    assert all({"LastPulled", "Pulls", "Size"} <= row.keys() for row in mine)
+
+
 def test_default_table_matches_docker_but_for_size(dockerd, regcache, pulled):
     theirs, ours = both(dockerd, regcache, "images")
 
