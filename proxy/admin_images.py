@@ -23,7 +23,9 @@ async def images(request: web.Request) -> web.Response:
     reference = request.query.get("reference")
     if reference:
         filters.setdefault("reference", []).append(reference)
-    cached = await list_images(request.config_dict[METADATA], request.config_dict[STORE])
+    metadata = request.config_dict[METADATA]
+    await metadata.flush()  # pull counts and times are batched: show the current ones
+    cached = await list_images(metadata, request.config_dict[STORE])
     found = select(cached, request.config_dict[ROUTER], filters, _flag(request, "all"))
     request["log"]["result"] = f"{len(found)} images"
     return web.json_response({"images": found})

@@ -263,6 +263,7 @@ def test_images_shows_docker_columns_for_a_cache(cache, seeded):
         assert row["Size"] == human_size(size)
         assert row["CreatedAt"].startswith("2024-01-01 ")
         assert row["CreatedSince"].endswith(" ago")
+    assert [(r["Repository"], r["Pulls"]) for r in image_json(cache, "alpha")] == [("alpha", 1)]
     quiet = cli(cache, "images", "-q").stdout.split()
     assert sorted(quiet) == sorted([short(alpha.item.config_digest), short(beta.item.config_digest)])
     full = cli(cache, "images", "-q", "--no-trunc").stdout.split()
