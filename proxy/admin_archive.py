@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform as host
+import time
 
 from aiohttp import web
 
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
-from proxy.keys import METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
+from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
 from proxy.pullthrough import FillingBlob, PullThrough
 from proxy.routing import Route, Router
 from storage import paths
@@ -164,6 +165,7 @@ async def save(request: web.Request) -> web.StreamResponse:
     for value in (platform, docker_platform):
         if value is not None and (not isinstance(value, str) or value.count("/") not in (1, 2)):
             raise AdminInvalid(f"save: platform {value!r} is not os/arch[/variant]")
+    await request.config_dict[LIFECYCLE].sync_shared()  # not an image another replica removed
     planner = SavePlanner(request.config_dict[PULLTHROUGH], request.config_dict[ROUTER])
     for name in names:
         await planner.add(name, platform, docker_platform)
@@ -254,12 +256,14 @@ async def load(request: web.Request) -> web.Response:
         result = await loader.read(request.content.iter_chunked(CHUNK))
         rows: list = []
         loaded: list[dict] = []
+        published: list = []
         for image in result.images:
             for route, tag in load_targets(router, image, upstream, prefix):
                 repo_id = await metadata.repository_id(route.upstream_name, route.repository)
                 assert repo_id is not None
                 for i, m in enumerate(image.manifests):
                     rows.append((repo_id, m.digest, m.size, m.parsed, tag if i == len(image.manifests) - 1 else None))
+                    published.append((route, m.digest, m.parsed.media_type, rows[-1][4]))
                 loaded.append({"name": shown_name(route, tag) if tag else None, "upstream": route.upstream_name,
                                "repository": route.repository, "tag": tag, "digest": image.digest,
                                "id": image.image_id})  # fmt: skip
@@ -274,7 +278,12 @@ async def load(request: web.Request) -> web.Response:
     # Members no image referenced (junk in the archive) do not stay in the store.
     junk = loader.unreferenced()
     await loader.remove(junk - await _known(metadata, junk))
-    request.config_dict[PULLTHROUGH].forget()
+    pullthrough = request.config_dict[PULLTHROUGH]
+    if pullthrough.shared is not None:
+        # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
+        for route, digest, media_type, tag in published:
+            await pullthrough.shared.publish(route, digest, media_type, tag, time.time())
+    pullthrough.forget()
     request["log"]["result"] = f"{len(loaded)} images, {result.written} blobs written, {result.skipped} skipped"
     return web.json_response({"loaded": loaded, "blobs_written": result.written, "blobs_skipped": result.skipped})
 

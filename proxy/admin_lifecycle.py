@@ -35,6 +35,7 @@ async def _names(request: web.Request) -> list[str]:
 async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
     metadata = request.config_dict[METADATA]
     router = request.config_dict[ROUTER]
+    await request.config_dict[LIFECYCLE].sync_shared()
     images = await list_images(metadata)
     resolver = Resolver(images, router)
     verb = "Pinned" if pinned else "Unpinned"

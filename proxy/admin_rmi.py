@@ -97,6 +97,9 @@ class Remover:
     async def _untag(self, ref: Ref) -> None:
         repo_id = await self.metadata.repository_id(ref.upstream, ref.repository, create=False)
         await self.metadata.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo_id, ref.tag))])
+        shared = self.store.backend.shared
+        if shared is not None and ref.tag is not None:
+            await shared.delete_tag(ref.upstream, ref.repository, ref.tag)
 
     async def _drop(self, image: CachedImage, untag: list[Ref], repos: list[tuple[str, str]], force: bool) -> list[str]:
         """Take the image (with an index's platform images) out of ``repos``; delete what nothing else uses."""
@@ -129,6 +132,7 @@ async def rmi(request: web.Request) -> web.Response:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise AdminInvalid('expected {"images": ["IMAGE", ...], "force": false}')
     metadata = request.config_dict[METADATA]
+    await request.config_dict[LIFECYCLE].sync_shared()  # a name another replica recorded is removable here
     remover = Remover(metadata, request.config_dict[STORE], request.config_dict[LIFECYCLE], request.config_dict[ROUTER])
     results: list[dict[str, Any]] = []
     for name in names:

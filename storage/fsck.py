@@ -19,6 +19,10 @@ is dropped from the cache, an orphan that a manifest references is adopted
 The same code, fast and repairing, is the server's startup recovery: after a
 crash it finds the files of fills that committed but were not yet recorded and
 the files of a GC pass that had deleted rows but not yet unlinked.
+
+On a store shared by replicas (the S3 backend) most objects belong to other
+replicas' images: an object no local row references is not an orphan there,
+and only the shared GC (``storage.shared_gc``) deletes from the bucket.
 """
 
 from __future__ import annotations
@@ -259,6 +263,9 @@ class Checker:
                 if self.repair:
                     await self._delete_file(digest)
                     problem.action = "file removed"
+                continue
+            if self.backend.shared is not None and digest not in referenced:
+                # A bucket shared by replicas: another replica's blob, or the shared GC's to judge.
                 continue
             problem = self.report.add("orphan", digest, "file no row knows")
             if not self.repair:

@@ -28,11 +28,15 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from storage.blobs import BlobStore
 from storage.digest import Digest
 from storage.errors import DigestInvalid
 from storage.metadata import Metadata
+
+if TYPE_CHECKING:
+    from storage.shared_gc import SharedCollector
 
 # The live set: every digest reachable from an image row.
 LIVE_CTE = """
@@ -132,6 +136,7 @@ class Removal:
     bytes: int = 0
     manifests: int = 0
     deferred: int = 0  # in use: row kept, swept later
+    skipped: bool = False  # a shared store's sweep was left to the replica holding its lease
 
     def add(self, other: Removal) -> None:
         self.images += other.images
@@ -139,6 +144,7 @@ class Removal:
         self.bytes += other.bytes
         self.manifests += other.manifests
         self.deferred += other.deferred
+        self.skipped = self.skipped or other.skipped
 
 
 async def load_units(metadata: Metadata) -> list[Unit]:
@@ -226,12 +232,20 @@ async def plan_eviction(metadata: Metadata, units: list[Unit], total: int, targe
 
 
 class Collector:
-    """Removes image rows and whatever they alone kept alive; sweeps the rest."""
+    """Removes image rows and whatever they alone kept alive; sweeps the rest.
 
-    def __init__(self, metadata: Metadata, store: BlobStore, in_use: InUse) -> None:
+    On a store shared by replicas (``shared``) the rows are this replica's
+    index only: which bytes may leave the bucket is decided over every
+    replica's image records by ``storage.shared_gc``.
+    """
+
+    def __init__(
+        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: SharedCollector | None = None
+    ) -> None:
         self.metadata = metadata
         self.store = store
         self.in_use = in_use
+        self.shared = shared
 
     async def remove(self, keys: Iterable[ImageKey]) -> Removal:
         """Delete these image rows (and their tags) and every blob only they reached."""
@@ -260,6 +274,8 @@ class Collector:
             )
             result = await self._drop(db, doomed)
         result.images = removed
+        if self.shared is not None:
+            return await self.shared.release(removed, doomed, result)
         return await self._unlink(result, doomed)
 
     async def sweep(self, grace: float) -> Removal:
@@ -269,6 +285,8 @@ class Collector:
         after it lands: a blob fetched before its manifest is recorded, an
         archive being loaded blob by blob.
         """
+        if self.shared is not None:
+            return await self.shared.sweep(grace)
         cutoff = time.time() - grace
         async with self.metadata.writing() as db:
             doomed = await _fetch(

@@ -33,6 +33,8 @@ from storage.blobs import BlobStore
 from storage.errors import ImagePinned
 from storage.gc import Collector, ImageKey, InUse, Removal, load_units, plan_eviction
 from storage.metadata import Metadata
+from storage.shared_gc import SharedCollector
+from storage.shared_sync import SharedSync
 
 log = logging.getLogger("regcache.lifecycle")
 
@@ -54,6 +56,7 @@ class GcReport:
     bytes: int = 0
     manifests: int = 0
     deferred: int = 0
+    sweep_skipped: bool = False  # a shared store: another replica held the sweep lease
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -79,7 +82,14 @@ class Lifecycle:
         self.metadata = metadata
         self.store = store
         self.in_use = in_use if in_use is not None else InUse()
-        self.collector = Collector(metadata, store, self.in_use)
+        # A store shared by replicas: GC over every replica's records, and this index kept in line with them.
+        index = store.backend.shared
+        self.shared: SharedSync | None = None
+        shared_collector = None
+        if index is not None:
+            shared_collector = SharedCollector(metadata, store, self.in_use, index, settings.gc_grace)
+            self.shared = SharedSync(metadata, store, index)
+        self.collector = Collector(metadata, store, self.in_use, shared_collector)
         self.data_dir = data_dir
         self.forget = forget  # drop the pull path's in-memory caches after a removal
         self.on_report: Callable[[GcReport], None] | None = None  # metrics
@@ -146,6 +156,7 @@ class Lifecycle:
         async with self._lock:
             started = time.monotonic()
             await self.metadata.flush()
+            await self._sync_shared()
             report = GcReport(reason, size_before=await self._stored_bytes())
             removal = Removal()
             removal.add(await self._expire())
@@ -181,6 +192,20 @@ class Lifecycle:
             await self._finish(report, removal, started)
             return report
 
+    async def sync_shared(self) -> None:
+        """Adopt images other replicas recorded and drop those they removed (a shared store only);
+        ``images``, ``rmi`` and ``save`` call this first so that every replica answers alike."""
+        if self.shared is None:
+            return
+        async with self._lock:
+            await self._sync_shared()
+
+    async def _sync_shared(self) -> None:
+        if self.shared is None:
+            return
+        if (await self.shared.sync()).changed and self.forget is not None:
+            self.forget()
+
     async def _expire(self) -> Removal:
         ttl = self.settings.expire_unused_after
         if ttl is None:
@@ -212,6 +237,7 @@ class Lifecycle:
         report.images = await self._names(removal.images)
         report.blobs, report.bytes = removal.blobs, removal.bytes
         report.manifests, report.deferred = removal.manifests, removal.deferred
+        report.sweep_skipped = removal.skipped
         report.size_after = self.size = await self._stored_bytes()
         report.seconds = round(time.monotonic() - started, 3)
         self.last_report = report

@@ -12,6 +12,7 @@ read that file while it grows, whatever backend the bytes end up in.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -114,6 +115,22 @@ class BlobBackend(abc.ABC):
         """Names (tags, images) shared with other replicas; None when this process is alone."""
         return None
 
+    async def acquire_sweep_lease(self) -> FillLease | None:
+        """The right to sweep a shared store, or None while another process sweeps it."""
+        return FillLease()
+
+    def list_with_times(self) -> AsyncIterator[tuple[Digest, int, float]]:
+        """Every committed blob with its size and commit time (the store's clock, epoch seconds)."""
+        raise NotImplementedError
+
+    async def stat_with_time(self, digest: Digest) -> tuple[int, float] | None:
+        """Size and commit time (the store's clock) of a committed blob, or None."""
+        raise NotImplementedError
+
+    async def now(self) -> float:
+        """The store's clock (commit times in ``list_with_times`` are on it)."""
+        return time.time()
+
 
 class SharedIndex(abc.ABC):
     """Tag and image records every replica on a store can see.
@@ -139,6 +156,19 @@ class SharedIndex(abc.ABC):
     @abc.abstractmethod
     async def delete_image(self, upstream: str, repository: str, digest: str) -> None:
         """Remove the image record and every tag record pointing at it."""
+
+    @abc.abstractmethod
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        """Remove one tag record (``rmi name:tag`` while other tags keep the image)."""
+
+    @abc.abstractmethod
+    def tags(self) -> AsyncIterator[tuple[str, str, str, str, float]]:
+        """Every tag record as (upstream, repository, tag, manifest digest, time last confirmed)."""
+
+    def seen(self, upstream: str, repository: str, name: str) -> bool:
+        """Whether this process saw the record of an image digest or tag ``name`` in the store
+        (it wrote or listed it): then its absence now means another replica removed it."""
+        return False
 
     @abc.abstractmethod
     def images(self) -> AsyncIterator[tuple[str, str, str]]:

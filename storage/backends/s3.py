@@ -34,9 +34,11 @@ import concurrent.futures
 import configparser
 import contextlib
 import datetime
+import email.utils
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -62,6 +64,7 @@ PARALLEL_PARTS = 4
 # Incomplete multipart uploads older than this belong to a replica that died
 # mid-fill (a live fill is bounded by storage.fill_timeout): aborted at start.
 ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
+SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
 NOT_FOUND = ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
 
 
@@ -295,6 +298,10 @@ class S3Backend(BlobBackend):
         await self.client.close()
 
     async def stat(self, digest: Digest) -> int | None:
+        found = await self.stat_with_time(digest)
+        return None if found is None else found[0]
+
+    async def stat_with_time(self, digest: Digest) -> tuple[int, float] | None:
         try:
             head = await self.client.api.head_object(Bucket=self.client.bucket, Key=self._key(digest))
         except ClientError as exc:
@@ -303,7 +310,7 @@ class S3Backend(BlobBackend):
             raise StoreUnavailable(f"object store: {exc}") from exc
         except BotoCoreError as exc:
             raise StoreUnavailable(f"object store: {exc}") from exc
-        return int(head["ContentLength"])
+        return int(head["ContentLength"]), head["LastModified"].timestamp()
 
     async def begin(self, digest: Digest) -> Upload:
         return S3Upload(self, digest)
@@ -372,6 +379,18 @@ class S3Backend(BlobBackend):
 
     async def wait_for(self, digest: Digest) -> int | None:
         return await self.leases.wait(str(digest), lambda: self.stat(digest))
+
+    async def acquire_sweep_lease(self) -> FillLease | None:
+        return await self.leases.acquire(SWEEP_LEASE)
+
+    async def now(self) -> float:
+        """The store's clock, from its Date header: LastModified times are on it, not on ours."""
+        try:
+            head = await self.client.api.head_bucket(Bucket=self.client.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"object store: {exc}") from exc
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
 
     @property
     def shared(self) -> SharedIndex | None:

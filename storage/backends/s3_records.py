@@ -14,7 +14,10 @@ Consistency: a record is one object, so every read sees a whole record. A
 replica that already has a tag in SQLite serves it until its tag TTL runs out
 and then revalidates, as it would alone; an ``rmi`` on one replica deletes the
 records at once, and other replicas drop their local rows when they next find
-the records gone (on their next refresh or GC sweep).
+the records gone (``storage.shared_sync``, before ``images``, ``rmi`` and every
+lifecycle pass). To tell "removed by another replica" from "not published yet"
+each process remembers which records it has seen in the bucket (written or
+listed); tag records are re-read only when their ETag changed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ IMAGES = "/_images/"
 class S3Records(SharedIndex):
     def __init__(self, client: S3Client) -> None:
         self.client = client
+        self._seen: set[tuple[str, str, str]] = set()  # (upstream, repository, digest or tag)
+        self._tag_cache: dict[str, tuple[str, tuple[str, float] | None]] = {}  # key -> (ETag, record)
+
+    def seen(self, upstream: str, repository: str, name: str) -> bool:
+        return (upstream, repository, name) in self._seen
 
     def _key(self, upstream: str, repository: str, kind: str, name: str) -> str:
         return self.client.key(f"{ROOT}{upstream}/{repository}{kind}{name}")
@@ -63,6 +71,7 @@ class S3Records(SharedIndex):
 
     async def put_image(self, upstream: str, repository: str, digest: str, media_type: str) -> None:
         await self._put(self._key(upstream, repository, IMAGES, digest), {"media_type": media_type})
+        self._seen.add((upstream, repository, digest))
 
     async def get_image(self, upstream: str, repository: str, digest: str) -> str | None:
         record = await self._get(self._key(upstream, repository, IMAGES, digest))
@@ -71,6 +80,7 @@ class S3Records(SharedIndex):
 
     async def put_tag(self, upstream: str, repository: str, tag: str, digest: str, checked_at: float) -> None:
         await self._put(self._key(upstream, repository, TAGS, tag), {"digest": digest, "checked_at": checked_at})
+        self._seen.add((upstream, repository, tag))
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> tuple[str, float] | None:
         record = await self._get(self._key(upstream, repository, TAGS, tag))
@@ -88,10 +98,46 @@ class S3Records(SharedIndex):
                 await api.delete_object(Bucket=bucket, Key=item["Key"])
         await api.delete_object(Bucket=bucket, Key=self._key(upstream, repository, IMAGES, digest))
 
+    async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
+        await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(upstream, repository, TAGS, tag))
+
+    def _split(self, key: str, kind: str) -> tuple[str, str, str] | None:
+        """(upstream, repository, name) of a record key of ``kind``."""
+        relative = self.client.relative(key)[len(ROOT) :]
+        head, sep, name = relative.rpartition(kind)
+        upstream, slash, repository = head.partition("/")
+        if sep and slash and repository and name:
+            return upstream, repository, name
+        return None
+
     async def images(self) -> AsyncIterator[tuple[str, str, str]]:
         async for item in self.client.list(ROOT):
-            relative = self.client.relative(item["Key"])[len(ROOT) :]
-            head, sep, digest = relative.rpartition(IMAGES)
-            upstream, slash, repository = head.partition("/")
-            if sep and slash and repository:
-                yield upstream, repository, digest
+            found = self._split(item["Key"], IMAGES)
+            if found is not None:
+                self._seen.add(found)
+                yield found
+
+    async def tags(self) -> AsyncIterator[tuple[str, str, str, str, float]]:
+        listed = set()
+        async for item in self.client.list(ROOT):
+            found = self._split(item["Key"], TAGS)
+            if found is None:
+                continue
+            key, etag = item["Key"], str(item.get("ETag", ""))
+            listed.add(key)
+            cached = self._tag_cache.get(key)
+            if cached is not None and etag and cached[0] == etag:
+                record = cached[1]
+            else:
+                raw = await self._get(key)
+                digest = raw.get("digest") if raw else None
+                checked = raw.get("checked_at") if raw else None
+                record = None
+                if isinstance(digest, str):
+                    record = digest, float(checked) if isinstance(checked, int | float) else 0.0
+                self._tag_cache[key] = (etag, record)
+            if record is not None:
+                self._seen.add(found)
+                yield (*found, *record)
+        for gone in set(self._tag_cache) - listed:
+            del self._tag_cache[gone]
