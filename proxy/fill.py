@@ -10,6 +10,7 @@ only an aborted connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,6 +47,7 @@ class Fill:
         self.writer = writer
         self.size = size
         self._fd = os.open(writer.spool_path, os.O_RDONLY)
+        writer.on_flush = self.progressed  # readers wake when bytes land, not when they are handed off
         self.started.set()
 
     def committed_elsewhere(self, size: int, read: Callable[[], AsyncIterator[bytes]]) -> None:
@@ -88,7 +90,26 @@ class Fill:
             async for chunk in self.stored():
                 yield chunk
             return
-        assert self.writer is not None and self._fd is not None
+        async with contextlib.aclosing(self.ranges()) as ranges:
+            async for fd, offset, length in ranges:
+                end = offset + length
+                while offset < end:
+                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+                    if not chunk:
+                        raise OSError("spool file shorter than written")
+                    offset += len(chunk)
+                    yield chunk
+
+    async def ranges(self) -> AsyncIterator[tuple[int, int, int]]:
+        """``(fd, offset, length)`` of spool bytes as they land, for sendfile; raises if the fill fails.
+
+        The last byte comes only once the blob is verified and committed, so a
+        client that has the whole blob can count on the cache having it too.
+        ``fd`` stays open until the iteration ends; not for a fill committed
+        elsewhere (``stored``).
+        """
+        await self.wait_started()
+        assert self.stored is None and self.writer is not None and self._fd is not None
         self._readers += 1
         fd = self._fd
         offset = 0
@@ -98,11 +119,8 @@ class Fill:
                 if not self.finished:
                     available -= 1  # hold back the last byte until verified
                 if offset < available:
-                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, available - offset), offset)
-                    if not chunk:
-                        raise OSError("spool file shorter than written")
-                    offset += len(chunk)
-                    yield chunk
+                    yield fd, offset, available - offset
+                    offset = available
                     continue
                 if self.error is not None:
                     raise self.error

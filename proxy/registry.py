@@ -7,15 +7,19 @@ renders them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+from typing import NoReturn
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy import slowclient
+from proxy import kernelsend, slowclient
 from proxy.errors import API_HEADERS as API_VERSION
 from proxy.errors import PaginationInvalid, Unsupported
+from proxy.fill import Fill
 from proxy.keys import METADATA, PULLTHROUGH, ROUTER, SETTINGS
 from proxy.pullthrough import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.routing import Route
@@ -98,6 +102,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
     assert isinstance(answer, FillingBlob)
     request["log"]["result"] = answer.result
     await answer.fill.wait_started()
+    if answer.fill.stored is None and kernelsend.possible(request.transport):
+        return await _send_fill(request, headers, answer.fill)
     return await _stream(request, headers, answer.fill.size, answer.fill.tail())
 
 
@@ -113,15 +119,51 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
             async for chunk in stream:
                 await slowclient.write(request, response, chunk, stall)
     except Exception as exc:
-        # Headers are out: the only honest signal left is a broken connection,
-        # never a clean end of a short or wrong body.
-        request["log"]["result"] = "aborted"
-        request["error"] = exc
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("blob stream aborted") from exc
+        _abort(request, exc)
     await response.write_eof()
     return response
+
+
+async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) -> web.StreamResponse:
+    """A fill's bytes by sendfile from its spool file as they land (no Python loop touches them);
+    the held-back last byte, once the digest is verified, through aiohttp."""
+    response = web.StreamResponse(headers=headers)
+    if fill.size is not None:
+        response.content_length = fill.size
+    await response.prepare(request)
+    stall = request.app[SETTINGS].limits.client_timeout
+    assert request.transport is not None
+    sender = kernelsend.KernelSender(request.transport)  # type: ignore[arg-type]
+    try:
+        try:
+            async with contextlib.aclosing(fill.ranges()) as ranges:
+                async for fd, offset, length in ranges:
+                    if not fill.finished:
+                        await sender.send(fd, offset, length, stall)
+                        continue
+                    await sender.send(fd, offset, length - 1, stall)
+                    last = await asyncio.to_thread(os.pread, fd, 1, offset + length - 1)
+                    if len(last) != 1:
+                        raise OSError("spool file shorter than written")
+                    await slowclient.write(request, response, last, stall)
+        except kernelsend.Stalled:
+            raise slowclient.cut(request, stall) from None
+        finally:
+            sender.close()
+    except Exception as exc:
+        _abort(request, exc)
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request, exc: Exception) -> NoReturn:
+    # Headers are out: the only honest signal left is a broken connection,
+    # never a clean end of a short or wrong body.
+    request["log"]["result"] = "aborted"
+    request["error"] = exc
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("blob stream aborted") from exc
 
 
 async def tags(request: web.Request) -> web.Response:

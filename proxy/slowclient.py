@@ -15,6 +15,8 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy import kernelsend
+
 log = logging.getLogger("regcache.slowclient")
 
 # Small enough that a client reading a few KiB/s still makes each deadline.
@@ -48,10 +50,21 @@ class GuardedFileResponse(web.FileResponse):
         self._stall_timeout = stall_timeout
 
     async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int) -> AbstractStreamWriter:
-        # Overrides aiohttp's own loop: headers, then one loop.sendfile call
-        # (which falls back to read/write under TLS) per slice.
+        # Overrides aiohttp's own loop: headers, then the kernel copies on a pool
+        # thread (proxy.kernelsend); under TLS one loop.sendfile call (which falls
+        # back to read/write) per slice.
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None
+        if kernelsend.possible(request.transport):
+            sender = kernelsend.KernelSender(request.transport)  # type: ignore[arg-type]
+            try:
+                await sender.send(fobj.fileno(), offset, count, self._stall_timeout)
+            except kernelsend.Stalled:
+                raise cut(request, self._stall_timeout) from None
+            finally:
+                sender.close()
+            await web.StreamResponse.write_eof(self)
+            return writer
         loop = asyncio.get_running_loop()
         while count > 0:
             transport = request.transport
@@ -60,7 +73,10 @@ class GuardedFileResponse(web.FileResponse):
             size = min(count, SENDFILE_SLICE)
             try:
                 async with asyncio.timeout(self._stall_timeout):
-                    await loop.sendfile(transport, fobj, offset, size)
+                    try:
+                        await loop.sendfile(transport, fobj, offset, size)
+                    except NotImplementedError:  # uvloop has no loop.sendfile
+                        await self._sendfile_fallback(writer, fobj, offset, size)
             except TimeoutError:
                 raise cut(request, self._stall_timeout) from None
             offset += size

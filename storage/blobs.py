@@ -18,11 +18,17 @@ from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 # Bytes gathered before one hand-off to the worker thread: large enough that
 # thread switches cost nothing next to hashing, small enough that followers
 # reading the spool file stay close behind.
-FLUSH_BYTES = 512 * 1024
+FLUSH_BYTES = 1024 * 1024
 
 
 class BlobWriter:
-    """Hashes and spools one blob; ``finish`` verifies and commits."""
+    """Hashes and spools one blob; ``finish`` verifies and commits.
+
+    Hashing and writing run on a worker thread while the caller gathers the
+    next batch (hashlib and file writes release the GIL), so receiving and
+    hashing overlap on two cores. At most one batch is in the thread at a
+    time: bytes are hashed and written in order, and memory stays bounded.
+    """
 
     def __init__(
         self, digest: Digest, upload: Upload, expected_size: int | None = None, store: BlobStore | None = None
@@ -34,8 +40,10 @@ class BlobWriter:
         self._hasher = digest.hasher()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._inflight: asyncio.Future[None] | None = None
         self.received = 0
         self.flushed = 0  # bytes readable in the spool file
+        self.on_flush: Callable[[], None] | None = None  # called on the loop when ``flushed`` grows
         self._done = False
 
     @property
@@ -48,29 +56,50 @@ class BlobWriter:
             self._upload.write_sync(chunk)
 
     async def write(self, chunk: bytes) -> bool:
-        """Buffer a chunk; True when it was flushed to the spool file."""
+        """Buffer a chunk; True when a batch was handed to the thread."""
         if self.expected_size is not None and self.received + len(chunk) > self.expected_size:
             raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes")
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         self.received += len(chunk)
         # The first bytes go out at once so that followers get their first byte early.
-        if self._pending_bytes >= FLUSH_BYTES or self.flushed == 0:
-            await self.flush()
+        if self._pending_bytes >= FLUSH_BYTES or (self.flushed == 0 and self._inflight is None):
+            await self._hand_off()
             return True
         return False
 
-    async def flush(self) -> None:
+    async def _hand_off(self) -> None:
+        await self._wait_inflight()
         if not self._pending:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        size = sum(len(c) for c in chunks)
+        future = asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks)
+        future.add_done_callback(lambda f: self._written(f, size))
+        self._inflight = future
+
+    def _written(self, future: asyncio.Future[None], size: int) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # the error surfaces in _wait_inflight
+        self.flushed += size
+        if self.on_flush is not None:
+            self.on_flush()
+
+    async def _wait_inflight(self) -> None:
+        future, self._inflight = self._inflight, None
+        if future is None:
+            return
         try:
-            await asyncio.to_thread(self._write_sync, chunks)
+            await future
         except StoreFull:
             if self._store is not None:
                 self._store.full()
             raise
-        self.flushed += sum(len(c) for c in chunks)
+
+    async def flush(self) -> None:
+        """Everything written so far is in the spool file when this returns."""
+        await self._hand_off()
+        await self._wait_inflight()
 
     async def finish(self) -> int:
         """Verify size and digest, then commit. Raises (and aborts) on mismatch."""
@@ -95,6 +124,12 @@ class BlobWriter:
     async def abort(self) -> None:
         if not self._done:
             self._done = True
+            future, self._inflight = self._inflight, None
+            if future is not None:
+                # The thread must be out of the file before it is closed and removed.
+                await asyncio.wait([future])
+                if not future.cancelled():
+                    future.exception()  # retrieved: the caller is already failing
             await self._upload.abort()
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: regcache beside the distribution registry and nginx, measured in one run."""

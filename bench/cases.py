@@ -1,0 +1,320 @@
+"""The cases of the benchmark, each measured against its anchors in the same run.
+
+A case function takes the ``Bench`` (running peers, seeded images, sizes) and
+returns ``Row``s; it never asserts. Cold runs empty the cache first
+(``reset``), warm runs pull once before measuring.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import load
+from bench.load import best, download
+from bench.peers import Distribution, Nginx, Regcache
+from bench.report import Row, megabytes, per_second, rate, seconds
+from tests.support.seed import SeededImage
+from tests.support.skopeo import docker_ref
+
+MANIFEST_ACCEPT = (
+    "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
+)
+
+
+@dataclass
+class Bench:
+    workdir: Path
+    upstream: Distribution  # distribution serving its own content
+    counted: Distribution  # the same storage behind a request counter
+    dproxy: Distribution  # distribution as a pull-through cache of ``upstream``
+    regcache: Regcache  # regcache in front of ``upstream``
+    wan_regcache: Regcache  # regcache in front of ``counted`` through a paced link
+    nginx: Nginx  # serves ``regcache``'s store as static files
+    big: SeededImage  # one big layer
+    mid: SeededImage  # one medium layer, for the paced-link case
+    small: SeededImage  # many small layers
+    repeats: int
+    wrk_seconds: float
+    wan_rate: int
+    say: Callable[[str], None]
+
+    @staticmethod
+    def blob_url(base: str, image: SeededImage, digest: str | None = None) -> str:
+        return f"{base}/v2/{image.repository}/blobs/{digest or _layer(image)}"
+
+
+def _layer(image: SeededImage) -> str:
+    return image.blob_digests[-1]
+
+
+def _size(image: SeededImage) -> int:
+    return image.item.layers[-1].size  # type: ignore[union-attr]
+
+
+def _committed(regcache: Regcache, digest: str, timeout: float = 60) -> None:
+    # Clients get the last byte once the digest is verified; the file lands after its fsync.
+    deadline = time.monotonic() + timeout
+    while not regcache.blob_file(digest).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _mib(image: SeededImage) -> str:
+    return f"{_size(image) / 2**20:,.0f} MiB"
+
+
+# -------------------------------------------------------------------- blobs
+
+
+def warm_blob(b: Bench) -> list[Row]:
+    regcache_url = b.blob_url(b.regcache.url, b.big)
+    dproxy_url = b.blob_url(b.dproxy.url, b.big)
+    for url in (regcache_url, dproxy_url):
+        download([url])  # warm both caches
+    time.sleep(1)  # distribution finishes its second upstream fetch in the background
+    _committed(b.regcache, _layer(b.big))
+    hex_ = _layer(b.big).split(":", 1)[1]
+    nginx_url = f"{b.nginx.url}/blobs/sha256/{hex_[:2]}/{hex_}"
+    rows = []
+    for clients in (1, 8):
+        figures = {}
+        for name, url in (("regcache", regcache_url), ("dproxy", dproxy_url), ("nginx", nginx_url)):
+            figures[name] = best([download([url] * clients) for _ in range(b.repeats)]).throughput
+        case = f"warm {_mib(b.big)} blob GET, {clients} client{'s' if clients > 1 else ''}"
+        reg = figures["regcache"]
+        rows.append(
+            Row(
+                case,
+                reg,
+                rate(reg),
+                "distribution proxy, warm",
+                figures["dproxy"],
+                rate(figures["dproxy"]),
+                target=(">=", 1.0),
+            )
+        )
+        rows.append(
+            Row(case, reg, rate(reg), "nginx, same file", figures["nginx"], rate(figures["nginx"]), target=(">=", 0.9))
+        )
+    return rows
+
+
+def cold_blob(b: Bench) -> list[Row]:
+    direct = best([download([b.blob_url(b.upstream.url, b.big)]) for _ in range(b.repeats)])
+    runs = []
+    for _ in range(b.repeats):
+        b.regcache.reset()
+        runs.append(download([b.blob_url(b.regcache.url, b.big)]))
+    cold = best(runs)
+    case = f"cold {_mib(b.big)} blob GET"
+    return [
+        Row(
+            case,
+            cold.throughput,
+            rate(cold.throughput),
+            "direct GET from upstream",
+            direct.throughput,
+            rate(direct.throughput),
+            target=(">=", 0.9),
+            note="throughput",
+        ),
+        Row(
+            case,
+            cold.ttfb,
+            seconds(cold.ttfb),
+            "direct GET from upstream",
+            direct.ttfb,
+            seconds(direct.ttfb),
+            compare="diff",
+            target=("<=", 0.050),
+            note="time to first byte",
+        ),
+    ]
+
+
+def coalesced_blob(b: Bench) -> list[Row]:
+    """One blob, 32 clients at once, upstream behind a paced link.
+
+    The wall time can only approach the single client's while the proxy's
+    egress keeps up with 32 times the upstream's pace; the nginx row (the same
+    32 clients on a warm file) shows this machine's egress floor.
+    """
+    url = b.blob_url(b.wan_regcache.url, b.mid)
+    digest = _layer(b.mid)
+    b.wan_regcache.reset()
+    b.counted.registry.reset_requests()
+    single = download([url])
+    single_fetches = b.counted.registry.blob_gets(digest)
+    b.wan_regcache.reset()
+    b.counted.registry.reset_requests()
+    many = download([url] * 32)
+    fetches = b.counted.registry.blob_gets(digest)
+    hex_ = digest.split(":", 1)[1]
+    _committed(b.wan_regcache, digest)
+    floor = download([f"{b.nginx.url}/wan/blobs/sha256/{hex_[:2]}/{hex_}"] * 32)
+    ok = "" if many.ok and single.ok else ", some clients failed"
+    note = f"{_mib(b.mid)}, upstream link paced to {single.throughput / 2**20:,.0f} MiB/s{ok}"
+    case = "32 concurrent cold clients, one blob"
+    return [
+        Row(
+            f"{case}: upstream fetches",
+            fetches,
+            str(fetches),
+            "single cold client",
+            single_fetches,
+            str(single_fetches),
+            compare="value",
+            target=("==", 1),
+            note=note,
+        ),
+        Row(
+            f"{case}: wall time",
+            many.wall,
+            seconds(many.wall),
+            "single cold client",
+            single.wall,
+            seconds(single.wall),
+            compare="ratio",
+            target=("<=", 1.2),
+            note=note,
+        ),
+        Row(
+            f"{case}: wall time",
+            many.wall,
+            seconds(many.wall),
+            "nginx, 32 clients, same file warm",
+            floor.wall,
+            seconds(floor.wall),
+            compare="ratio",
+            note="the machine's egress floor",
+        ),
+    ]
+
+
+# -------------------------------------------------------------------- manifests
+
+
+def manifests(b: Bench) -> list[Row]:
+    image = b.small
+    rows = []
+    for kind, reference in (("tag", image.tag), ("digest", image.digest)):
+        path = f"/v2/{image.repository}/manifests/{reference}"
+        for peer in (b.regcache, b.dproxy):
+            download([peer.url + path])  # cached from here on
+        for method in ("GET", "HEAD"):
+            figures = {
+                name: load.requests_per_second(base + path, method, [MANIFEST_ACCEPT], b.wrk_seconds)
+                for name, base in (("regcache", b.regcache.url), ("dproxy", b.dproxy.url), ("own", b.upstream.url))
+            }
+            reg = figures["regcache"]
+            bad = sum(f.bad for f in figures.values())
+            note = f"50 connections, {'wrk' if method == 'GET' and b.wrk_seconds >= 1 else 'hey'}" + (
+                f", {bad} bad answers" if bad else ""
+            )
+            case = f"manifest {method} by {kind}, cached"
+            proxy_target = (">=", 10.0) if kind == "tag" else None
+            rows.append(
+                Row(
+                    case,
+                    reg.requests_per_second,
+                    per_second(reg.requests_per_second),
+                    "distribution proxy",
+                    figures["dproxy"].requests_per_second,
+                    per_second(figures["dproxy"].requests_per_second),
+                    target=proxy_target,
+                    note=note,
+                )
+            )
+            rows.append(
+                Row(
+                    case,
+                    reg.requests_per_second,
+                    per_second(reg.requests_per_second),
+                    "distribution, own content",
+                    figures["own"].requests_per_second,
+                    per_second(figures["own"].requests_per_second),
+                    target=(">=", 1.0),
+                    note=note,
+                )
+            )
+    return rows
+
+
+# -------------------------------------------------------------------- skopeo
+
+
+def _pull_seconds(b: Bench, host: str, image: SeededImage) -> float:
+    dest = b.workdir / "pulled"
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        return load.skopeo_copy(docker_ref(host, image.repository, image.tag), f"dir:{dest}")
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def image_pulls(b: Bench) -> list[Row]:
+    rows = []
+    for label, image in (
+        (f"{len(b.small.blob_digests) - 1} small layers", b.small),
+        (f"one {_mib(b.big)} layer", b.big),
+    ):
+        direct = min(_pull_seconds(b, b.upstream.host, image) for _ in range(b.repeats))
+        cold, warm, dcold, dwarm = [], [], [], []
+        for _ in range(b.repeats):
+            b.regcache.reset()
+            cold.append(_pull_seconds(b, b.regcache.host, image))
+            warm.append(_pull_seconds(b, b.regcache.host, image))
+            b.dproxy.reset()
+            dcold.append(_pull_seconds(b, b.dproxy.host, image))
+            dwarm.append(_pull_seconds(b, b.dproxy.host, image))
+        for state, mine, theirs, target in (("cold", min(cold), min(dcold), 1.1), ("warm", min(warm), min(dwarm), 1.0)):
+            case = f"skopeo pull, {label}, {state}"
+            rows.append(
+                Row(case, mine, seconds(mine), "direct from upstream", direct, seconds(direct), target=("<=", target))
+            )
+            rows.append(
+                Row(
+                    case,
+                    mine,
+                    seconds(mine),
+                    f"distribution proxy, {state}",
+                    theirs,
+                    seconds(theirs),
+                    target=("<=", 1.0),
+                )
+            )
+    return rows
+
+
+# -------------------------------------------------------------------- memory
+
+
+def memory(b: Bench) -> list[Row]:
+    url = b.blob_url(b.regcache.url, b.big)
+    b.regcache.reset()
+    idle = load.RssSampler(b.regcache.pids)
+    with idle:
+        time.sleep(0.2)
+    rows = []
+    for state in ("cold", "warm"):
+        with load.RssSampler(b.regcache.pids) as sampler:
+            transfer = download([url] * 8)
+        note = f"one blob: a fill and 7 followers when cold; idle {megabytes(idle.peak)}" + (
+            "" if transfer.ok else ", some clients failed"
+        )
+        rows.append(
+            Row(
+                f"memory: peak RSS, 8 clients pulling {_mib(b.big)}, {state}",
+                sampler.peak,
+                megabytes(sampler.peak),
+                compare="value",
+                target=("<=", 150e6),
+                target_label="<= 150 MB",
+                note=note,
+            )
+        )
+    return rows
