@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import pytest
 import yaml
 
 from config.settings import load_settings
+from config.units import parse_size
 from tests.support.daemons import Containerd, hosts_toml
 from tests.support.images import build_image
 from tests.support.registry import Registry, free_port
@@ -55,6 +57,22 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "existing-secret": {"secret": {"existingSecret": "mine"}, "credentials": {"docker.io": {"username": "puller"}}},
     "no-persistence": {"persistence": {"enabled": False}, "config": {"storage": {"max_size": "10GiB"}}},
     "node-port": {"service": {"type": "NodePort", "nodePort": 30500}},
+    "deployment-s3": {
+        "mode": "deployment",
+        "replicas": 3,
+        "config": {"storage": {"s3": {"endpoint": "https://s3.example.com", "bucket": "regcache", "redirect": True}}},
+        "s3": {"accessKey": "AKIAREGCACHE", "secretKey": "s3-secret-key-value"},
+    },
+    "deployment-s3-existing-secret": {
+        "mode": "deployment",
+        "replicas": 2,
+        "spoolSizeLimit": "20Gi",
+        "config": {"storage": {"s3": {"endpoint": "https://s3.example.com", "bucket": "regcache"}}},
+        "s3": {"existingSecret": "s3-keys"},
+        "metrics": {"prometheusRule": ON, "serviceMonitor": ON},
+    },
+    "node-tier": {"nodeTier": ON},
+    "node-tier-emptydir": {"nodeTier": {"enabled": True, "hostPath": "", "maxSize": "5GiB", "hostPort": 5002}},
 }
 
 
@@ -141,8 +159,10 @@ def test_chart_lints_renders_and_every_object_matches_the_kubernetes_schemas(sce
             check_monitoring_object(obj, docs)
         else:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
-    expected = {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}
+    workload = "Deployment" if values.get("mode") == "deployment" else "StatefulSet"
+    expected = {workload, "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}
     assert expected <= kinds(docs)
+    assert not kinds(docs) & {"Deployment", "StatefulSet"} - {workload}
     assert ("Secret" in kinds(docs)) == (scenario != "existing-secret")
 
 
@@ -433,3 +453,162 @@ def test_node_config_finds_the_service_by_its_cluster_address() -> None:
     namespace: dict[str, Any] = {"__name__": "node_config"}
     exec(compile((CHART / "files" / "node-config.py").read_text(), "node-config.py", "exec"), namespace)
     assert namespace["resolve_endpoint"]("localhost:5000") in {"http://127.0.0.1:5000", "http://[::1]:5000"}
+
+
+# --------------------------------------------------------------------------- S3 mode, node tier
+
+
+def secret_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment with secretKeyRef values read from the rendered Secrets, as kubelet does."""
+    secrets = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "Secret"}
+    env = {}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            env[entry["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
+    return env
+
+
+def test_deployment_mode_runs_n_replicas_without_a_claim_and_takes_s3_keys_from_a_secret() -> None:
+    docs = render(SCENARIOS["deployment-s3"])
+    deployment = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3 and "volumeClaimTemplates" not in deployment["spec"]
+    assert "StatefulSet" not in kinds(docs) and "PersistentVolumeClaim" not in kinds(docs)
+    # Only the client Service: there is no StatefulSet to govern.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [f"{RELEASE}-regcache"]
+    pod = pod_spec(docs, "Deployment")
+    (container,) = pod["containers"]
+    data = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/regcache")
+    assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[data]
+    assert secret_env(docs, container) == {
+        "AWS_ACCESS_KEY_ID": "AKIAREGCACHE",
+        "AWS_SECRET_ACCESS_KEY": "s3-secret-key-value",
+    }
+    config = yaml.safe_load(find(docs, "ConfigMap", f"{RELEASE}-regcache")["data"]["config.yaml"])
+    assert config["storage"]["backend"] == "s3" and "max_size" not in config["storage"]
+    assert "s3-secret-key-value" not in json.dumps(config)  # keys never in the ConfigMap
+    # A Secret of one's own: referenced by the keys given, the chart's Secret holds no S3 keys.
+    docs = render(SCENARIOS["deployment-s3-existing-secret"])
+    (container,) = pod_spec(docs, "Deployment")["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert refs == {
+        "AWS_ACCESS_KEY_ID": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "s3-keys", "key": "AWS_SECRET_ACCESS_KEY"},
+    }
+    assert not [k for k in find(docs, "Secret")["data"] if k.startswith("s3-")]
+    volumes = {v["name"]: v for v in pod_spec(docs, "Deployment")["volumes"]}
+    assert volumes["data"]["emptyDir"] == {"sizeLimit": "20Gi"}
+    # No volume, no budget: the alerts about a volume are not rendered.
+    alerts = {r["alert"] for r in find(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert not alerts & {"RegcacheDiskNearlyFull", "RegcacheStoreOverBudget"}
+
+
+def test_s3_mode_needs_a_bucket() -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(Exception, match=r"config\.storage\.s3\.bucket"):
+        chart.render({"mode": "deployment"}, name=RELEASE, namespace=NAMESPACE)
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.render({"mode": "deployment", "s3": {"accessKeyId": "typo"}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def start_pod(docs: list[dict[str, Any]], kind: str, root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A regcache process from a rendered pod (mounts laid out under ``root``), on a free loopback port."""
+    pod = pod_spec(docs, kind)
+    container = next(c for c in pod["containers"] if c["name"] == "regcache")
+    mounted = mount(docs, pod, container, root)
+    config = root / "etc/regcache/config.yaml"
+    config.write_text(relocate(config.read_text(), mounted))
+    port = free_port()
+    args = [relocate(arg, mounted) for arg in container["args"]]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("REGCACHE_", "AWS_"))}
+    environment.update(env, REGCACHE_LIMITS__DRAIN_DELAY="0")
+    with (root / "regcache.log").open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args, "--listen", f"127.0.0.1:{port}"],
+                                   cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        assert process.poll() is None, (root / "regcache.log").read_text()
+        try:
+            if get(f"{url}/readyz")[0] == 200:
+                return process, url
+        except OSError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError((root / "regcache.log").read_text())
+
+
+def test_deployment_replicas_from_the_chart_share_one_rgw_bucket(
+    rgw, upstream: Registry, seeded: dict[str, SeededImage], tmp_path: Path
+) -> None:
+    bucket = rgw.make_bucket()
+    values = {
+        "mode": "deployment",
+        "replicas": 2,
+        "config": {
+            "upstreams": [{"name": "docker.io", "url": upstream.url, "default": True}],
+            "storage": {"s3": {"endpoint": rgw.endpoint, "bucket": bucket}},
+        },
+        "s3": {"accessKey": rgw.access_key, "secretKey": rgw.secret_key},
+    }
+    docs = render(values)
+    (container,) = pod_spec(docs, "Deployment")["containers"]
+    env = secret_env(docs, container)
+    processes = []
+    try:
+        # Two pods of the Deployment: each its own emptyDir, the keys only in their environment.
+        for i in range(2):
+            processes.append(start_pod(docs, "Deployment", tmp_path / f"pod-{i}", env))
+        settings = load_settings(tmp_path / "pod-0" / "etc/regcache/config.yaml")
+        assert settings.storage.backend == "s3" and settings.storage.max_size is None
+        assert settings.storage.s3 is not None and settings.storage.s3.bucket == bucket
+        assert settings.storage.s3.access_key is None  # from AWS_* in the environment, not the file
+        alpha = seeded[ALPHA]
+        upstream.reset_requests()
+        for i, (_, url) in enumerate(processes * 2):
+            status, body = get(f"{url}/v2/{alpha.repository}/manifests/{alpha.tag}")
+            assert status == 200 and body == alpha.manifest, i
+            for digest in alpha.blob_digests:
+                status, body = get(f"{url}/v2/{alpha.repository}/blobs/{digest}")
+                assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        for digest in alpha.blob_digests:
+            assert upstream.blob_gets(digest) == 1, digest
+        assert {k.rsplit("/", 1)[1] for k in rgw.keys(bucket, "blobs/")} >= {
+            d.split(":")[1] for d in alpha.blob_digests
+        }
+    finally:
+        for process, _ in processes:
+            process.send_signal(signal.SIGTERM)
+        for process, _ in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.parametrize("scenario", ["node-tier", "node-tier-emptydir"])
+def test_node_tier_is_a_local_cache_whose_upstream_is_the_cluster_service(scenario: str, tmp_path: Path) -> None:
+    values = SCENARIOS[scenario]
+    tier = _merge(yaml.safe_load((CHART / "values.yaml").read_text())["nodeTier"], values["nodeTier"])
+    docs = render(values)
+    daemonset = find(docs, "DaemonSet", f"{RELEASE}-regcache-node-tier")
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["ports"][0]["hostPort"] == tier["hostPort"] and container["ports"][0]["hostIP"] == "127.0.0.1"
+    assert container["resources"] == tier["resources"]
+    # Never behind the cluster Service: its selector must not pick node caches.
+    service = find(docs, "Service", f"{RELEASE}-regcache")
+    assert not service["spec"]["selector"].items() <= daemonset["spec"]["template"]["metadata"]["labels"].items()
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if tier["hostPath"]:
+        assert volumes["data"]["hostPath"]["path"] == tier["hostPath"]
+        (init,) = pod["initContainers"]  # hands the root-owned host directory to the pod's user
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    else:
+        assert "emptyDir" in volumes["data"] and "initContainers" not in pod
+    mounted = mount(docs, pod, container, tmp_path)
+    settings = load_settings(mounted["/etc/regcache"] / "config.yaml")
+    assert [u.name for u in settings.upstreams] == ["cluster"]
+    assert settings.upstreams[0].url == f"http://{RELEASE}-regcache.{NAMESPACE}.svc:5000"
+    assert settings.storage.backend == "filesystem"
+    assert settings.storage.max_size == parse_size(tier["maxSize"])

@@ -77,6 +77,23 @@ Takes (list KEY VALUE); KEY names the setting in the error.
 {{- end }}
 {{- end }}
 
+{{/* "true" when blobs live in an object store shared by the replicas (S3 mode). */}}
+{{- define "regcache.s3" -}}
+{{- $storage := default (dict) .Values.config.storage }}
+{{- or (eq .Values.mode "deployment") (eq (toString $storage.backend) "s3") }}
+{{- end }}
+
+{{/* The Secret and keys holding the S3 access key pair, as (dict name accessKey secretKey); empty: none. */}}
+{{- define "regcache.s3Secret" -}}
+{{- if .Values.s3.existingSecret }}
+{{- toJson (dict "name" .Values.s3.existingSecret "accessKey" .Values.s3.accessKeyKey "secretKey" .Values.s3.secretKeyKey) }}
+{{- else if .Values.s3.accessKey }}
+{{- toJson (dict "name" (include "regcache.secretName" .) "accessKey" "s3-access-key" "secretKey" "s3-secret-key") }}
+{{- else }}
+{{- toJson (dict) }}
+{{- end }}
+{{- end }}
+
 {{/* The store's size budget in bytes: config.storage.max_size, else 90% of the volume. */}}
 {{- define "regcache.storeBudgetBytes" -}}
 {{- $storage := default (dict) .Values.config.storage }}
@@ -112,7 +129,15 @@ mounted files hold the secrets.
 {{- $_ := set $cfg "upstreams" $upstreams }}
 {{- end }}
 {{- $storage := default (dict) $cfg.storage }}
-{{- if and .Values.persistence.enabled (not (hasKey $storage "max_size")) }}
+{{- if eq .Values.mode "deployment" }}
+{{- $_ := set $storage "backend" "s3" }}
+{{- end }}
+{{- if eq (include "regcache.s3" .) "true" }}
+{{- if not (and $storage.s3 $storage.s3.bucket) }}
+{{- fail "S3 mode (mode: deployment or config.storage.backend: s3) needs config.storage.s3.bucket" }}
+{{- end }}
+{{- else if and .Values.persistence.enabled (not (hasKey $storage "max_size")) }}
+{{- /* The bucket has no size the chart knows: on S3 the budget is the operator's (or the bucket's) call. */}}
 {{- $_ := set $storage "max_size" (include "regcache.storeBudgetBytes" . | int64) }}
 {{- end }}
 {{- if $storage }}

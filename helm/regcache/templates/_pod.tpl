@@ -1,6 +1,8 @@
 {{/*
 The regcache pod, shared by the workload kinds (`mode`). The store is the
-volume named "data": a PersistentVolumeClaim template in the StatefulSet.
+volume named "data": a PersistentVolumeClaim template in the StatefulSet; in
+the Deployment (S3 mode) an emptyDir for spool files and the local index, the
+blobs being in the bucket.
 */}}
 {{- define "regcache.podTemplate" -}}
 metadata:
@@ -41,9 +43,25 @@ spec:
         - serve
         - --config
         - {{ include "regcache.configDir" . }}/config.yaml
-      {{- with .Values.extraEnv }}
+      {{- $s3 := include "regcache.s3Secret" . | fromJson }}
+      {{- if or $s3 .Values.extraEnv }}
       env:
+        {{- if $s3 }}
+        # The object store's key pair: botocore reads these when the config file names none.
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ $s3.name }}
+              key: {{ $s3.accessKey }}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $s3.name }}
+              key: {{ $s3.secretKey }}
+        {{- end }}
+        {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
       ports:
         - name: http
@@ -95,9 +113,13 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 256Mi
-    {{- if not .Values.persistence.enabled }}
+    {{- if or (eq .Values.mode "deployment") (not .Values.persistence.enabled) }}
+    # Deployment (S3) mode: only fill spool files and the local SQLite index live here.
     - name: data
-      emptyDir: {}
+      emptyDir:
+        {{- with .Values.spoolSizeLimit }}
+        sizeLimit: {{ . }}
+        {{- end }}
     {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
