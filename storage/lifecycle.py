@@ -203,7 +203,12 @@ class Lifecycle:
     async def _sync_shared(self) -> None:
         if self.shared is None:
             return
-        if (await self.shared.sync()).changed and self.forget is not None:
+        try:
+            changed = (await self.shared.sync()).changed
+        except Exception as exc:  # botocore's errors, the store's: the local index answers meanwhile
+            log.warning("could not read the shared records; answering from this replica's index: %s", exc)
+            return
+        if changed and self.forget is not None:
             self.forget()
 
     async def _expire(self) -> Removal:
