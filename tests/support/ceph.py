@@ -181,7 +181,16 @@ rgw frontends = beast endpoint={HOST}:{self.rgw_port} tcp_nodelay=1
         return done.stdout.decode()
 
     def _ceph(self, *args: str) -> str:
-        return self._run(["ceph", "-c", str(self.conf), "--connect-timeout", "20", *args])
+        # A monitor that has just started may refuse commands until it has formed its quorum of one
+        # ("EPERM: problem getting command descriptions from mon."): ask again shortly.
+        for attempt in range(40):
+            try:
+                return self._run(["ceph", "-c", str(self.conf), "--connect-timeout", "20", *args])
+            except CephError as exc:
+                if "problem getting command descriptions" not in str(exc) or attempt == 39:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         log = (self.workdir / "log" / f"{name}.out").open("ab")
