@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from storage.blobs import BlobWriter
@@ -33,7 +34,6 @@ class Fill:
         self.finished = False  # verified and committed
         self.writer: BlobWriter | None = None
         self._fd: int | None = None
-        self._readers = 0
         self._progress = asyncio.Event()
         self.started = asyncio.Event()  # size known (or failed): headers may go out
         self.followers = 0
@@ -47,6 +47,9 @@ class Fill:
         self.writer = writer
         self.size = size
         self._fd = os.open(writer.spool_path, os.O_RDONLY)
+        # Closed when the last request holding this fill lets go of it: a client
+        # that joined just before the end may start reading after the fill is done.
+        weakref.finalize(self, os.close, self._fd)
         writer.on_flush = self.progressed  # readers wake when bytes land, not when they are handed off
         self.started.set()
 
@@ -64,13 +67,13 @@ class Fill:
     def succeed(self) -> None:
         self.finished = True
         self.progressed()
-        self._maybe_close()
+        self._release_writer()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.started.set()
         self.progressed()
-        self._maybe_close()
+        self._release_writer()
 
     @property
     def done(self) -> bool:
@@ -105,36 +108,32 @@ class Fill:
 
         The last byte comes only once the blob is verified and committed, so a
         client that has the whole blob can count on the cache having it too.
-        ``fd`` stays open until the iteration ends; not for a fill committed
-        elsewhere (``stored``).
+        ``fd`` stays open while anything holds this fill; not for a fill
+        committed elsewhere (``stored``).
         """
         await self.wait_started()
         assert self.stored is None and self.writer is not None and self._fd is not None
-        self._readers += 1
         fd = self._fd
         offset = 0
-        try:
-            while True:
-                available = self.writer.flushed
-                if not self.finished:
-                    available -= 1  # hold back the last byte until verified
-                if offset < available:
-                    yield fd, offset, available - offset
-                    offset = available
-                    continue
-                if self.error is not None:
-                    raise self.error
-                if self.finished:
-                    return
-                await self._progress.wait()
-        finally:
-            self._readers -= 1
-            self._maybe_close()
+        while True:
+            available = self.writer.flushed
+            if not self.finished:
+                available -= 1  # hold back the last byte until verified
+            if offset < available:
+                yield fd, offset, available - offset
+                offset = available
+                continue
+            if self.error is not None:
+                raise self.error
+            if self.finished:
+                return
+            await self._progress.wait()
 
-    def _maybe_close(self) -> None:
-        if self.done and self._readers == 0 and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def _release_writer(self) -> None:
+        # The writer's callback points back here: without this cycle the fill
+        # (and its descriptor) goes as soon as no request holds it.
+        if self.writer is not None:
+            self.writer.on_flush = None
 
 
 FillBody = Callable[[Fill], Awaitable[None]]

@@ -31,13 +31,15 @@ from storage.digest import Digest
 from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
 from storage.gc import InUse, Lease
 from storage.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
-from storage.metadata import Metadata
+from storage.metadata import Metadata, TagRow
 from storage.reference import ManifestReference
 
 log = logging.getLogger("regcache.pullthrough")
 
 # Upstream failures after which a stale tag is still served.
 _STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
+# Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
+MAX_CACHED_TAGS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,10 @@ class PullThrough:
         self.manifests = ManifestCache()
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
         self._links: set[tuple[int, str]] = set()
+        # Tag rows as last read from SQLite, so a cached tag costs no query; any
+        # write of a tag here drops its entry, forget() drops them all.
+        self._tags: dict[tuple[int, str], TagRow] = {}
+        self._tags_generation = 0
         self.in_use = InUse()  # digests GC must leave alone (storage.gc)
         # Tag and image records shared with other replicas on the same object store.
         self.shared = SharedNames(store.backend.shared, store) if store.backend.shared is not None else None
@@ -142,6 +148,8 @@ class PullThrough:
         """Drop in-memory knowledge after rmi, eviction or load changed the store."""
         self.manifests.clear()
         self._links.clear()
+        self._tags.clear()
+        self._tags_generation += 1
 
     async def close(self) -> None:
         await self.fills.close()
@@ -217,9 +225,27 @@ class PullThrough:
         )
         return _coalesced(found) if shared else found
 
+    async def _tag_row(self, repo_id: int, tag: str) -> TagRow | None:
+        key = (repo_id, tag)
+        row = self._tags.get(key)
+        if row is not None:
+            return row
+        generation = self._tags_generation
+        row = await self.metadata.tag(repo_id, tag)
+        # A write during the query makes what it read stale: do not keep it.
+        if row is not None and generation == self._tags_generation:
+            if len(self._tags) >= MAX_CACHED_TAGS:
+                self._tags.clear()
+            self._tags[key] = row
+        return row
+
+    def _tag_changed(self, repo_id: int, tag: str) -> None:
+        self._tags.pop((repo_id, tag), None)
+        self._tags_generation += 1
+
     async def _manifest_by_tag(self, route: Route, tag: str) -> Manifest:
         repo_id = await self._repository(route)
-        row = await self.metadata.tag(repo_id, tag)
+        row = await self._tag_row(repo_id, tag)
         if row is None and self.shared is not None:
             # Another replica on this store knows the tag: adopt its record, with
             # the time it was last confirmed upstream (the tag TTL runs from there).
@@ -227,7 +253,8 @@ class PullThrough:
             if found is not None and found.checked_at is not None:
                 await self._record_manifest(repo_id, found.digest, found.media_type, found.data, tag=tag)
                 await self.metadata.confirm_tag(repo_id, tag, when=found.checked_at)
-                row = await self.metadata.tag(repo_id, tag)
+                self._tag_changed(repo_id, tag)
+                row = await self._tag_row(repo_id, tag)
         if row is not None:
             stored = await self._stored_manifest(row.manifest)
             if stored is not None:
@@ -261,6 +288,7 @@ class PullThrough:
             raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
         if head.digest == digest:
             await self.metadata.confirm_tag(repo_id, tag)
+            self._tag_changed(repo_id, tag)
             if self.shared is not None:
                 await self.shared.confirm_tag(route, tag, digest, time.time())
             return Manifest(digest, media_type, data, "revalidated")
@@ -301,6 +329,8 @@ class PullThrough:
             if await self.store.stat(parsed_digest) is None:
                 await self.store.put(parsed_digest, data)
             await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
+        if tag is not None:
+            self._tag_changed(repo_id, tag)
         self.manifests.put(digest, parsed.media_type, data)
         self._links.add((repo_id, digest))
         return parsed.media_type

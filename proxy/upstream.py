@@ -48,7 +48,7 @@ log = logging.getLogger("regcache.upstream")
 T = TypeVar("T")
 
 CHUNK_SIZE = 256 * 1024
-READ_BUFSIZE = 4 * 1024 * 1024
+READ_BUFSIZE = 1024 * 1024
 MAX_REDIRECTS = 5
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 1.0
