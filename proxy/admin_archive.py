@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform as host
 import time
 
 from aiohttp import web
@@ -34,6 +33,7 @@ from storage.digest import Digest
 from storage.errors import ArchiveInvalid, BlobUnknown, RegcacheError, SizeMismatch
 from storage.manifests import IMAGE_TYPES, Descriptor, parse_manifest
 from storage.metadata import Metadata
+from storage.platforms import host_platform, platform_matches
 from storage.reference import ImageReference, ManifestReference, validate_name
 
 log = logging.getLogger("regcache.archive")
@@ -44,27 +44,9 @@ FETCH_CONCURRENCY = 4
 # Where a load puts images the archive gives no name.
 UNNAMED_REPOSITORY = "loaded"
 
-_MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm/v7",
-             "armv6l": "arm/v6", "i386": "386", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-             "riscv64": "riscv64"}  # fmt: skip
-
-
-def host_platform() -> str:
-    machine = host.machine().lower()
-    return f"linux/{_MACHINES.get(machine, machine)}"
-
-
-def _platform_matches(want: str, have: str | None) -> bool:
-    if not have:
-        return False
-    w, h = want.split("/"), have.split("/")
-    if w[:2] != h[:2]:
-        return False
-    return len(w) < 3 or (len(h) >= 3 and w[2] == h[2]) or (w[2] == "v8" and len(h) == 2)
-
 
 def pick_platform(children: list[Descriptor], want: str) -> Descriptor | None:
-    return next((c for c in children if c.media_type in IMAGE_TYPES and _platform_matches(want, c.platform)), None)
+    return next((c for c in children if c.media_type in IMAGE_TYPES and platform_matches(want, c.platform)), None)
 
 
 def archive_names(route: Route, tag: str | None, digest: str) -> tuple[str, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import platform as host
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,30 +24,14 @@ from proxy.routing import Route
 from storage.digest import Digest
 from storage.errors import RegcacheError
 from storage.manifests import parse_manifest
+from storage.platforms import host_platform, platform_matches
 from storage.reference import ImageReference, ManifestReference
 
 log = logging.getLogger("regcache.admin.pull")
 
 # docker pulls three layers at a time.
 CONCURRENT_LAYERS = 3
-_MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
-             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64", "i686": "386"}  # fmt: skip
-
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def host_platform() -> str:
-    machine = host.machine().lower()
-    return f"linux/{_MACHINES.get(machine, machine)}"
-
-
-def platform_matches(wanted: str, offered: str | None) -> bool:
-    """``linux/arm64`` matches ``linux/arm64/v8``; a given variant must match."""
-    if offered is None:
-        return False
-    want = wanted.split("/")
-    have = offered.split("/")
-    return want[:2] == have[:2] and (len(want) < 3 or want[2:] == have[2:])
 
 
 def short(digest: str) -> str:

@@ -79,8 +79,8 @@ def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, 
 
 
 def run_save(args: argparse.Namespace) -> int:
-    from proxy.admin_archive import host_platform
     from proxy.admin_client import AdminClientError
+    from storage.platforms import host_platform
 
     if args.output is None and sys.stdout.isatty():
         print("regcache: cowardly refusing to save to a terminal. Use the -o flag or redirect", file=sys.stderr)
