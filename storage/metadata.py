@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from storage.errors import StoreFull
 from storage.manifests import ParsedManifest
 from storage.schema import migrate
 
@@ -84,16 +86,9 @@ class Metadata:
 
     async def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         started = time.perf_counter()
-        # One connection serves every task: transactions take turns.
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    await self.db.execute(sql, args)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self.writing() as db:
+            for sql, args in statements:
+                await db.execute(sql, args)
         if self.observe:
             self.observe("write", time.perf_counter() - started)
 
@@ -102,14 +97,21 @@ class Metadata:
 
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction that may read as it goes (GC decides and deletes in one)."""
+        """A write transaction that may read as it goes (GC decides and deletes in one).
+
+        One connection serves every task, so transactions take turns.
+        """
         async with self._write_lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
                 await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
+            except BaseException as exc:
+                # SQLite may already have rolled back (a full disk does that).
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                    raise StoreFull("no space left for the metadata database") from exc
                 raise
 
     async def ping(self) -> bool:
