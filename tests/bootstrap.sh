@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
   docker-registry skopeo busybox-static
   docker.io containerd runc podman crun conmon uidmap slirp4netns catatonit
   iproute2 procps
+  nginx-light wrk hey curl
   radosgw ceph-mon ceph-osd ceph-mgr
 )
 
