@@ -7,6 +7,8 @@ returns ``Row``s; it never asserts. Cold runs empty the cache first
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -111,6 +113,8 @@ def cold_blob(b: Bench) -> list[Row]:
         runs.append(download([b.blob_url(b.regcache.url, b.big)]))
     cold = best(runs)
     case = f"cold {_mib(b.big)} blob GET"
+    size = _size(b.big)
+    hashing, writing = _sha256_rate(size), _new_file_rate(b.workdir, size)
     return [
         Row(
             case,
@@ -133,7 +137,32 @@ def cold_blob(b: Bench) -> list[Row]:
             target=("<=", 0.050),
             note="time to first byte",
         ),
-    ]
+        Row(case, cold.throughput, rate(cold.throughput), "sha256 on one core (every byte is verified)",
+            hashing, rate(hashing), note="throughput vs a limit of this machine"),
+        Row(case, cold.throughput, rate(cold.throughput), "writing a new file of this size (page cache)",
+            writing, rate(writing), note="throughput vs a limit of this machine"),
+    ]  # fmt: skip
+
+
+def _sha256_rate(size: int) -> float:
+    block = os.urandom(1024 * 1024)
+    hasher = hashlib.sha256()
+    start = time.perf_counter()
+    for _ in range(size // len(block)):
+        hasher.update(block)
+    return (size // len(block)) * len(block) / (time.perf_counter() - start)
+
+
+def _new_file_rate(workdir: Path, size: int) -> float:
+    block = os.urandom(1024 * 1024)
+    path = workdir / "write-probe"
+    start = time.perf_counter()
+    with path.open("wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return (size // len(block)) * len(block) / elapsed
 
 
 def coalesced_blob(b: Bench) -> list[Row]:

@@ -200,7 +200,9 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_buffering off;
+            # Buffered in memory only (no temp file), sent on at the link's pace.
+            proxy_buffering on;
+            proxy_max_temp_file_size 0;
             limit_rate {rate};
         }}
     }}
