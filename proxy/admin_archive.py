@@ -21,9 +21,10 @@ import time
 
 from aiohttp import web
 
+from proxy.answers import FillingBlob
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
 from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
-from proxy.pullthrough import FillingBlob, PullThrough
+from proxy.pullthrough import PullThrough
 from proxy.routing import Route, Router
 from storage import paths
 from storage.archive_read import ArchiveLoader, LoadedImage

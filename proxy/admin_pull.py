@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.answers import FillingBlob, LocalBlob
 from proxy.errors import AdminInvalid
 from proxy.keys import PULLTHROUGH, ROUTER
-from proxy.pullthrough import FillingBlob, LocalBlob, PullThrough
+from proxy.pullthrough import PullThrough
 from proxy.routing import Route
 from storage.digest import Digest
 from storage.errors import RegcacheError

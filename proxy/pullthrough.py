@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
 
+from proxy.answers import BlobAnswer, BlobInfo, FillingBlob, LocalBlob, Manifest, ManifestCache, StoredBlob, page
 from proxy.errors import (
     UpstreamError,
     UpstreamNotFound,
@@ -29,7 +27,7 @@ from storage.backends.base import FillLease
 from storage.blobs import BlobStore
 from storage.digest import Digest
 from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
-from storage.gc import InUse, Lease
+from storage.gc import InUse
 from storage.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
 from storage.metadata import Metadata, TagRow
 from storage.reference import ManifestReference
@@ -40,80 +38,6 @@ log = logging.getLogger("regcache.pullthrough")
 _STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
 # Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
 MAX_CACHED_TAGS = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    digest: str
-    media_type: str
-    data: bytes
-    result: str  # hit, miss, stale, revalidated, coalesced
-
-
-@dataclass(frozen=True, slots=True)
-class LocalBlob:
-    """A committed blob on a local disk: served by sendfile."""
-
-    digest: str
-    size: int
-    path: Path
-    # Held until the file is open for sending: GC never unlinks it before.
-    lease: Lease | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBlob:
-    """A committed blob in a remote store: streamed, or redirected to."""
-
-    digest: str
-    size: int
-    redirect: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class FillingBlob:
-    """A blob on its way from the upstream; ``fill.tail()`` gives its bytes."""
-
-    digest: str
-    fill: Fill
-    result: str  # miss or coalesced
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    digest: str
-    size: int | None
-
-
-BlobAnswer = LocalBlob | StoredBlob | FillingBlob
-
-
-class ManifestCache:
-    """Recently served manifests by digest, bounded by bytes."""
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, digest: str) -> tuple[str, bytes] | None:
-        item = self._items.get(digest)
-        if item is not None:
-            self._items.move_to_end(digest)
-        return item
-
-    def put(self, digest: str, media_type: str, data: bytes) -> None:
-        if digest in self._items:
-            return
-        self._items[digest] = (media_type, data)
-        self._bytes += len(data)
-        while self._bytes > self.max_bytes and self._items:
-            _, (_, old) = self._items.popitem(last=False)
-            self._bytes -= len(old)
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
 
 
 class PullThrough:
@@ -492,16 +416,6 @@ class PullThrough:
             self.events.stale(route.upstream_name, _kind(exc))
             known = await self.metadata.tags(repo_id)
             return page(known, n, last)
-
-
-def page(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    """The ``n``/``last`` paging of the distribution spec over a sorted list."""
-    items = sorted(items)
-    if last is not None:
-        items = [i for i in items if i > last]
-    if n is None:
-        return items, False
-    return items[:n], len(items) > n
 
 
 def _coalesced(found: Manifest) -> Manifest:

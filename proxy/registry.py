@@ -17,11 +17,11 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from proxy import kernelsend, slowclient
+from proxy.answers import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.errors import API_HEADERS as API_VERSION
 from proxy.errors import PaginationInvalid, Unsupported
 from proxy.fill import Fill
 from proxy.keys import METADATA, PULLTHROUGH, ROUTER, SETTINGS
-from proxy.pullthrough import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.routing import Route
 from storage.digest import Digest
 from storage.errors import NameInvalid

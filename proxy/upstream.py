@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import json
 import logging
-import math
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -39,6 +33,23 @@ from proxy.errors import (
     UpstreamTooManyRequests,
     UpstreamUnauthorized,
     UpstreamUnavailable,
+)
+from proxy.upstream_responses import (
+    BlobStream,
+    FetchedManifest,
+    ManifestHead,
+    NullObserver,
+    RateLimit,
+    UpstreamObserver,
+    digest_header,
+    embedded_media_type,
+    json_body,
+    leading_int,
+    link_next,
+    media_type,
+    read_limited,
+    retry_after,
+    window,
 )
 from storage.digest import Digest, is_digest
 from storage.reference import validate_name, validate_tag
@@ -61,54 +72,6 @@ MAX_TOKEN_BODY = 64 * 1024
 MAX_JSON_BODY = 8 * 1024 * 1024
 DOCKER_HUB_INDEX = "https://index.docker.io"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_LINK_NEXT = re.compile(r'<([^>]*)>[^,]*;\s*rel="?next"?', re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ManifestHead:
-    digest: str | None
-    media_type: str  # "" when the upstream did not say
-    size: int | None
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    data: bytes
-    media_type: str
-    digest: str | None  # the upstream's Docker-Content-Digest, if well formed
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """What the upstream last said in ``RateLimit-*`` headers (Docker Hub: pulls per window)."""
-
-    limit: int | None
-    remaining: int | None
-    window: int | None  # seconds, from ``;w=`` when given
-    seen_at: float  # wall clock
-
-
-@dataclass
-class BlobStream:
-    size: int | None
-    chunks: AsyncIterator[bytes]
-
-
-class UpstreamObserver(Protocol):
-    def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None: ...
-    def error(self, upstream: str, kind: str) -> None: ...
-    def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None: ...
-
-
-class NullObserver:
-    def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None:
-        pass
-
-    def error(self, upstream: str, kind: str) -> None:
-        pass
-
-    def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None:
-        pass
 
 
 class UpstreamClient:
@@ -175,7 +138,7 @@ class UpstreamClient:
         url = self._v2(repository, "manifests", _checked_reference(reference))
 
         async def read(resp: aiohttp.ClientResponse) -> ManifestHead:
-            return ManifestHead(_digest_header(resp), _media_type(resp), resp.content_length)
+            return ManifestHead(digest_header(resp), media_type(resp), resp.content_length)
 
         async with self._slot():
             return await self._call("HEAD", url, "manifest_head", _pull_scope(repository), read, accept)
@@ -189,8 +152,8 @@ class UpstreamClient:
             return ManifestTooLarge(f"manifest {repository}:{reference} on {self.name} exceeds {max_size} bytes")
 
         async def read(resp: aiohttp.ClientResponse) -> FetchedManifest:
-            data = await _read_limited(resp, max_size, too_large)
-            return FetchedManifest(data, _media_type(resp) or _embedded_media_type(data), _digest_header(resp))
+            data = await read_limited(resp, max_size, too_large)
+            return FetchedManifest(data, media_type(resp) or embedded_media_type(data), digest_header(resp))
 
         async with self._slot():
             return await self._call("GET", url, "manifest", _pull_scope(repository), read, accept)
@@ -227,9 +190,9 @@ class UpstreamClient:
         url = self._v2(repository, "tags", "list").with_query(query)
 
         async def read(resp: aiohttp.ClientResponse) -> tuple[list[str], str | None]:
-            data = _json(await _read_limited(resp, MAX_JSON_BODY, self._too_big("tags list")), self.name)
+            data = json_body(await read_limited(resp, MAX_JSON_BODY, self._too_big("tags list")), self.name)
             tags = data.get("tags") if isinstance(data, dict) else None
-            return [t for t in tags or [] if isinstance(t, str)], _link_next(resp.headers.get("Link", ""))
+            return [t for t in tags or [] if isinstance(t, str)], link_next(resp.headers.get("Link", ""))
 
         async with self._slot():
             return await self._call("GET", url, "tags", _pull_scope(repository), read, ("application/json",))
@@ -242,7 +205,7 @@ class UpstreamClient:
         url = URL(base.rstrip("/") + "/v1/search").with_query(q=term, n=str(limit))
 
         async def read(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:
-            data = _json(await _read_limited(resp, MAX_JSON_BODY, self._too_big("search result")), self.name)
+            data = json_body(await read_limited(resp, MAX_JSON_BODY, self._too_big("search result")), self.name)
             results = data.get("results") if isinstance(data, dict) else None
             return [r for r in results or [] if isinstance(r, dict)][:limit]
 
@@ -396,8 +359,8 @@ class UpstreamClient:
         if status == 403:
             raise UpstreamDenied(message, upstream=self.name)
         if status == 429:
-            retry_after = _retry_after(resp.headers.get("Retry-After"))
-            raise UpstreamTooManyRequests(message, upstream=self.name, retry_after=retry_after)
+            wait = retry_after(resp.headers.get("Retry-After"))
+            raise UpstreamTooManyRequests(message, upstream=self.name, retry_after=wait)
         if status >= 500:
             raise UpstreamServerError(message, upstream=self.name)
         raise UpstreamError(message, upstream=self.name)
@@ -407,7 +370,7 @@ class UpstreamClient:
         if limit is None and remaining is None:
             return
         previous = self.rate_limit
-        self.rate_limit = RateLimit(_leading_int(limit), _leading_int(remaining), _window(limit), time.time())
+        self.rate_limit = RateLimit(leading_int(limit), leading_int(remaining), window(limit), time.time())
         self._observer.rate_limit(self.name, self.rate_limit.limit, self.rate_limit.remaining)
         if self.rate_limit.remaining == 0 and (previous is None or previous.remaining != 0):
             log.warning("upstream %s: rate limit exhausted (limit %s per %ss); cached tags are served stale",
@@ -439,7 +402,7 @@ class UpstreamClient:
                 who = "anonymous access" if authorization is None else "the credentials"
                 raise UpstreamUnauthorized(f"upstream {self.name}: token realm refused {who}", upstream=self.name)
             self._check(resp, "token")
-            return await _read_limited(resp, MAX_TOKEN_BODY, self._too_big("token response"))
+            return await read_limited(resp, MAX_TOKEN_BODY, self._too_big("token response"))
 
     # -- helpers --------------------------------------------------------------
 
@@ -492,79 +455,3 @@ def _pull_scope(repository: str) -> str:
 
 def _checked_reference(reference: str) -> str:
     return reference if is_digest(reference) else validate_tag(reference)
-
-
-def _digest_header(resp: aiohttp.ClientResponse) -> str | None:
-    value = resp.headers.get("Docker-Content-Digest", "").strip()
-    return value if is_digest(value) else None
-
-
-def _media_type(resp: aiohttp.ClientResponse) -> str:
-    return resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
-
-
-def _embedded_media_type(data: bytes) -> str:
-    try:
-        value = json.loads(data).get("mediaType")
-    except (ValueError, AttributeError):
-        return ""
-    return value if isinstance(value, str) else ""
-
-
-def _json(body: bytes, upstream: str) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise UpstreamError(f"upstream {upstream}: answered with invalid JSON", upstream=upstream) from None
-
-
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int, too_large: Callable[[], Exception]) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise too_large()
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
-        body += chunk
-        if len(body) > limit:
-            raise too_large()
-    return bytes(body)
-
-
-def _link_next(header: str) -> str | None:
-    match = _LINK_NEXT.search(header)
-    return match.group(1) if match else None
-
-
-def _leading_int(value: str | None) -> int | None:
-    """Docker Hub sends ``100;w=21600``: the count, then the window."""
-    try:
-        return int(value.split(";", 1)[0].strip()) if value else None
-    except ValueError:
-        return None
-
-
-def _window(value: str | None) -> int | None:
-    """The ``w=`` parameter of a RateLimit header (``100;w=21600``), in seconds."""
-    for part in (value or "").split(";")[1:]:
-        key, _, number = part.partition("=")
-        if key.strip() == "w" and number.strip().isdigit():
-            return int(number.strip())
-    return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After is seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:  # "inf" or "nan" would later break the Retry-After we send to clients
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -36,7 +36,8 @@ from proxy.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from proxy.upstream import RETRY_BUDGET, UpstreamClient, _retry_after
+from proxy.upstream import RETRY_BUDGET, UpstreamClient
+from proxy.upstream_responses import retry_after
 
 PASSWORD = "hunter2-PASSWORD-do-not-log"
 USERNAME = "alice"
@@ -483,12 +484,12 @@ async def test_short_retry_after_is_waited_out(aiohttp_server, make_client):
     [("3", 3.0), ("0", 0.0), ("-5", 0.0), ("inf", None), ("nan", None), ("soon", None), (None, None)],
 )
 def test_retry_after_is_read_as_seconds(header: str | None, expected: float | None) -> None:
-    assert _retry_after(header) == expected
+    assert retry_after(header) == expected
 
 
 def test_retry_after_may_be_an_http_date() -> None:
     later = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
-    assert 80 < (_retry_after(later) or 0) <= 90
+    assert 80 < (retry_after(later) or 0) <= 90
 
 
 async def test_connection_refused_is_unavailable_within_the_retry_budget(make_client):
