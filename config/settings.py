@@ -187,7 +187,6 @@ class LimitSettings(_Model):
 class Settings(_Model):
     listen: str = "0.0.0.0:5000"
     data_dir: Path = Path("./data")
-    workers: int = Field(default=1, ge=1, le=64)
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name=DOCKER_HUB, url=DOCKER_HUB_URL, default=True)]
     )

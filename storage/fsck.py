@@ -373,8 +373,8 @@ async def fsck(root: Path, backend: BlobBackend, *, repair: bool = False, fast: 
 
 
 async def recover(root: Path, metadata: Metadata, backend: BlobBackend) -> FsckReport:
-    """Startup recovery: fast, repairing; temp files were already cleared by the backend."""
-    return await Checker(root, metadata, backend, repair=True, verify=False).run(integrity=False, temp=False)
+    """Startup recovery, run only by a server alone on its store: fast, repairing, temp files removed."""
+    return await Checker(root, metadata, backend, repair=True, verify=False).run(integrity=False, temp=True)
 
 
 async def _fetch(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:

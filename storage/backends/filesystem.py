@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -122,12 +121,10 @@ class FilesystemBackend(BlobBackend):
         self.root = root
 
     async def start(self) -> None:
-        # A fill that was running when the process died left only a temp file;
-        # none of it was ever visible under a digest, so it can simply go.
-        tmp = paths.tmp_dir(self.root)
-        if tmp.exists():
-            await asyncio.to_thread(shutil.rmtree, tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
+        # Temp files a crash left are removed by startup recovery (storage.fsck),
+        # which runs only when no other process uses this store: another
+        # process's fills in progress must not vanish under it.
+        paths.tmp_dir(self.root).mkdir(parents=True, exist_ok=True)
         (self.root / paths.BLOBS).mkdir(parents=True, exist_ok=True)
 
     async def stat(self, digest: Digest) -> int | None:
