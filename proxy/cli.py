@@ -8,15 +8,19 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from config.settings import ConfigError, Settings, load_settings, upstream_from_url
-from proxy.accesslog import configure_logging
+if TYPE_CHECKING:
+    from config.settings import Settings
 
+# The client verbs (images, rmi, pull, ...) import only what they use, so a
+# listing answers without loading the server's settings schema and aiohttp.
 log = logging.getLogger("regcache")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    from config.settings import load_settings, upstream_from_url
+
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
         overrides["listen"] = args.listen
@@ -77,6 +81,7 @@ def fsck(args: argparse.Namespace) -> int:
     """Exit 0 when the store is consistent, 1 when all found was fixed, 4 when problems remain, 8 on failure."""
     import json
 
+    from config.settings import ConfigError
     from proxy.app import make_backend
     from storage.fsck import FAILED, StoreBusy
     from storage.fsck import fsck as check
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is not None:  # verbs that carry their own runner (save, load)
         return args.handler(args)
     if args.verb == "serve":
+        from config.settings import ConfigError
+        from proxy.accesslog import configure_logging
+
         try:
             settings = settings_from_args(args)
         except ConfigError as exc:
