@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.fake_upstream import FakeUpstream
 from tests.support.regcache import RegcacheProcess
 from tests.support.registry import Registry
 from tests.support.seed import SeededImage, seed_upstream
@@ -83,3 +84,15 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     with CephRGW(tmp_path_factory.mktemp("ceph")) as gateway:
         yield gateway
+
+
+# --------------------------------------------------------------------------- fake upstream
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> FakeUpstream:
+    """An in-process registry for faults a real one cannot produce (tests/fake_upstream.py)."""
+    upstream = FakeUpstream()
+    server = await aiohttp_server(upstream.app, host="127.0.0.1")
+    upstream.base_url = str(server.make_url("")).rstrip("/")
+    return upstream

@@ -17,14 +17,6 @@ from tests.serving import sample, start_proxy
 BIG = os.urandom(12 * 1024 * 1024)
 
 
-@pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
 def settings_for(fake: FakeUpstream, data_dir: Path, **limits: float) -> Settings:
     return Settings(
         data_dir=data_dir,

@@ -23,14 +23,6 @@ SMALL = b"small layer" * 50
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
 def settings_for(fake: FakeUpstream, data_dir: Path, metrics: MetricsSettings | None = None, **upstream) -> Settings:
     return Settings(
         data_dir=data_dir,

@@ -16,14 +16,6 @@ LAYER = os.urandom(3 * 1024 * 1024 + 17)
 SMALL = b"small layer bytes" * 100
 
 
-@pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
 def settings_for(fake: FakeUpstream, data_dir, **upstream) -> Settings:
     return Settings(
         data_dir=data_dir,
@@ -209,7 +201,6 @@ async def test_range_on_cached_blob(fake, proxy):
     assert await r.read() == LAYER[10:20]
     r = await proxy.get(f"/v2/team/app/blobs/{layer}", headers={"Range": f"bytes={len(LAYER) + 5}-"})
     assert r.status == 416
-
 
 
 async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, tmp_path):

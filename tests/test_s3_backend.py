@@ -18,19 +18,11 @@ from config.settings import S3Settings, Settings, StorageSettings, UpstreamSetti
 from proxy.app import create_app
 from storage import paths
 from storage.digest import Digest
-from tests.fake_upstream import FakeUpstream, Fault, digest_of
+from tests.fake_upstream import Fault, digest_of
 
 PART = 5 * 1024 * 1024
 BIG = os.urandom(2 * PART + 12345)  # three multipart parts
 SMALL = os.urandom(70_000)  # one PUT
-
-
-@pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
 
 
 @pytest.fixture

@@ -30,14 +30,6 @@ OCI_ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 
 
 @pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
-@pytest.fixture
 def bucket(rgw) -> str:
     return rgw.make_bucket()
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import upstream_entry
-from tests.fake_upstream import FakeUpstream, Fault, digest_of
+from tests.fake_upstream import Fault, digest_of
 from tests.support import skopeo
 from tests.support.seed import SeededImage
 from tests.test_s3_backend import blob_key, leases
@@ -94,14 +94,6 @@ def test_tiered_node_cache_over_cluster_cache_fetches_each_blob_once(rgw, upstre
             pull(image, node.host, tmp_path / f"{i}-{j}")
     for digest in all_blobs(seeded):
         assert upstream.blob_gets(digest) == 1, digest
-
-
-@pytest.fixture
-async def fake(aiohttp_server) -> FakeUpstream:
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app, host="127.0.0.1")
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
 
 
 async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry(fake, rgw, regcache_factory, tmp_path):
