@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import http.client
 import json
 import os
 import secrets
@@ -31,7 +30,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,8 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .regcache import RegcacheProcess
 from .registry import HOST, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -234,91 +231,11 @@ class NetnsForwarder:
 # --------------------------------------------------------------------------- regcache
 
 
-class RegcacheServer:
+class RegcacheServer(RegcacheProcess):
     """``regcache serve`` as a subprocess on loopback, configured from a settings mapping."""
 
     def __init__(self, workdir: Path, upstreams: Sequence[Mapping[str, Any]], **settings: Any) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.data_dir = self.workdir / "data"
-        self.config_path = self.workdir / "regcache.yml"
-        self.log_path = self.workdir / "regcache.log"
-        self.upstreams = [dict(u) for u in upstreams]
-        self.settings = settings
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def start(self) -> RegcacheServer:
-        for _ in range(5):
-            self.port = self.port or free_port()
-            config = {
-                "listen": self.host,
-                "data_dir": str(self.data_dir),
-                "upstreams": self.upstreams,
-                "log": {"level": "info", "format": "text"},
-                **self.settings,
-            }
-            self.config_path.write_text(yaml.safe_dump(config))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("REGCACHE_")}
-            env["PYTHONPATH"] = str(REPO_ROOT)
-            with self.log_path.open("ab") as log:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config_path)],
-                    cwd=REPO_ROOT,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            try:
-                _wait_for("regcache", self._answers, self._proc, self.log_path, 30)
-                return self
-            except DaemonError:
-                self.stop()
-                if "address already in use" not in _tail(self.log_path, 2000):
-                    raise
-                self.port = 0
-        raise DaemonError("regcache found no free port")
-
-    def _answers(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
-            try:
-                conn.request("GET", "/v2/")
-                return conn.getresponse().status == 200
-            finally:
-                conn.close()
-        except (OSError, http.client.HTTPException):
-            return False
-
-    def stop(self) -> None:
-        _terminate(self._proc)
-        self._proc = None
-
-    def log_text(self) -> str:
-        return _tail(self.log_path, 20000)
-
-    def access_log(self) -> list[dict[str, Any]]:
-        """The access log entries (one JSON object per request) written so far."""
-        entries = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if " regcache.access " in line and "{" in line:
-                with contextlib.suppress(ValueError):
-                    entries.append(json.loads(line[line.index("{") :]))
-        return entries
-
-    def stored_blobs(self) -> set[str]:
-        """``sha256:<hex>`` of every blob file in the store."""
-        return {f"sha256:{p.name}" for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
+        super().__init__(workdir, [dict(u) for u in upstreams], settings=settings)
 
 
 # --------------------------------------------------------------------------- dockerd

@@ -7,6 +7,8 @@ handling and crash recovery.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -75,8 +77,10 @@ class RegcacheProcess:
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config_path)],
             cwd=ROOT,
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a test's Ctrl-C does not reach it before its own teardown
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -114,6 +118,20 @@ class RegcacheProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The access-log entries (one JSON object per request) written so far."""
+        entries = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "method" in entry and "logger" not in entry:
+                    entries.append(entry)
+        return entries
+
+    def stored_blobs(self) -> set[str]:
+        """``sha256:<hex>`` of every blob file in the store."""
+        return {f"sha256:{p.name}" for p in (self.data_dir / "blobs").rglob("*") if p.is_file()}
 
     def __enter__(self) -> RegcacheProcess:
         return self.start()
