@@ -21,6 +21,7 @@ import time
 
 from aiohttp import web
 
+from proxy.admin_body import image_names
 from proxy.answers import FillingBlob
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
 from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
@@ -123,8 +124,7 @@ class SavePlanner:
         async with self._fetch:
             answer = await self.pullthrough.blob(route, digest)
             if isinstance(answer, FillingBlob):
-                async for _ in answer.fill.tail():  # the fill commits; reading it is how to wait
-                    pass
+                await answer.fill.committed()
         stored = await self.pullthrough.store.stat(digest)
         if stored is None:
             raise BlobUnknown(f"blob {digest} is not in the store after pulling it")
@@ -133,13 +133,7 @@ class SavePlanner:
 
 
 async def save(request: web.Request) -> web.StreamResponse:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise AdminInvalid("save: the body must be JSON") from None
-    names = body.get("images") if isinstance(body, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise AdminInvalid('save: "images" must be a non-empty list of image references')
+    names, body = await image_names(request, '{"images": ["IMAGE", ...], "compress": "gzip"|"zstd"}')
     compress = body.get("compress")
     if compress not in CONTENT_TYPES:
         raise AdminInvalid('save: "compress" must be "gzip", "zstd" or absent')

@@ -57,15 +57,23 @@ class AdminClient:
         self.timeout = timeout
 
     def _open(self, method: str, path: str, query: list[tuple[str, str]] | None = None, body: Any = None):  # type: ignore[no-untyped-def]
-        url = f"{self.server}/admin/{path}"
-        if query:
-            url += "?" + urlencode(query)
         data = None
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        headers = {"Accept": "application/json"}
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        return self.open_raw(method, path, query, data, headers)
+
+    def open_raw(
+        self, method: str, path: str, query: list[tuple[str, str]] | None, data: Any, headers: dict[str, str]
+    ) -> Any:
+        """A request with any body (a file or a stream for load); the response is not read."""
+        url = f"{self.server}/admin/{path}"
+        if query:
+            url += "?" + urlencode(query)
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Authorization": f"Bearer {self._token}", **headers}
+        )
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:

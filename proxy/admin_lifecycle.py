@@ -12,23 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.admin_body import image_names
 from proxy.errors import AdminInvalid
 from proxy.image_query import Resolver, refs_of
 from proxy.keys import EVENTS, LIFECYCLE, METADATA, ROUTER
 from storage.errors import RegcacheError
 from storage.gc import ImageKey
 from storage.listing import list_images
-
-
-async def _names(request: web.Request) -> list[str]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise AdminInvalid("request body is not JSON") from None
-    names = body.get("images") if isinstance(body, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise AdminInvalid('expected {"images": ["IMAGE", ...]}')
-    return names
 
 
 async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
@@ -39,7 +29,8 @@ async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
     resolver = Resolver(images, router)
     verb = "Pinned" if pinned else "Unpinned"
     results: list[dict[str, Any]] = []
-    for name in await _names(request):
+    names, _ = await image_names(request)
+    for name in names:
         try:
             image, ref = resolver.find(name)
         except RegcacheError as exc:

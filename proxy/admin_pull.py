@@ -80,13 +80,14 @@ class Puller:
         await fill.wait_started()
         current = 0
         last_sent = -1
-        # Reading the tail to its end is what waits for the verified commit.
         async for chunk in fill.tail():
             current += len(chunk)
             if progress_id and (current - last_sent >= 512 * 1024 or current == fill.size):
                 last_sent = current
                 await self.emit({"status": "Downloading", "id": progress_id,
                                  "progressDetail": {"current": current, "total": fill.size or 0}})  # fmt: skip
+        # The tail ends once the digest is verified; the pull is done once the store has the blob.
+        await fill.committed()
         if progress_id:
             await self.emit({"status": "Verifying Checksum", "id": progress_id})
             await self.emit({"status": "Download complete", "id": progress_id})

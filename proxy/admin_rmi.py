@@ -21,7 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import AdminConflict, AdminInvalid
+from proxy.admin_body import image_names
+from proxy.errors import AdminConflict
 from proxy.image_query import Ref, Resolver, refs_of
 from proxy.keys import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, STORE
 from proxy.routing import Router
@@ -124,13 +125,7 @@ class Remover:
 
 
 async def rmi(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise AdminInvalid("request body is not JSON") from None
-    names = body.get("images") if isinstance(body, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise AdminInvalid('expected {"images": ["IMAGE", ...], "force": false}')
+    names, body = await image_names(request, '{"images": ["IMAGE", ...], "force": false}')
     metadata = request.config_dict[METADATA]
     await request.config_dict[LIFECYCLE].sync_shared()  # a name another replica recorded is removable here
     remover = Remover(metadata, request.config_dict[STORE], request.config_dict[LIFECYCLE], request.config_dict[ROUTER])

@@ -18,7 +18,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlencode
 
 CHUNK = 1024 * 1024
 
@@ -53,26 +52,11 @@ class Progress:
 
 
 def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, str], query: list | None = None):  # type: ignore[no-untyped-def]
-    from proxy.admin_client import DEFAULT_SERVER, SERVER_ENV, AdminClientError, _message, resolve_token
+    from proxy.admin_client import DEFAULT_SERVER, SERVER_ENV, AdminClient, resolve_token
 
-    server = (args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER).rstrip("/")
-    url = f"{server}/admin/{path}" + ("?" + urlencode(query) if query else "")
-    headers = {"Authorization": f"Bearer {resolve_token(args.token_file)}", **headers}
-    request = urllib.request.Request(url, data=data, method="POST", headers=headers)
-    try:
-        return urllib.request.urlopen(request, timeout=args.timeout)
-    except urllib.error.HTTPError as exc:
-        message = _message(exc.read(), exc.code)
-        if exc.code == 401:
-            raise AdminClientError(f"unauthorized: {message}") from None
-        if exc.code == 404 and message in ("Not Found", "NOT_FOUND"):
-            raise AdminClientError(f"{server} has no admin API (is admin.token set there?)") from None
-        raise AdminClientError(f"Error response from daemon: {message}") from None
-    except urllib.error.URLError as exc:
-        reason = getattr(exc.reason, "strerror", None) or str(exc.reason)
-        raise AdminClientError(f"cannot reach {server}: {reason}") from None
-    except OSError as exc:
-        raise AdminClientError(f"cannot reach {server}: {exc}") from None
+    server = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    client = AdminClient(server, resolve_token(args.token_file), timeout=args.timeout)
+    return client.open_raw("POST", path, query, data, headers)
 
 
 # --------------------------------------------------------------------------- save
