@@ -84,7 +84,8 @@ class Regcache:
         return {
             "listen": self.host,
             "data_dir": str(self.data_dir),
-            "workers": self.workers,
+            # Only asked for when set: serve has no workers setting by default.
+            **({"workers": self.workers} if self.workers != 1 else {}),
             "upstreams": [{"name": "upstream.bench", "url": self.upstream_url, "default": True}],
             "admin": {"token": ADMIN_TOKEN},
             # Like the distribution anchors, which run with their access log off.

@@ -4,7 +4,10 @@ The fill runs in its own task, under its own timeout, so it completes even
 when the client that started it goes away. Every client, the first one
 included, reads the spool file as it grows. The last byte is held back until
 the digest is verified: a client never sees the clean end of a wrong body,
-only an aborted connection.
+only an aborted connection. It is not held back for the commit (fsync, rename,
+the metadata row): a client that has the blob has correct bytes, and if the
+commit then fails the cache simply does not keep them. Code that needs the
+blob in the store awaits ``committed()``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Fill:
         self.repository = repository
         self.size: int | None = None
         self.error: BaseException | None = None
+        self.verified = False  # size and digest checked: every byte may go to clients
         self.finished = False  # verified and committed
         self.writer: BlobWriter | None = None
         self._fd: int | None = None
@@ -56,6 +60,7 @@ class Fill:
     def committed_elsewhere(self, size: int, read: Callable[[], AsyncIterator[bytes]]) -> None:
         self.size = size
         self.stored = read
+        self.verified = True
         self.finished = True
         self.started.set()
         self.progressed()
@@ -64,7 +69,13 @@ class Fill:
         self._progress.set()
         self._progress = asyncio.Event()
 
+    def verify(self) -> None:
+        """The spool file is the verified blob: clients get their last byte now."""
+        self.verified = True
+        self.progressed()
+
     def succeed(self) -> None:
+        self.verified = True
         self.finished = True
         self.progressed()
         self._release_writer()
@@ -80,6 +91,17 @@ class Fill:
         return self.finished or self.error is not None
 
     # The reading side ------------------------------------------------------
+
+    async def committed(self) -> None:
+        """Returns once the blob is in the store (and its row recorded); raises if the fill failed.
+
+        Reading a fill to its end does not mean this: the last byte goes out
+        when the digest is verified, before the commit.
+        """
+        while not self.done:
+            await self._progress.wait()
+        if self.error is not None:
+            raise self.error
 
     async def wait_started(self) -> None:
         await self.started.wait()
@@ -106,8 +128,8 @@ class Fill:
     async def ranges(self) -> AsyncIterator[tuple[int, int, int]]:
         """``(fd, offset, length)`` of spool bytes as they land, for sendfile; raises if the fill fails.
 
-        The last byte comes only once the blob is verified and committed, so a
-        client that has the whole blob can count on the cache having it too.
+        The last byte comes only once the blob is verified (not committed: see
+        ``committed``); once verified, a failed commit does not cut readers.
         ``fd`` stays open while anything holds this fill; not for a fill
         committed elsewhere (``stored``).
         """
@@ -116,17 +138,18 @@ class Fill:
         fd = self._fd
         offset = 0
         while True:
+            verified = self.verified
             available = self.writer.flushed
-            if not self.finished:
+            if not verified:
                 available -= 1  # hold back the last byte until verified
             if offset < available:
                 yield fd, offset, available - offset
                 offset = available
                 continue
+            if verified:
+                return  # every verified byte is out, whatever the commit does
             if self.error is not None:
                 raise self.error
-            if self.finished:
-                return
             await self._progress.wait()
 
     def _release_writer(self) -> None:

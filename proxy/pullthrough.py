@@ -381,7 +381,9 @@ class PullThrough:
                     async for chunk in stream.chunks:
                         if await writer.write(chunk):
                             fill.progressed()
-                    written = await writer.finish()
+                    written = await writer.verify()
+                    fill.verify()  # clients get their last byte; the commit follows
+                    await writer.commit()
                 except BaseException as exc:
                     await writer.abort()
                     if isinstance(exc, DigestMismatch | SizeMismatch):

@@ -138,7 +138,7 @@ async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) 
         try:
             async with contextlib.aclosing(fill.ranges()) as ranges:
                 async for fd, offset, length in ranges:
-                    if not fill.finished:
+                    if not fill.verified:
                         await sender.send(fd, offset, length, stall)
                         continue
                     await sender.send(fd, offset, length - 1, stall)

@@ -45,6 +45,7 @@ class BlobWriter:
         self.flushed = 0  # bytes readable in the spool file
         self.on_flush: Callable[[], None] | None = None  # called on the loop when ``flushed`` grows
         self._done = False
+        self.verified = False  # size and digest checked: the spool file is the blob
 
     @property
     def spool_path(self) -> Path:
@@ -103,6 +104,15 @@ class BlobWriter:
 
     async def finish(self) -> int:
         """Verify size and digest, then commit. Raises (and aborts) on mismatch."""
+        await self.verify()
+        return await self.commit()
+
+    async def verify(self) -> int:
+        """Check size and digest of everything written; raises (and aborts) on a mismatch.
+
+        After this the spool file holds exactly the blob: its bytes may go to
+        clients while ``commit`` makes it durable and visible under its digest.
+        """
         try:
             await self.flush()
             if self.expected_size is not None and self.received != self.expected_size:
@@ -110,6 +120,17 @@ class BlobWriter:
             actual = self._hasher.hexdigest()
             if actual != self.digest.hex:
                 raise DigestMismatch(f"content of {self.digest} hashes to {self.digest.algorithm}:{actual}")
+        except BaseException:
+            await self.abort()
+            raise
+        self.verified = True
+        return self.received
+
+    async def commit(self) -> int:
+        """Make a verified blob visible under its digest. Raises (and aborts) on failure."""
+        if not self.verified:
+            raise RuntimeError(f"{self.digest}: commit before verify")
+        try:
             await self._upload.commit()
         except BaseException as exc:
             await self.abort()

@@ -77,9 +77,10 @@ async def test_blobs_are_committed_to_the_bucket_and_served_by_every_replica(fak
     first, second = await replicas(2)
     for data in (BIG, SMALL):
         assert await get_blob(first, "team/app", digest_of(data)) == data
-    keys = rgw.keys(bucket, "blobs/")
+    # The last byte goes out once the digest is verified; the commit to the bucket follows.
+    wanted = {blob_key(digest_of(data)) for data in (BIG, SMALL)}
+    assert await settled(lambda: wanted <= set(rgw.keys(bucket, "blobs/")), attempts=600)
     for data in (BIG, SMALL):
-        assert blob_key(digest_of(data)) in keys
         head = rgw.client().head_object(Bucket=bucket, Key=blob_key(digest_of(data)))
         assert head["ContentLength"] == len(data)
     # The other replica finds them in the bucket: a hit, no second upstream fetch.
@@ -104,7 +105,7 @@ async def test_corrupt_upstream_blob_never_becomes_readable_in_the_bucket(fake, 
     assert blob_key(digest) not in rgw.keys(bucket)
     # The next request fetches again and commits the right bytes.
     assert await get_blob(proxy, "team/app", digest) == data
-    assert blob_key(digest) in rgw.keys(bucket)
+    assert await settled(lambda: blob_key(digest) in rgw.keys(bucket), attempts=600)  # committed after the last byte
 
 
 async def test_twenty_concurrent_cold_requests_over_three_replicas_fetch_once(fake, rgw, bucket, replicas):
