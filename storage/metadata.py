@@ -102,7 +102,16 @@ class Metadata:
         One connection serves every task, so transactions take turns.
         """
         async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
+            # Cancelled while BEGIN waits in the connection's queue, it still runs
+            # after: roll it back then, or the connection stays in a transaction.
+            begin = asyncio.ensure_future(self.db.execute("BEGIN IMMEDIATE"))
+            try:
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                await asyncio.wait([begin])
+                if not begin.cancelled() and begin.exception() is None and self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
             try:
                 yield self.db
                 await self.db.execute("COMMIT")

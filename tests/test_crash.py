@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import LIFECYCLE, METADATA
+from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH
 from storage.gc import Collector
 from tests.lifecycle_helpers import (
     LifecycleImages,
@@ -189,6 +189,13 @@ async def test_crash_between_fill_commit_and_its_row_is_recovered_at_startup(lc,
 
     monkeypatch.setattr(metadata, "record_blob", crash_before_row)
     await asyncio.to_thread(_pull_ignoring_errors, server.port, lc)
+    # Clients get a blob's last byte once it is verified; its fill commits after that.
+    fills = server.app[PULLTHROUGH].fills
+    for _ in range(600):
+        if not len(fills):
+            break
+        await asyncio.sleep(0.05)
+    assert not len(fills), "fills still running 30 s after the pull"
     monkeypatch.undo()
     await server.close()
     layer = lc.own_layer("lc/b")
