@@ -1,19 +1,20 @@
 """Blobs as files under the data directory (the layout in ``storage.paths``).
 
 Commit is fsync of the temp file, ``os.replace`` into place and fsync of the
-directory, so a crash leaves either the whole verified blob or nothing.
+directory, so a crash leaves either the whole verified blob or nothing. The
+spool file is not handed to the disk early (sync_file_range while filling):
+that made a fill as slow as the disk, and clients no longer wait for the
+commit's fsync (their last byte goes out once the digest is verified).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from storage import paths
@@ -22,27 +23,6 @@ from storage.digest import Digest
 from storage.errors import BlobUnknown, StoreFull
 
 READ_CHUNK = 1024 * 1024
-# A growing spool file is handed to the disk every this many bytes (without
-# waiting), so the fsync at commit, which a client's last byte waits for,
-# finds little left to write.
-WRITEBACK_BYTES = 32 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None  # not Linux: the commit's fsync does all the work
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_start_writeback = _sync_file_range()
-# A hint to the kernel on a reused descriptor number only starts writing another
-# file early: harmless, so jobs need not hold the file open.
-_WRITEBACK = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writeback")
 
 
 class FileUpload(Upload):
@@ -51,20 +31,12 @@ class FileUpload(Upload):
         self.spool_path = paths.tmp_dir(root) / uuid.uuid4().hex
         self._file = open(self.spool_path, "xb")  # noqa: SIM115 - closed in commit/abort
         self._closed = False
-        self._written = 0
-        self._handed_to_disk = 0
 
     def write_sync(self, data: bytes) -> None:
         try:
             self._file.write(data)
             # Followers read the spool file by path: make the bytes visible to them.
             self._file.flush()
-            self._written += len(data)
-            if _start_writeback is not None and self._written - self._handed_to_disk >= WRITEBACK_BYTES:
-                # On its own thread: the call can block on a busy disk queue, and hashing must not wait.
-                _WRITEBACK.submit(_start_writeback, self._file.fileno(), self._handed_to_disk,
-                                  self._written - self._handed_to_disk, _SYNC_FILE_RANGE_WRITE)  # fmt: skip
-                self._handed_to_disk = self._written
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull("no space left on the store's filesystem") from exc
