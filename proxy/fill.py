@@ -168,7 +168,7 @@ class Fills:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._fills: dict[str, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Fill] = {}
 
     def __len__(self) -> int:
         return len(self._fills)
@@ -180,8 +180,8 @@ class Fills:
         key = str(fill.digest)
         self._fills[key] = fill
         task = asyncio.create_task(self._run(fill, body))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fill
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return fill
 
     async def _run(self, fill: Fill, body: FillBody) -> None:
@@ -197,7 +197,16 @@ class Fills:
         finally:
             self._fills.pop(str(fill.digest), None)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
+    async def close(self, commit_grace: float = 30.0) -> None:
+        """Stop: fills still fetching are cancelled; verified ones may finish their commit.
+
+        A verified fill has sent every byte to its clients; cancelling its commit
+        would leave a client holding a blob the restarted cache does not have.
+        """
+        committing = [task for task, fill in self._tasks.items() if fill.verified]
+        if committing:
+            await asyncio.wait(committing, timeout=commit_grace)
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -382,6 +382,9 @@ class PullThrough:
                         if await writer.write(chunk):
                             fill.progressed()
                     written = await writer.verify()
+                    # Counted before any client has its last byte, so what a client
+                    # saw is already in the metrics.
+                    self.events.fetched(route.upstream_name, "blob", written)
                     fill.verify()  # clients get their last byte; the commit follows
                     await writer.commit()
                 except BaseException as exc:
@@ -399,7 +402,6 @@ class PullThrough:
             self.events.fill_finished(route.upstream_name)
         await self.metadata.record_blob(repo_id, str(fill.digest), written)
         self._links.add((repo_id, str(fill.digest)))
-        self.events.fetched(route.upstream_name, "blob", written)
         fill.succeed()
 
     # Tags and catalog ----------------------------------------------------------
