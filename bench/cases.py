@@ -66,12 +66,12 @@ def _committed(regcache: Regcache, digest: str, timeout: float = 60) -> None:
 
 
 def quiet(busy_below: float = 0.25, timeout: float = 30) -> None:
-    """Wait (bounded) until the machine's CPUs are mostly idle over half a second."""
+    """Wait (bounded) until the machine's CPUs are mostly idle (not waiting on the disk) over half a second."""
 
     def busy_idle() -> tuple[int, int]:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
+        idle = fields[3]  # iowait counts as busy: a commit's fsync is still going on
         return sum(fields) - idle, idle
 
     deadline = time.monotonic() + timeout
