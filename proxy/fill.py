@@ -197,6 +197,10 @@ class Fills:
         finally:
             self._fills.pop(str(fill.digest), None)
 
+    async def settle(self) -> None:
+        """Wait until every fill in flight has ended, well or not."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self, commit_grace: float = 30.0) -> None:
         """Stop: fills still fetching are cancelled; verified ones may finish their commit.
 
