@@ -14,6 +14,7 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import MetricsSettings, Settings, UpstreamSettings
 from proxy.app import create_app
+from proxy.keys import PULLTHROUGH
 from proxy.metrics import metrics_app
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 from tests.serving import sample, start_proxy
@@ -47,6 +48,8 @@ async def test_distribution_counters_follow_hits_misses_and_bytes(fake, aiohttp_
         assert (await proxy.get("/v2/team/app/manifests/1")).status == 200
         r = await proxy.get(f"/v2/team/app/blobs/{layer}")
         assert await r.read() == LAYER
+        # The body is complete once verified; the commit that makes the next GET a hit may still run.
+        await proxy.server.app[PULLTHROUGH].fills.settle()
     text = await scrape(proxy)
 
     assert sample(text, "registry_proxy_requests_total", type="manifest") == 2
