@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.admin_body import json_object
 from proxy.answers import FillingBlob, LocalBlob
 from proxy.errors import AdminInvalid
 from proxy.keys import PULLTHROUGH, ROUTER
@@ -104,10 +105,7 @@ def _parse_request(body: Any) -> tuple[str, str | None, bool]:
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise AdminInvalid("request body is not JSON") from None
+    body = await json_object(request)
     text, wanted_platform, all_platforms = _parse_request(body)
     ref = ImageReference.parse(text)
     name = f"{ref.registry}/{ref.name}" if ref.registry else ref.name
