@@ -16,6 +16,7 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import S3Settings, Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
+from proxy.keys import PULLTHROUGH
 from storage import paths
 from storage.digest import Digest
 from tests.fake_upstream import Fault, digest_of
@@ -158,6 +159,7 @@ async def test_redirect_mode_answers_with_a_presigned_url_that_serves_the_blob(f
     digest = digest_of(SMALL)
     (proxy,) = await replicas(1, redirect=True, redirect_ttl=60)
     assert await get_blob(proxy, "team/app", digest) == SMALL  # the miss streams while it fills
+    await proxy.server.app[PULLTHROUGH].fills.settle()  # committed to the bucket: now a hit
     r = await proxy.get(f"/v2/team/app/blobs/{digest}", allow_redirects=False)
     assert r.status == 307
     location = r.headers["Location"]

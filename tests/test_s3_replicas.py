@@ -124,6 +124,11 @@ async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry
             assert r.status == 200
             assert await r.read() == layer
     assert fake.count("GET", f"/blobs/{digest}") == 2  # the killed fill, then the takeover
+    # The client had every byte once the digest was verified; the bucket commit follows it.
+    for _ in range(300):
+        if rgw.keys(bucket, "blobs/"):
+            break
+        await asyncio.sleep(0.05)
     assert rgw.keys(bucket, "blobs/") == [blob_key(digest)]
     head = rgw.client().head_object(Bucket=bucket, Key=blob_key(digest))
     assert head["ContentLength"] == len(layer)
