@@ -10,6 +10,7 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
+from proxy.keys import PULLTHROUGH
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
@@ -44,6 +45,7 @@ async def test_miss_then_hit_serves_same_bytes_and_fetches_once(fake, proxy, tmp
         assert await r.read() == LAYER
         assert r.headers["Docker-Content-Digest"] == layer
     assert fake.count("GET", f"/blobs/{layer}") == 1
+    await proxy.server.app[PULLTHROUGH].fills.settle()  # the commit follows the verified last byte
     assert layer.split(":")[1] in stored_files(tmp_path / "data")
 
 
