@@ -20,6 +20,15 @@ def stored_blobs(server) -> set[str]:
     return {f"sha256:{p.name}" for p in (server.data_dir / "blobs" / "sha256").rglob("*") if p.is_file()}
 
 
+def eventually(check, attempts: int = 300) -> bool:  # type: ignore[no-untyped-def]
+    """A blob's commit follows the client's verified last byte: poll for it, bounded."""
+    for _ in range(attempts):
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -46,7 +55,7 @@ def test_skopeo_through_regcache_sees_upstream_digests(upstream, seeded, regcach
             assert (dest / blob.split(":")[1]).is_file(), (key, blob)
     # Every blob the clients fetched is on disk once, whatever image asked.
     every = {b for image in seeded.values() for b in image.blob_digests}
-    assert every <= stored_blobs(server)
+    assert eventually(lambda: every <= stored_blobs(server)), every - stored_blobs(server)
 
 
 def test_shared_layer_is_fetched_and_stored_once(upstream, seeded, regcache_factory, tmp_path):
@@ -59,6 +68,7 @@ def test_shared_layer_is_fetched_and_stored_once(upstream, seeded, regcache_fact
     skopeo.copy(beta.docker_ref(server.host), f"oci:{tmp_path / 'b'}:x")
     for blob in set(alpha.blob_digests) | set(beta.blob_digests):
         assert upstream.blob_gets(blob) == 1, blob
+    assert eventually(lambda: shared <= stored_blobs(server))
     files = [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file() and f"sha256:{p.name}" in shared]
     assert len(files) == len(shared)
 
