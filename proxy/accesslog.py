@@ -1,7 +1,7 @@
 """One structured line per request, written after the response is fully sent.
 
 Handlers put what they know (upstream, repository, digest or tag, cache
-result) into ``request["log"]``; this logger adds method, route, status,
+result) into ``request[LOG]``; this logger adds method, route, status,
 bytes, duration and the request id. Never headers, never credentials.
 """
 
@@ -16,17 +16,17 @@ import uuid
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy.keys import EVENTS
+from proxy.keys import ERROR, EVENTS, LOG, REQUEST_ID
 
 log = logging.getLogger("regcache.access")
 
 
 @web.middleware
 async def request_context(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    request["log"] = {}
-    request["request_id"] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request[LOG] = {}
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     response = await handler(request)
-    response.headers["X-Request-Id"] = request["request_id"]
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 
 
@@ -65,13 +65,13 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        fields = request.get("log", {})
+        fields = request.get(LOG, {})
         route = route_name(request)
         sent = _body_bytes(request, response)
         if self.logger.isEnabledFor(logging.INFO):
             entry = {
                 "ts": round(time.time(), 3),
-                "request_id": request.get("request_id", ""),
+                "request_id": request.get(REQUEST_ID, ""),
                 "method": request.method,
                 "route": route,
                 "path": request.path[:512],
@@ -81,7 +81,7 @@ class AccessLogger(AbstractAccessLogger):
                 "remote": request.remote,
             }
             entry.update(fields)
-            error = request.get("error")
+            error = request.get(ERROR)
             if error is not None:
                 entry.setdefault("result", "error")
                 entry["error"] = getattr(error, "message", None) or type(error).__name__

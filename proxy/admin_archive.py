@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy.admin_body import image_names
 from proxy.answers import FillingBlob
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
-from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
+from proxy.keys import LIFECYCLE, LOG, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
 from proxy.pullthrough import PullThrough
 from proxy.routing import Route, Router
 from storage import paths
@@ -150,7 +150,7 @@ async def save(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPES[compress]})
     if compress is None:
         response.content_length = plan.size()
-    request["log"]["result"] = f"{len(plan.images)} images, {len(plan.blobs)} blobs"
+    request[LOG]["result"] = f"{len(plan.images)} images, {len(plan.blobs)} blobs"
     await response.prepare(request)
     store = request.config_dict[STORE]
     async for chunk in compressed(write_archive(plan, store.read), compress):
@@ -261,7 +261,7 @@ async def load(request: web.Request) -> web.Response:
         for route, digest, media_type, tag in published:
             await pullthrough.shared.publish(route, digest, media_type, tag, time.time())
     pullthrough.forget()
-    request["log"]["result"] = f"{len(loaded)} images, {result.written} blobs written, {result.skipped} skipped"
+    request[LOG]["result"] = f"{len(loaded)} images, {result.written} blobs written, {result.skipped} skipped"
     return web.json_response({"loaded": loaded, "blobs_written": result.written, "blobs_skipped": result.skipped})
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from config.settings import ConfigError, Settings
 from proxy.errors import error_body
+from proxy.keys import LOG
 
 log = logging.getLogger("regcache.admin")
 
@@ -88,10 +89,10 @@ def token_guard(token: str):  # type: ignore[no-untyped-def]
     async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
         presented = _presented_token(request)
         if presented is None:
-            request["log"]["result"] = "unauthorized"
+            request[LOG]["result"] = "unauthorized"
             return _unauthorized("admin token required")
         if not hmac.compare_digest(presented.encode(), expected):
-            request["log"]["result"] = "unauthorized"
+            request[LOG]["result"] = "unauthorized"
             log.warning("admin request with a wrong token from %s", request.remote)
             return _unauthorized("admin token is wrong")
         return await handler(request)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.image_query import parse_filters, select
-from proxy.keys import LIFECYCLE, METADATA, ROUTER, STORE
+from proxy.keys import LIFECYCLE, LOG, METADATA, ROUTER, STORE
 from storage.listing import list_images
 
 
@@ -28,7 +28,7 @@ async def images(request: web.Request) -> web.Response:
     await request.config_dict[LIFECYCLE].sync_shared()  # replicas on one bucket list alike
     cached = await list_images(metadata, request.config_dict[STORE])
     found = select(cached, request.config_dict[ROUTER], filters, _flag(request, "all"))
-    request["log"]["result"] = f"{len(found)} images"
+    request[LOG]["result"] = f"{len(found)} images"
     return web.json_response({"images": found})
 
 

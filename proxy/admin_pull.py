@@ -20,7 +20,7 @@ from aiohttp import web
 from proxy.admin_body import json_object
 from proxy.answers import FillingBlob, LocalBlob
 from proxy.errors import AdminInvalid
-from proxy.keys import PULLTHROUGH, ROUTER
+from proxy.keys import ERROR, LOG, PULLTHROUGH, ROUTER
 from proxy.pullthrough import PullThrough
 from proxy.routing import Route
 from storage.digest import Digest
@@ -112,7 +112,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     route = request.config_dict[ROUTER].resolve(name)
     reference = ManifestReference(digest=ref.digest) if ref.digest else ManifestReference(tag=ref.tag or "latest")
     shown = str(ref) if (ref.tag or ref.digest) else f"{ref}:latest"
-    request["log"].update(upstream=route.upstream_name, repository=route.repository, reference=str(reference))
+    request[LOG].update(upstream=route.upstream_name, repository=route.repository, reference=str(reference))
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
@@ -141,13 +141,13 @@ async def pull(request: web.Request) -> web.StreamResponse:
         await emit({"status": f"Digest: {digest}"})
         verdict = "Downloaded newer image for" if puller.fetched else "Image is up to date for"
         await emit({"status": f"Status: {verdict} {shown}"})
-        request["log"]["result"] = "fetched" if puller.fetched else "cached"
+        request[LOG]["result"] = "fetched" if puller.fetched else "cached"
     except RegcacheError as exc:
         # Headers are out: the error travels as docker's error message.
-        request["error"] = exc
+        request[ERROR] = exc
         await emit({"error": exc.message, "errorDetail": {"message": exc.message}})
     except (TimeoutError, OSError) as exc:
-        request["error"] = exc
+        request[ERROR] = exc
         log.warning("pull of %s failed: %r", shown, exc)
         message = f"pull failed: {type(exc).__name__}: {exc}".rstrip(": ")
         await emit({"error": message, "errorDetail": {"message": message}})

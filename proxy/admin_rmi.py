@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy.admin_body import image_names
 from proxy.errors import AdminConflict
 from proxy.image_query import Ref, Resolver, refs_of
-from proxy.keys import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, STORE
+from proxy.keys import EVENTS, LIFECYCLE, LOG, METADATA, PULLTHROUGH, ROUTER, STORE
 from proxy.routing import Router
 from storage.blobs import BlobStore
 from storage.digest import Digest
@@ -139,7 +139,7 @@ async def rmi(request: web.Request) -> web.Response:
     request.config_dict[PULLTHROUGH].forget()
     if remover.freed_blobs:
         request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
-    request["log"]["result"] = f"{sum('lines' in r for r in results)} removed"
+    request[LOG]["result"] = f"{sum('lines' in r for r in results)} removed"
     return web.json_response({"results": results})
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy.errors import AdminInvalid, UpstreamError
 from proxy.image_query import familiar_name
-from proxy.keys import METADATA, ROUTER, UPSTREAMS
+from proxy.keys import LOG, METADATA, ROUTER, UPSTREAMS
 from proxy.routing import Router
 
 log = logging.getLogger("regcache.admin.search")
@@ -104,7 +104,7 @@ async def search(request: web.Request) -> web.Response:
         and (official is None or r["is_official"] == official)
         and (automated is None or r["is_automated"] == automated)
     ]
-    request["log"]["result"] = f"{len(chosen[:limit])} results"
+    request[LOG]["result"] = f"{len(chosen[:limit])} results"
     return web.json_response({"results": chosen[:limit], "warnings": warnings})
 
 

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from config.settings import AuthSettings, ConfigError
 from proxy.errors import Unauthorized
+from proxy.keys import LOG
 
 log = logging.getLogger("regcache.auth")
 
@@ -140,7 +141,7 @@ def auth_middleware(auth: ClientAuth):  # type: ignore[no-untyped-def]
     @web.middleware
     async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
         if auth.protects(request.path) and not await auth.allowed(request.headers.get("Authorization")):
-            request["log"]["result"] = "unauthorized"
+            request[LOG]["result"] = "unauthorized"
             raise Unauthorized("authentication required", challenge=auth.challenge)
         return await handler(request)
 

@@ -12,6 +12,7 @@ import logging
 
 from aiohttp import web
 
+from proxy.keys import ERROR
 from storage.errors import (
     ArchiveInvalid,
     BlobUnknown,
@@ -210,7 +211,7 @@ async def error_middleware(request: web.Request, handler):  # type: ignore[no-un
     try:
         return await handler(request)
     except RegcacheError as error:
-        request["error"] = error
+        request[ERROR] = error
         return error_response(error)
     except web.HTTPException as exc:
         # aiohttp's own 404/405 for unmatched routes: give them OCI bodies too.

@@ -1,4 +1,4 @@
-"""Typed keys for what the application carries (aiohttp ``web.AppKey``)."""
+"""Typed keys for what the application and each request carry (``web.AppKey``, ``web.RequestKey``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from proxy.routing import Router
     from proxy.upstream import UpstreamClient
     from storage.blobs import BlobStore
+    from storage.gc import Lease
     from storage.lifecycle import Lifecycle
     from storage.metadata import Metadata
 
@@ -28,3 +29,10 @@ EVENTS: web.AppKey[Events] = web.AppKey("events")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+
+# Per request: the access log's fields, the request id, the error answered, and
+# the GC lease a blob hit holds until its file is open.
+LOG: web.RequestKey[dict[str, object]] = web.RequestKey("log")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+ERROR: web.RequestKey[BaseException] = web.RequestKey("error")
+BLOB_LEASE: web.RequestKey[Lease | None] = web.RequestKey("blob_lease")

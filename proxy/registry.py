@@ -21,7 +21,7 @@ from proxy.answers import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.errors import API_HEADERS as API_VERSION
 from proxy.errors import PaginationInvalid, Unsupported
 from proxy.fill import Fill
-from proxy.keys import METADATA, PULLTHROUGH, ROUTER, SETTINGS
+from proxy.keys import BLOB_LEASE, ERROR, LOG, METADATA, PULLTHROUGH, ROUTER, SETTINGS
 from proxy.routing import Route
 from storage.digest import Digest
 from storage.errors import NameInvalid
@@ -38,7 +38,7 @@ def _route(request: web.Request) -> Route:
     if "%" in request.raw_path.partition("?")[0]:
         raise NameInvalid("percent-encoded characters are not allowed in registry paths")
     route = request.app[ROUTER].resolve(request.match_info["name"], request.query.get("ns"))
-    request["log"].update(upstream=route.upstream_name, repository=route.repository)
+    request[LOG].update(upstream=route.upstream_name, repository=route.repository)
     return route
 
 
@@ -60,11 +60,11 @@ async def base(request: web.Request) -> web.Response:
 async def manifest(request: web.Request) -> web.Response:
     route = _route(request)
     reference = ManifestReference.parse(request.match_info["reference"])
-    request["log"]["reference"] = str(reference)
+    request[LOG]["reference"] = str(reference)
     accept = merge_accept(request.headers.getall("Accept", []))
     found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=request.method == "GET")
-    request["log"]["result"] = found.result
-    request["log"]["digest"] = found.digest
+    request[LOG]["result"] = found.result
+    request[LOG]["digest"] = found.digest
     return web.Response(
         body=found.data,
         headers={
@@ -78,7 +78,7 @@ async def manifest(request: web.Request) -> web.Response:
 async def blob(request: web.Request) -> web.StreamResponse:
     route = _route(request)
     digest = Digest.parse(request.match_info["digest"])
-    request["log"]["digest"] = str(digest)
+    request[LOG]["digest"] = str(digest)
     pullthrough = request.app[PULLTHROUGH]
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM, "ETag": f'"{digest}"'}
     if request.method == "HEAD":
@@ -89,18 +89,18 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return response
     answer = await pullthrough.blob(route, digest)
     if isinstance(answer, LocalBlob):
-        request["log"]["result"] = "hit"
+        request[LOG]["result"] = "hit"
         headers["Accept-Ranges"] = "bytes"
-        request["blob_lease"] = answer.lease
+        request[BLOB_LEASE] = answer.lease
         stall = request.app[SETTINGS].limits.client_timeout
         return slowclient.GuardedFileResponse(answer.path, headers=headers, stall_timeout=stall)
     if isinstance(answer, StoredBlob):
-        request["log"]["result"] = "hit"
+        request[LOG]["result"] = "hit"
         if answer.redirect is not None:
             raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
         return await _stream(request, headers, answer.size, pullthrough.store.read(digest))
     assert isinstance(answer, FillingBlob)
-    request["log"]["result"] = answer.result
+    request[LOG]["result"] = answer.result
     await answer.fill.wait_started()
     if answer.fill.stored is None and kernelsend.possible(request.transport):
         return await _send_fill(request, headers, answer.fill)
@@ -159,8 +159,8 @@ async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) 
 def _abort(request: web.Request, exc: Exception) -> NoReturn:
     # Headers are out: the only honest signal left is a broken connection,
     # never a clean end of a short or wrong body.
-    request["log"]["result"] = "aborted"
-    request["error"] = exc
+    request[LOG]["result"] = "aborted"
+    request[ERROR] = exc
     if request.transport is not None:
         request.transport.abort()
     raise ConnectionResetError("blob stream aborted") from exc
@@ -196,7 +196,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 async def _release_blob_lease(request: web.Request, response: web.StreamResponse) -> None:
     # FileResponse opens the file before it prepares: from here on GC may unlink it.
-    lease = request.get("blob_lease")
+    lease = request.get(BLOB_LEASE)
     if lease is not None:
         lease.release()
 
