@@ -50,6 +50,7 @@ from storage.manifests import (
     INDEX_TYPES,
     OCI_MANIFEST,
     ParsedManifest,
+    parse_descriptor,
     parse_manifest,
 )
 
@@ -411,16 +412,12 @@ class ArchiveLoader:
 
 
 def _descriptor(raw: object, where: str) -> tuple[Digest, int, str]:
-    if not isinstance(raw, dict):
-        raise ArchiveInvalid(f"{where}: descriptor is not an object")
+    """A descriptor as manifests read it; in an archive its faults are the archive's."""
     try:
-        digest = Digest.parse(str(raw.get("digest", "")))
-    except DigestInvalid as exc:
+        descriptor = parse_descriptor(raw, "archive")
+    except ManifestInvalid as exc:
         raise ArchiveInvalid(f"{where}: {exc.message}") from None
-    size = raw.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ArchiveInvalid(f"{where}: descriptor {digest} has no valid size")
-    return digest, size, str(raw.get("mediaType") or "")
+    return descriptor.digest, descriptor.size, descriptor.media_type
 
 
 def _check_size(content: _Content, declared: int, digest: Digest) -> None:

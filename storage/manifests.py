@@ -68,7 +68,7 @@ def platform_string(platform: object) -> str | None:
     return "/".join(parts)
 
 
-def _descriptor(raw: object, kind: str) -> Descriptor:
+def parse_descriptor(raw: object, kind: str) -> Descriptor:
     if not isinstance(raw, dict):
         raise ManifestInvalid("descriptor is not an object")
     try:
@@ -78,7 +78,7 @@ def _descriptor(raw: object, kind: str) -> Descriptor:
     size = raw.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ManifestInvalid(f"descriptor {digest} has no valid size")
-    return Descriptor(digest, size, str(raw.get("mediaType", "")), kind, platform_string(raw.get("platform")))
+    return Descriptor(digest, size, str(raw.get("mediaType") or ""), kind, platform_string(raw.get("platform")))
 
 
 def parse_manifest(data: bytes, media_type: str | None = None) -> ParsedManifest:
@@ -104,12 +104,12 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> ParsedManifest
     refs: list[Descriptor] = []
     if kind in INDEX_TYPES:
         for child in doc.get("manifests") or []:
-            refs.append(_descriptor(child, "manifest"))
+            refs.append(parse_descriptor(child, "manifest"))
     elif kind in IMAGE_TYPES:
         if "config" in doc:
-            refs.append(_descriptor(doc["config"], "config"))
+            refs.append(parse_descriptor(doc["config"], "config"))
         for layer in doc.get("layers") or []:
-            refs.append(_descriptor(layer, "layer"))
+            refs.append(parse_descriptor(layer, "layer"))
     else:
         # schema1: layers are listed as fsLayers without sizes.
         for layer in doc.get("fsLayers") or []:
@@ -119,7 +119,7 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> ParsedManifest
                 except DigestInvalid:
                     raise ManifestInvalid("schema1 layer digest is malformed") from None
     if isinstance(doc.get("subject"), dict):
-        refs.append(_descriptor(doc["subject"], "subject"))
+        refs.append(parse_descriptor(doc["subject"], "subject"))
     # A layer listed twice (empty layers) is one reference.
     unique = list({(d.digest, d.kind): d for d in refs}.values())
     return ParsedManifest(kind, unique)
