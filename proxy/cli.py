@@ -42,7 +42,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when it is installed (the ``fast`` extra): the same requests for less CPU.
 
     Blob bodies do not depend on the loop: they go out by sendfile on pool
-    threads (proxy.kernelsend), which uvloop, lacking ``loop.sendfile``, needs.
+    threads (proxy.filesend), which uvloop, lacking ``loop.sendfile``, needs.
     """
     try:
         import uvloop

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from proxy import kernelsend, slowclient
+from proxy import filesend, slowclient
 from proxy.answers import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.errors import API_HEADERS as API_VERSION
 from proxy.errors import PaginationInvalid, Unsupported
@@ -102,7 +102,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
     await answer.fill.wait_started()
-    if answer.fill.stored is None and kernelsend.possible(request.transport):
+    if answer.fill.stored is None and filesend.possible(request.transport):
         return await _send_fill(request, headers, answer.fill)
     return await _stream(request, headers, answer.fill.size, answer.fill.tail())
 
@@ -125,7 +125,7 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
 
 
 async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) -> web.StreamResponse:
-    """A fill's bytes by sendfile from its spool file as they land (no Python loop touches them);
+    """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
     the held-back last byte, once the digest is verified, through aiohttp."""
     response = web.StreamResponse(headers=headers)
     if fill.size is not None:
@@ -133,7 +133,7 @@ async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) 
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     assert request.transport is not None
-    sender = kernelsend.KernelSender(request.transport)  # type: ignore[arg-type]
+    sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
     try:
         try:
             async with contextlib.aclosing(fill.ranges()) as ranges:
@@ -146,7 +146,7 @@ async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) 
                     if len(last) != 1:
                         raise OSError("spool file shorter than written")
                     await slowclient.write(request, response, last, stall)
-        except kernelsend.Stalled:
+        except filesend.Stalled:
             raise slowclient.cut(request, stall) from None
         finally:
             sender.close()

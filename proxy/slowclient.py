@@ -15,7 +15,7 @@ from typing import IO, Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy import kernelsend
+from proxy import filesend
 
 log = logging.getLogger("regcache.slowclient")
 
@@ -50,16 +50,16 @@ class GuardedFileResponse(web.FileResponse):
         self._stall_timeout = stall_timeout
 
     async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int) -> AbstractStreamWriter:
-        # Overrides aiohttp's own loop: headers, then the kernel copies on a pool
-        # thread (proxy.kernelsend); under TLS one loop.sendfile call (which falls
+        # Overrides aiohttp's own loop: headers, then the body from a pool
+        # thread (proxy.filesend); under TLS one loop.sendfile call (which falls
         # back to read/write) per slice.
         writer = await web.StreamResponse.prepare(self, request)
         assert writer is not None
-        if kernelsend.possible(request.transport):
-            sender = kernelsend.KernelSender(request.transport)  # type: ignore[arg-type]
+        if filesend.possible(request.transport):
+            sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
             try:
                 await sender.send(fobj.fileno(), offset, count, self._stall_timeout)
-            except kernelsend.Stalled:
+            except filesend.Stalled:
                 raise cut(request, self._stall_timeout) from None
             finally:
                 sender.close()

@@ -1,10 +1,21 @@
-"""Blob bytes from a file to a client's socket by sendfile(2), on a pool thread.
+"""Blob bytes from a file to a client's socket on a pool thread.
 
 Why not ``loop.sendfile``: it makes every sendfile(2) call on the event loop's
 thread, so one process copies at most one core's worth of bytes while
 manifests wait behind it, and uvloop has no ``loop.sendfile`` at all (aiohttp
-then copies through Python). Here the kernel copies on a pool thread: several
+then copies through Python). Here the copy runs on a pool thread: several
 clients use several cores and the loop stays free for requests.
+
+How the bytes move depends on where the client is. To a client on another
+host, sendfile(2): the kernel hands page-cache pages to the NIC and the
+sender copies nothing. To a client on this host (loopback: containerd beside
+a node-local cache, a sidecar, the bench), the receiving socket gets the
+sender's own buffers; sendfile's page-cache fragments make every receive
+cost more, and a client that reads slowly (skopeo, ~170 MiB/s) spends a
+third more system time on the same bytes. There, one ``pread`` into a
+reused 1 MiB buffer and ``write`` per slice was measured faster for every
+reader: skopeo 20 % (as fast as a direct pull from distribution, which also
+copies), curl and 8 parallel curls 5-20 %, a cold fill 8 %.
 
 Safety: the thread works on duplicates of the socket and file descriptors, so
 a connection or file that aiohttp closes meanwhile can never be confused with
@@ -16,16 +27,21 @@ the thread is done. TLS connections cannot use this (``possible`` says so).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 # One thread per blob body being sent; threads blocked in poll() cost little.
 _POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="regcache-send")
 # Bytes per sendfile(2) call: the call returns early when the socket buffer is full anyway.
 _SLICE = 16 * 1024 * 1024
+# Bytes per pread/write to a client on this host: 256 KiB to 4 MiB measured alike; one
+# buffer per body being sent.
+_COPY_SLICE = 1024 * 1024
 _POLL_MS = 500  # how often a waiting thread looks at its stop flag
 _BAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -43,12 +59,14 @@ def possible(transport: asyncio.BaseTransport | None) -> bool:
     return sock is not None and sock.fileno() >= 0
 
 
-class KernelSender:
+class FileSender:
     """Sends file ranges to one client connection; ``close`` when the response ends."""
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self._transport = transport
-        self._sock = os.dup(transport.get_extra_info("socket").fileno())
+        sock = transport.get_extra_info("socket")
+        self._copy = same_host(sock.getsockname(), sock.getpeername())
+        self._sock = os.dup(sock.fileno())
         self._stop = threading.Event()
         self._jobs = 0
         self._closing = False
@@ -60,8 +78,9 @@ class KernelSender:
         await self._drain_transport(stall_timeout)
         fd = os.dup(file_fd)
         self._jobs += 1
+        send = _copy_blocking if self._copy else _sendfile_blocking
         future = asyncio.get_running_loop().run_in_executor(
-            _POOL, _send_blocking, self._sock, fd, offset, count, stall_timeout, self._stop
+            _POOL, send, self._sock, fd, offset, count, stall_timeout, self._stop
         )
         future.add_done_callback(lambda _: self._job_done(fd))
         try:
@@ -100,25 +119,75 @@ class KernelSender:
             self._sock = -1
 
 
-def _send_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float, stop: threading.Event) -> None:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    deadline = time.monotonic() + stall_timeout
+def same_host(local: tuple[Any, ...], peer: tuple[Any, ...]) -> bool:
+    """Whether a connection's two ends are this host (socket addresses as Python gives them)."""
+    try:
+        peer_ip = ipaddress.ip_address(peer[0])
+    except (ValueError, IndexError, TypeError):
+        return False  # a Unix socket or anything unexpected: the default path
+    if isinstance(peer_ip, ipaddress.IPv6Address) and peer_ip.ipv4_mapped is not None:
+        peer_ip = peer_ip.ipv4_mapped
+    return peer_ip.is_loopback or str(peer_ip) == str(local[0]).removeprefix("::ffff:")
+
+
+def _sendfile_blocking(
+    sock: int, fd: int, offset: int, count: int, stall_timeout: float, stop: threading.Event
+) -> None:
+    waiter = _Writable(sock, stall_timeout)
     while count > 0:
         if stop.is_set():
             raise ConnectionResetError("response abandoned")
         try:
             sent = os.sendfile(sock, fd, offset, min(count, _SLICE))
         except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Stalled(f"client took no bytes for {stall_timeout}s") from None
-            for _, events in poller.poll(min(_POLL_MS, left * 1000)):
-                if events & _BAD and not events & select.POLLOUT:
-                    raise ConnectionResetError("connection lost") from None
+            waiter.wait()
             continue
         if sent == 0:
             raise OSError("file shorter than its announced size")
         offset += sent
         count -= sent
-        deadline = time.monotonic() + stall_timeout
+        waiter.progressed()
+
+
+def _copy_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float, stop: threading.Event) -> None:
+    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
+    pending = buffer[:0]
+    waiter = _Writable(sock, stall_timeout)
+    while count > 0 or pending:
+        if stop.is_set():
+            raise ConnectionResetError("response abandoned")
+        if not pending:
+            got = os.preadv(fd, [buffer[: min(count, len(buffer))]], offset)
+            if got == 0:
+                raise OSError("file shorter than its announced size")
+            offset += got
+            count -= got
+            pending = buffer[:got]
+        try:
+            sent = os.write(sock, pending)
+        except BlockingIOError:
+            waiter.wait()
+            continue
+        pending = pending[sent:]
+        waiter.progressed()
+
+
+class _Writable:
+    """Waits for a non-blocking socket to take bytes again, within the stall timeout."""
+
+    def __init__(self, sock: int, stall_timeout: float) -> None:
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLOUT)
+        self._stall_timeout = stall_timeout
+        self._deadline = time.monotonic() + stall_timeout
+
+    def progressed(self) -> None:
+        self._deadline = time.monotonic() + self._stall_timeout
+
+    def wait(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise Stalled(f"client took no bytes for {self._stall_timeout}s")
+        for _, events in self._poller.poll(min(_POLL_MS, left * 1000)):
+            if events & _BAD and not events & select.POLLOUT:
+                raise ConnectionResetError("connection lost")

@@ -1,0 +1,116 @@
+"""Both ways a blob body leaves a file for a client's socket, and the choice between them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from proxy import filesend
+
+
+@pytest.mark.parametrize(
+    ("local", "peer", "expected"),
+    [
+        (("127.0.0.1", 5000), ("127.0.0.1", 40000), True),
+        (("127.0.0.1", 5000), ("127.0.0.53", 40000), True),
+        (("::1", 5000, 0, 0), ("::1", 40000, 0, 0), True),
+        (("::ffff:127.0.0.1", 5000, 0, 0), ("::ffff:127.0.0.1", 40000, 0, 0), True),
+        (("10.0.0.5", 5000), ("10.0.0.5", 40000), True),  # this host through its own address
+        (("10.0.0.5", 5000), ("10.0.0.6", 40000), False),
+        (("::ffff:10.0.0.5", 5000, 0, 0), ("::ffff:10.0.0.9", 40000, 0, 0), False),
+        (("fd00::1", 5000, 0, 0), ("fd00::2", 40000, 0, 0), False),
+        ("/run/regcache.sock", "", False),
+    ],
+)
+def test_same_host(local, peer, expected) -> None:  # type: ignore[no-untyped-def]
+    assert filesend.same_host(local, peer) is expected
+
+
+def _connected_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    accepted.setblocking(False)  # as asyncio leaves a transport's socket
+    return accepted, client
+
+
+def _read_all(sock: socket.socket, into: bytearray, slow: bool) -> None:
+    while chunk := sock.recv(4096 if slow else 1 << 20):
+        into += chunk
+        if slow:
+            threading.Event().wait(0.0005)
+
+
+@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+@pytest.mark.parametrize("slow", [False, True], ids=["fast-reader", "slow-reader"])
+def test_a_range_arrives_whole(tmp_path: Path, send, slow: bool) -> None:  # type: ignore[no-untyped-def]
+    # Several MiB against a small socket buffer: every slice boundary and every
+    # would-block wait is crossed.
+    body = os.urandom(5 * 1024 * 1024 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(body)
+    server, client = _connected_pair()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    received = bytearray()
+    reader = threading.Thread(target=_read_all, args=(client, received, slow))
+    reader.start()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        send(server.fileno(), fd, 3, len(body) - 3, 10, threading.Event())
+    finally:
+        os.close(fd)
+        server.close()
+    reader.join(timeout=30)
+    client.close()
+    assert bytes(received) == body[3:]
+
+
+@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+def test_a_client_that_takes_nothing_is_stalled(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(16 * 1024 * 1024))
+    server, client = _connected_pair()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(filesend.Stalled):
+            send(server.fileno(), fd, 0, 16 * 1024 * 1024, 0.3, threading.Event())
+    finally:
+        os.close(fd)
+        server.close()
+        client.close()
+
+
+@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+def test_a_file_shorter_than_announced_is_an_error(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 1000)
+    server, client = _connected_pair()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="shorter"):
+            send(server.fileno(), fd, 0, 2000, 5, threading.Event())
+    finally:
+        os.close(fd)
+        server.close()
+        client.close()
+
+
+@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+def test_an_abandoned_response_stops(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(16 * 1024 * 1024))
+    server, client = _connected_pair()
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ConnectionResetError, match="abandoned"):
+            send(server.fileno(), fd, 0, 16 * 1024 * 1024, 30, stop)
+    finally:
+        os.close(fd)
+        server.close()
+        client.close()
