@@ -19,6 +19,10 @@ from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 # thread switches cost nothing next to hashing, small enough that followers
 # reading the spool file stay close behind.
 FLUSH_BYTES = 1024 * 1024
+# A batch this small is hashed and written on the event loop (tens of
+# microseconds): a hand-off to the thread and back costs more than the work, and
+# a blob of a few such batches (most layers and configs) then fills without one.
+INLINE_BYTES = 64 * 1024
 
 
 class BlobWriter:
@@ -26,7 +30,8 @@ class BlobWriter:
 
     Hashing and writing run on a worker thread while the caller gathers the
     next batch (hashlib and file writes release the GIL), so receiving and
-    hashing overlap on two cores. At most one batch is in the thread at a
+    hashing overlap on two cores; batches of at most ``INLINE_BYTES`` are
+    done on the loop. At most one batch is in the thread at a
     time: bytes are hashed and written in order, and memory stays bounded.
     """
 
@@ -75,6 +80,15 @@ class BlobWriter:
             return
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
         size = sum(len(c) for c in chunks)
+        if size <= INLINE_BYTES:
+            try:
+                self._write_sync(chunks)
+            except StoreFull:
+                if self._store is not None:
+                    self._store.full()
+                raise
+            self._landed(size)
+            return
         future = asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks)
         future.add_done_callback(lambda f: self._written(f, size))
         self._inflight = future
@@ -82,6 +96,9 @@ class BlobWriter:
     def _written(self, future: asyncio.Future[None], size: int) -> None:
         if future.cancelled() or future.exception() is not None:
             return  # the error surfaces in _wait_inflight
+        self._landed(size)
+
+    def _landed(self, size: int) -> None:
         self.flushed += size
         if self.on_flush is not None:
             self.on_flush()

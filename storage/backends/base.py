@@ -26,7 +26,7 @@ class Upload(abc.ABC):
 
     @abc.abstractmethod
     def write_sync(self, data: bytes) -> None:
-        """Append bytes; called from a worker thread."""
+        """Append bytes; called from a worker thread, or on the loop for a small batch."""
 
     async def reserve(self, size: int) -> None:  # noqa: B027 - optional hook
         """Claim space for ``size`` bytes up front; raise ``StoreFull`` when there is none."""

@@ -166,7 +166,8 @@ class S3Upload(Upload):
         self._upload_id: asyncio.Future[str] | None = None
         self._closed = False
 
-    # Called from a worker thread (BlobWriter hashes and writes off the loop).
+    # Called from a worker thread (BlobWriter hashes and writes off the loop), or
+    # on the loop for a small batch: part uploads are scheduled either way.
     def write_sync(self, data: bytes) -> None:
         self._file.write(data)
         self._file.flush()  # followers read the spool by path
