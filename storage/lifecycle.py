@@ -147,6 +147,9 @@ class Lifecycle:
             try:
                 await self.gc(reason)
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None  # stopping: whatever failed on the way out
                 log.exception("lifecycle pass failed")
 
     # Passes ----------------------------------------------------------------------

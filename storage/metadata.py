@@ -114,7 +114,15 @@ class Metadata:
                 raise
             try:
                 yield self.db
-                await self.db.execute("COMMIT")
+                # Cancelled while COMMIT waits or runs, it still runs after: let it
+                # end first, or the ROLLBACK below would run after it and fail,
+                # hiding the cancellation (a stopping task would then go on).
+                commit = asyncio.ensure_future(self.db.execute("COMMIT"))
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    await asyncio.wait([commit])
+                    raise
             except BaseException as exc:
                 # SQLite may already have rolled back (a full disk does that).
                 if self.db.in_transaction:
