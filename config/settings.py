@@ -67,6 +67,13 @@ class UpstreamSettings(_Model):
     client_cert: Path | None = None
     client_key: Path | None = None
     max_concurrency: int | None = Field(default=None, ge=1)
+    prefetch: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="blobs fetched at a time, before clients ask, when a GET brings an image manifest "
+        "from this upstream; 0 turns prefetching off",
+    )
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
     retries: int = Field(default=3, ge=0, le=10)

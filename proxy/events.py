@@ -15,6 +15,9 @@ class Events:
     def blob(self, upstream: str, result: str, size: int | None) -> None:
         """A blob request was answered: hit, miss or coalesced."""
 
+    def prefetched(self, upstream: str) -> None:
+        """A blob fill began before any client asked (proxy.prefetch)."""
+
     def served(self, upstream: str, kind: str, result: str, size: int) -> None:
         """Bytes sent to a client."""
 

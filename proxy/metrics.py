@@ -119,6 +119,9 @@ class Metrics(Events):
         self.digest_mismatches = counter(
             "regcache_digest_mismatches", "Upstream content that failed verification", ["upstream", "type"]
         )
+        self.prefetched_blobs = counter(
+            "regcache_prefetched_blobs", "Blob fills begun before any client asked (proxy.prefetch)", ["upstream"]
+        )
         self.store_full_total = counter("regcache_store_full", "Writes that failed for lack of space", [])
         self.fills = Gauge("regcache_fills_in_flight", "Blob fills from upstreams in progress", ["upstream"],
                            registry=r, multiprocess_mode="livesum")  # fmt: skip
@@ -168,6 +171,9 @@ class Metrics(Events):
 
     def blob(self, upstream: str, result: str, size: int | None) -> None:
         self._result(upstream, "blob", result)
+
+    def prefetched(self, upstream: str) -> None:
+        self.prefetched_blobs.labels(upstream).inc()
 
     def served(self, upstream: str, kind: str, result: str, size: int) -> None:
         source = "cache" if result in _HITS else "upstream"

@@ -19,6 +19,7 @@ from proxy.errors import (
 )
 from proxy.events import Events
 from proxy.fill import Fill, Fills
+from proxy.prefetch import Prefetcher
 from proxy.replicas import SharedNames
 from proxy.routing import Route
 from proxy.singleflight import SingleFlight
@@ -56,6 +57,7 @@ class PullThrough:
         self.upstreams = upstreams
         self.events = events
         self.fills = Fills(fill_timeout)
+        self.prefetcher = Prefetcher(self._prefetch_blob)
         self.max_manifest_size = max_manifest_size
         self.manifests = ManifestCache()
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
@@ -76,6 +78,7 @@ class PullThrough:
         self._tags_generation += 1
 
     async def close(self) -> None:
+        await self.prefetcher.close()
         await self.fills.close()
 
     def _client(self, route: Route) -> UpstreamClient:
@@ -89,8 +92,10 @@ class PullThrough:
     # Manifests ---------------------------------------------------------------
 
     async def manifest(
-        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True
+        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True, prefetch: bool = False
     ) -> Manifest:
+        """A manifest for a client; ``prefetch`` (a client's GET): when it came from the
+        upstream, its blobs are fetched before the client asks (proxy.prefetch)."""
         if reference.digest is not None:
             found = await self._manifest_by_digest(route, str(reference.digest))
         else:
@@ -102,6 +107,8 @@ class PullThrough:
         repo_id = await self._repository(route)
         self.metadata.note_pull(repo_id, found.digest, count=count)
         self.events.manifest(route.upstream_name, found.result)
+        if prefetch and found.result == "miss":
+            self.prefetcher.image(route, found.data, found.media_type)
         return found
 
     async def _stored_manifest(self, digest: str) -> tuple[str, bytes] | None:
@@ -306,6 +313,18 @@ class PullThrough:
                                 lambda f: self._fill(route, repo_id, f))  # fmt: skip
         self.events.blob(route.upstream_name, "miss", None)
         return FillingBlob(key, fill, "miss")
+
+    async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
+        """Start a fill nobody asked for yet; None when the blob is stored or filling."""
+        repo_id = await self._repository(route)
+        if self.fills.get(digest) is not None or await self.store.stat(digest) is not None:
+            return None
+        if self.fills.get(digest) is not None:  # started while we looked at the store
+            return None
+        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
+                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
+        self.events.prefetched(route.upstream_name)
+        return fill
 
     async def blob_info(self, route: Route, digest: Digest) -> BlobInfo:
         """For HEAD: what a GET would send, without fetching bytes."""

@@ -64,7 +64,8 @@ async def manifest(request: web.Request) -> web.Response:
     reference = ManifestReference.parse(request.match_info["reference"])
     request[LOG]["reference"] = str(reference)
     accept = merge_accept(request.headers.getall("Accept", []))
-    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=request.method == "GET")
+    get = request.method == "GET"
+    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=get, prefetch=get)
     request[LOG]["result"] = found.result
     request[LOG]["digest"] = found.digest
     return web.Response(

@@ -21,9 +21,9 @@ async def test_each_request_logs_one_line_with_the_fields_operators_need(
     server = await aiohttp_server(fake.app, host="127.0.0.1")
     fake.base_url = str(server.make_url("")).rstrip("/")
     manifest_digest = fake.add_image("team/app", "7", [LAYER])
-    settings = Settings(
-        data_dir=tmp_path, upstreams=[UpstreamSettings(name="fake.test", url=fake.base_url, default=True)]
-    )
+    # No prefetch: the blob GET below must be the request that misses.
+    upstream = UpstreamSettings(name="fake.test", url=fake.base_url, default=True, prefetch=0)
+    settings = Settings(data_dir=tmp_path, upstreams=[upstream])
     proxy = await start_proxy(aiohttp_server, aiohttp_client, settings)
     layer = digest_of(LAYER)
     r = await proxy.get("/v2/team/app/manifests/7", headers={"X-Request-Id": "req-123"})

@@ -291,6 +291,13 @@ def get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _proxied_blob_requests(url: str) -> float:
+    status, body = get(f"{url}/metrics")
+    assert status == 200
+    found = re.search(rb'^registry_proxy_requests_total\{type="blob"\} (\S+)$', body, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
 @pytest.fixture(scope="module")
 def private_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, SeededImage]]:
     """A registry that wants a password, with one small image."""
@@ -429,12 +436,16 @@ def test_node_daemonset_writes_the_hosts_toml_containerd_pulls_through_and_remov
             alpha = seeded[ALPHA]
             reference = f"docker.io/{alpha.repository}:{alpha.tag}"
             upstream.reset_requests()
+            before = _proxied_blob_requests(url)
             pulled = containerd.pull(reference, hosts_dir)
             assert pulled.returncode == 0, pulled.stdout + pulled.stderr
             assert containerd.image_digest(reference) == alpha.digest
-            # containerd's own requests would go straight to the fallback server: none did.
+            # The pull went through regcache (the blobs may be cached already: an
+            # earlier manifest GET prefetched them) ...
+            assert _proxied_blob_requests(url) > before
+            # ... and containerd's own requests would go straight to the fallback server: none did.
             agents = [record.header("User-Agent") or "" for record in upstream.request_log()]
-            assert agents and not [agent for agent in agents if agent.startswith("containerd")]
+            assert not [agent for agent in agents if agent.startswith("containerd")]
         finally:
             containerd.stop()
     finally:

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings_for(fake: FakeUpstream, data_dir: Path, metrics: MetricsSettings | None = None, **upstream) -> Settings:
+    # Byte counts here follow the client's own requests: no prefetch (tests/test_prefetch.py).
+    upstream.setdefault("prefetch", 0)
     return Settings(
         data_dir=data_dir,
         upstreams=[UpstreamSettings(name="fake.test", url=fake.base_url, default=True, retries=0, **upstream)],

@@ -59,6 +59,8 @@ def proxy_for(aiohttp_client, tmp_path):  # type: ignore[no-untyped-def]
 
 
 def configured(name: str, fake: FakeUpstream, **kwargs) -> UpstreamSettings:  # type: ignore[no-untyped-def]
+    # These tests look at exactly which requests reach an upstream: only the client's (no prefetch).
+    kwargs.setdefault("prefetch", 0)
     return UpstreamSettings(name=name, url=fake.base_url, retries=0, **kwargs)
 
 
@@ -243,7 +245,7 @@ async def test_known_tag_is_revalidated_with_head_against_the_real_registry(upst
     image = seeded["library/alpha:1"]
     settings = Settings(
         data_dir=tmp_path / "data",
-        upstreams=[UpstreamSettings(name="docker.io", url=upstream.url, default=True, tag_ttl=0)],
+        upstreams=[UpstreamSettings(name="docker.io", url=upstream.url, default=True, tag_ttl=0, prefetch=0)],
     )
     proxy = await aiohttp_client(create_app(settings))
     accept = {"Accept": image.media_type}
