@@ -61,13 +61,12 @@ def _stop_group(proc: subprocess.Popen[bytes] | None) -> None:
 class Regcache:
     """One ``regcache serve`` with a config file; ``reset()`` makes it cold again."""
 
-    def __init__(self, workdir: Path, upstream_url: str, *, workers: int = 1, log_level: str = "warning") -> None:
+    def __init__(self, workdir: Path, upstream_url: str, *, log_level: str = "warning") -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.config_path = workdir / "regcache.yml"
         self.log_path = workdir / "regcache.log"
         self.upstream_url = upstream_url
-        self.workers = workers
         self.log_level = log_level
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -84,8 +83,6 @@ class Regcache:
         return {
             "listen": self.host,
             "data_dir": str(self.data_dir),
-            # Only asked for when set: serve has no workers setting by default.
-            **({"workers": self.workers} if self.workers != 1 else {}),
             "upstreams": [{"name": "upstream.bench", "url": self.upstream_url, "default": True}],
             "admin": {"token": ADMIN_TOKEN},
             # Like the distribution anchors, which run with their access log off.
@@ -121,7 +118,7 @@ class Regcache:
         return self.start()
 
     def pids(self) -> list[int]:
-        """The serving process and every process in its group (workers)."""
+        """The serving process and every process in its group."""
         if self._proc is None:
             return []
         group = os.getpgid(self._proc.pid)

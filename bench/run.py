@@ -1,6 +1,6 @@
 """Benchmark regcache against the distribution registry and nginx on this machine.
 
-    python bench/run.py [--quick] [--workers N]
+    python bench/run.py [--quick] [--cases NAME,...]
 
 Starts everything on 127.0.0.1 under one temporary directory (removed at the
 end): a distribution registry seeded with test images (the upstream, also
@@ -53,7 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per figure, best taken (default 3, quick 1)")
     p.add_argument("--seconds", type=float, help="duration of each wrk run (default 3, quick 1)")
     p.add_argument("--wan-mib-per-s", type=int, default=32, help="pace of the upstream link in the coalescing case")
-    p.add_argument("--workers", type=int, default=1, help="regcache worker processes")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--workdir", type=Path, help="where to put everything (default: a new temporary directory)")
     args = p.parse_args(argv)
@@ -109,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir / "layers", ignore_errors=True)
         counted = start(Distribution(workdir / "counted", count=True, storage=upstream.registry.storage_dir))
         dproxy = start(Distribution(workdir / "dproxy", proxy_of=upstream.url))
-        regcache = start(Regcache(workdir / "regcache", upstream.url, workers=args.workers))
+        regcache = start(Regcache(workdir / "regcache", upstream.url))
         wan_rate = args.wan_mib_per_s * 2**20
-        wan = Regcache(workdir / "regcache-wan", "http://pending", workers=args.workers)
+        wan = Regcache(workdir / "regcache-wan", "http://pending")
         nginx = start(Nginx(workdir / "nginx", regcache.data_dir, wan.data_dir, counted.url, wan_rate))
         wan.upstream_url = nginx.throttle_url
         start(wan)
-        say(f"peers up in {time.monotonic() - t0:.1f} s; regcache workers: {args.workers}")
+        say(f"peers up in {time.monotonic() - t0:.1f} s")
         bench = cases.Bench(
             workdir=workdir,
             upstream=upstream,
