@@ -43,9 +43,10 @@ def small_fs(tmp_path):
 
 
 async def start(upstream, data: Path) -> TestServer:
-    settings = Settings(
-        data_dir=data, upstreams=[UpstreamSettings(name="upstream.test", url=upstream.url, default=True)]
-    )
+    # No prefetch: the fill that meets the full disk must be the client's own, and no
+    # other fill may hold a temp file when the test looks.
+    upstream_settings = UpstreamSettings(name="upstream.test", url=upstream.url, default=True, prefetch=0)
+    settings = Settings(data_dir=data, upstreams=[upstream_settings])
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
     return server
