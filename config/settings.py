@@ -232,7 +232,7 @@ class Settings(_Model):
 
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 

@@ -32,7 +32,7 @@ def _filters(values: list[str]) -> tuple[int, bool | None, bool | None]:
         if not sep:
             raise AdminInvalid(f"invalid filter '{value}'")
         if key == "stars":
-            if not arg.isdigit():
+            if not (arg.isascii() and arg.isdigit()):
                 raise AdminInvalid(f"invalid filter 'stars={arg}'")
             stars = int(arg)
         elif key in ("is-official", "is-automated"):
@@ -67,7 +67,7 @@ async def search(request: web.Request) -> web.Response:
     if not term:
         raise AdminInvalid("a search term is needed")
     raw_limit = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise AdminInvalid(f"limit {raw_limit[:10]!r} is outside the range [1, {MAX_LIMIT}]")
     limit = int(raw_limit)
     stars, official, automated = _filters(request.query.getall("filter", []))

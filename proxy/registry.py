@@ -48,7 +48,8 @@ def _pagination(request: web.Request) -> tuple[int | None, str | None]:
     raw = request.query.get("n")
     n = None
     if raw is not None:
-        if not raw.isdigit() or len(raw) > 9:
+        # isascii: str.isdigit() also says yes to '¹' and other digits int() refuses.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             raise PaginationInvalid(f"n must be a non-negative number, got {raw[:20]!r}")
         n = int(raw)
     return n, request.query.get("last")

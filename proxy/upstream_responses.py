@@ -122,7 +122,7 @@ def window(value: str | None) -> int | None:
     """The ``w=`` parameter of a RateLimit header (``100;w=21600``), in seconds."""
     for part in (value or "").split(";")[1:]:
         key, _, number = part.partition("=")
-        if key.strip() == "w" and number.strip().isdigit():
+        if key.strip() == "w" and number.strip().isascii() and number.strip().isdigit():
             return int(number.strip())
     return None
 

@@ -401,6 +401,8 @@ def test_cli_errors_are_one_line_and_non_zero(cache, upstream):
         (("images", "--format", "{{.Nope"), TOKEN, "template: unclosed action"),
         (("images", "-f", "before=nope:1"), TOKEN, "No such image: nope:1"),
         (("pull", "library/absent:1"), TOKEN, "absent"),
+        # Digits to str.isdigit() that int() refuses: an error, not a crash.
+        (("search", "--filter", "stars=\u00b2", "alpha"), TOKEN, "invalid filter 'stars=\u00b2'"),
     ]
     for args, token, message in cases:
         done = cli(cache, *args, token=token, check=False, process=True)

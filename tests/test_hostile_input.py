@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from config.settings import AdminSettings, Settings, UpstreamSettings
@@ -248,6 +248,7 @@ QUERY_VALUES = st.text(max_size=100)
 
 @EXAMPLES
 @given(n=QUERY_VALUES, last=QUERY_VALUES, ns=QUERY_VALUES, where=st.sampled_from(["tags", "catalog", "manifest"]))
+@example(n="\u00b9", last="", ns="", where="catalog")  # a digit to str.isdigit(), not to int()
 def test_any_query_parameters(running, n, last, ns, where):
     query = f"n={_quote(n)}&last={_quote(last)}&ns={_quote(ns)}"
     path = {"tags": "/v2/team/app/tags/list", "catalog": "/v2/_catalog", "manifest": "/v2/team/app/manifests/1"}

@@ -37,7 +37,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.upstream import RETRY_BUDGET, UpstreamClient
-from proxy.upstream_responses import retry_after
+from proxy.upstream_responses import retry_after, window
 
 PASSWORD = "hunter2-PASSWORD-do-not-log"
 USERNAME = "alice"
@@ -661,3 +661,9 @@ class RecordingObserver:
 
     def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None:
         self.rate_limits.append((upstream, limit, remaining))
+
+
+def test_ratelimit_window_is_read_only_from_ascii_digits() -> None:
+    assert window("100;w=21600") == 21600
+    assert window("100;w=\u00b2") is None  # a digit to str.isdigit(), not to int()
+    assert window("100") is None and window(None) is None
