@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sqlite3
 import time
 from collections import defaultdict
@@ -87,8 +88,14 @@ class Metadata:
     async def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         started = time.perf_counter()
         async with self.writing() as db:
-            for sql, args in statements:
-                await db.execute(sql, args)
+            # Each call is a trip to the connection's thread and back: consecutive
+            # rows of one statement go in one executemany (a manifest's ~2 per layer).
+            for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):
+                rows = [args for _, args in group]
+                if len(rows) == 1:
+                    await db.execute(sql, rows[0])
+                else:
+                    await db.executemany(sql, rows)
         if self.observe:
             self.observe("write", time.perf_counter() - started)
 
@@ -230,24 +237,26 @@ class Metadata:
             ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
              "ON CONFLICT DO NOTHING", (repository_id, digest, size, now)),
         ]  # fmt: skip
-        for ref in parsed.references:
-            statements.append(
-                (
-                    "INSERT INTO manifest_references (manifest, child, kind, media_type, size, platform) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (digest, str(ref.digest), ref.kind, ref.media_type, ref.size, ref.platform),
-                )
+        # References first, then links: each kind in one run (see _transaction).
+        statements += [
+            (
+                "INSERT INTO manifest_references (manifest, child, kind, media_type, size, platform) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (digest, str(ref.digest), ref.kind, ref.media_type, ref.size, ref.platform),
             )
-            if ref.kind in ("config", "layer", "manifest"):
-                # The upstream vouched for this manifest in this repository, and a
-                # registry only accepts a manifest whose references it holds there.
-                statements.append(
-                    (
-                        "INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT DO NOTHING",
-                        (repository_id, str(ref.digest), ref.size if ref.size >= 0 else None, now),
-                    )
-                )
+            for ref in parsed.references
+        ]
+        # The upstream vouched for this manifest in this repository, and a
+        # registry only accepts a manifest whose references it holds there.
+        statements += [
+            (
+                "INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (repository_id, str(ref.digest), ref.size if ref.size >= 0 else None, now),
+            )
+            for ref in parsed.references
+            if ref.kind in ("config", "layer", "manifest")
+        ]
         if tag is not None:
             statements.append(
                 (
