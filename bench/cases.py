@@ -199,14 +199,18 @@ def coalesced_blob(b: Bench) -> list[Row]:
     """
     url = b.blob_url(b.wan_regcache.url, b.mid)
     digest = _layer(b.mid)
-    b.wan_regcache.reset()
-    b.counted.registry.reset_requests()
-    single = download([url])
-    single_fetches = b.counted.registry.blob_gets(digest)
-    b.wan_regcache.reset()
-    b.counted.registry.reset_requests()
-    many = download([url] * 32)
-    fetches = b.counted.registry.blob_gets(digest)
+
+    def cold(clients: int) -> tuple[load.Transfer, int]:
+        b.wan_regcache.reset()
+        b.counted.registry.reset_requests()
+        quiet()
+        transfer = download([url] * clients)
+        return transfer, b.counted.registry.blob_gets(digest)
+
+    # Best of the repeats on both sides; the fetch count is the worst seen.
+    singles, runs = [cold(1) for _ in range(b.repeats)], [cold(32) for _ in range(b.repeats)]
+    single, single_fetches = best([t for t, _ in singles]), max(n for _, n in singles)
+    many, fetches = best([t for t, _ in runs]), max(n for _, n in runs)
     hex_ = digest.split(":", 1)[1]
     _committed(b.wan_regcache, digest)
     floor = download([f"{b.nginx.url}/wan/blobs/sha256/{hex_[:2]}/{hex_}"] * 32)
