@@ -39,6 +39,8 @@ log = logging.getLogger("regcache.pullthrough")
 _STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
 # Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
 MAX_CACHED_TAGS = 100_000
+# (repository, digest) links known from SQLite (~150 bytes each); past this the set starts over.
+MAX_CACHED_LINKS = 1_000_000
 
 
 class PullThrough:
@@ -130,8 +132,13 @@ class PullThrough:
             return True
         linked, _ = await self.metadata.link(repo_id, digest)
         if linked:
-            self._links.add((repo_id, digest))
+            self._link(repo_id, digest)
         return linked
+
+    def _link(self, repo_id: int, digest: str) -> None:
+        if len(self._links) >= MAX_CACHED_LINKS:
+            self._links.clear()
+        self._links.add((repo_id, digest))
 
     async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
         repo_id = await self._repository(route)
@@ -263,7 +270,13 @@ class PullThrough:
         if tag is not None:
             self._tag_changed(repo_id, tag)
         self.manifests.put(digest, parsed.media_type, data)
-        self._links.add((repo_id, digest))
+        # The rows just written link what the manifest references: the client's
+        # GETs of its config and layers, next, need no query (which would wait
+        # behind the fills' commits on the one connection).
+        self._link(repo_id, digest)
+        for ref in parsed.references:
+            if ref.kind in ("config", "layer", "manifest"):
+                self._link(repo_id, str(ref.digest))
         return parsed.media_type
 
     async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
@@ -350,7 +363,7 @@ class PullThrough:
         except UpstreamNotFound:
             raise BlobUnknown(f"blob {digest} unknown to {route.repository}") from None
         await self.metadata.link_blob(repo_id, str(digest), size)
-        self._links.add((repo_id, str(digest)))
+        self._link(repo_id, str(digest))
 
     async def _fill_lease(self, repo_id: int, fill: Fill) -> FillLease | None:
         """Cross-replica single flight (replicas sharing one object store).
@@ -420,7 +433,7 @@ class PullThrough:
         finally:
             self.events.fill_finished(route.upstream_name)
         await self.metadata.record_blob(repo_id, str(fill.digest), written)
-        self._links.add((repo_id, str(fill.digest)))
+        self._link(repo_id, str(fill.digest))
         fill.succeed()
 
     # Tags and catalog ----------------------------------------------------------
