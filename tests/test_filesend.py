@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,48 +71,39 @@ def test_a_range_arrives_whole(tmp_path: Path, send, slow: bool) -> None:  # typ
     assert bytes(received) == body[3:]
 
 
-@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
-def test_a_client_that_takes_nothing_is_stalled(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def _blob_and_connection(tmp_path: Path, body: bytes) -> Iterator[tuple[socket.socket, int]]:
+    """A file holding ``body`` (its descriptor) and the server end of a connection nobody reads."""
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(16 * 1024 * 1024))
+    path.write_bytes(body)
     server, client = _connected_pair()
     fd = os.open(path, os.O_RDONLY)
     try:
-        with pytest.raises(filesend.Stalled):
-            send(server.fileno(), fd, 0, 16 * 1024 * 1024, 0.3, threading.Event())
+        yield server, fd
     finally:
         os.close(fd)
         server.close()
         client.close()
+
+
+@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+def test_a_client_that_takes_nothing_is_stalled(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
+    blob = _blob_and_connection(tmp_path, os.urandom(16 * 1024 * 1024))
+    with blob as (server, fd), pytest.raises(filesend.Stalled):
+        send(server.fileno(), fd, 0, 16 * 1024 * 1024, 0.3, threading.Event())
 
 
 @pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
 def test_a_file_shorter_than_announced_is_an_error(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "blob"
-    path.write_bytes(b"x" * 1000)
-    server, client = _connected_pair()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(OSError, match="shorter"):
-            send(server.fileno(), fd, 0, 2000, 5, threading.Event())
-    finally:
-        os.close(fd)
-        server.close()
-        client.close()
+    blob = _blob_and_connection(tmp_path, b"x" * 1000)
+    with blob as (server, fd), pytest.raises(OSError, match="shorter"):
+        send(server.fileno(), fd, 0, 2000, 5, threading.Event())
 
 
 @pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
 def test_an_abandoned_response_stops(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "blob"
-    path.write_bytes(os.urandom(16 * 1024 * 1024))
-    server, client = _connected_pair()
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(ConnectionResetError, match="abandoned"):
-            send(server.fileno(), fd, 0, 16 * 1024 * 1024, 30, stop)
-    finally:
-        os.close(fd)
-        server.close()
-        client.close()
+    blob = _blob_and_connection(tmp_path, os.urandom(16 * 1024 * 1024))
+    with blob as (server, fd), pytest.raises(ConnectionResetError, match="abandoned"):
+        send(server.fileno(), fd, 0, 16 * 1024 * 1024, 30, stop)
