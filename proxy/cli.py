@@ -41,8 +41,8 @@ async def serve(settings: Settings) -> None:
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when it is installed (the ``fast`` extra): the same requests for less CPU.
 
-    Blob bodies do not depend on the loop: they go out by sendfile on pool
-    threads (proxy.filesend), which uvloop, lacking ``loop.sendfile``, needs.
+    Blob bodies do not depend on the loop: they go out from pool threads
+    (proxy.filesend), which uvloop, lacking ``loop.sendfile``, needs.
     """
     try:
         import uvloop
