@@ -330,9 +330,10 @@ class PullThrough:
     async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
         """Start a fill nobody asked for yet; None when the blob is stored or filling."""
         repo_id = await self._repository(route)
-        if self.fills.get(digest) is not None or await self.store.stat(digest) is not None:
+        if await self.store.stat(digest) is not None:
             return None
-        if self.fills.get(digest) is not None:  # started while we looked at the store
+        # No await from here to the start: a fill begun meanwhile is found (single flight).
+        if self.fills.get(digest) is not None:
             return None
         fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
                                 lambda f: self._fill(route, repo_id, f))  # fmt: skip
