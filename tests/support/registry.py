@@ -183,6 +183,7 @@ class _CountingFront:
 
     def start(self, backend_port: int) -> None:
         self._backend_port = backend_port
+        self._tasks = set()  # tasks belong to one loop; a restarted front has a new one
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name=f"registry-front-{self.port}", daemon=True)
@@ -244,13 +245,17 @@ class _CountingFront:
         except asyncio.CancelledError:
             pass  # only _shutdown cancels us; re-raising would make asyncio log a traceback
         finally:
-            for pipe in pipes:
-                pipe.cancel()
-            await asyncio.gather(*pipes, return_exceptions=True)
-            for w in (client_w, upstream_w):
-                if w is not None:
-                    w.close()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            try:
+                for pipe in pipes:
+                    pipe.cancel()
+                # A second cancel (shutdown) may interrupt this wait: the task is
+                # forgotten all the same, or a later shutdown would wait on it.
+                await asyncio.gather(*pipes, return_exceptions=True)
+            finally:
+                for w in (client_w, upstream_w):
+                    if w is not None:
+                        w.close()
+                self._tasks.discard(task)  # type: ignore[arg-type]
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError):
