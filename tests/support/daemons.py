@@ -21,7 +21,6 @@ thread that creates a socket has to be in the right one when it does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import json
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .regcache import RegcacheProcess
-from .registry import HOST, free_port
+from .registry import HOST, free_port, pump
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = "/usr/bin/docker"  # the CLI that ships with Debian's dockerd, not a newer one on PATH
@@ -161,8 +160,6 @@ def listen_in_netns(netns: Netns, port: int, host: str = HOST) -> socket.socket:
 class NetnsForwarder:
     """Relays ``127.0.0.1:PORT`` inside a namespace to ``127.0.0.1:PORT`` outside it."""
 
-    _CHUNK = 256 * 1024
-
     def __init__(self, netns: Netns) -> None:
         self.netns = netns
         self._loop = asyncio.new_event_loop()
@@ -196,7 +193,7 @@ class NetnsForwarder:
             except OSError:
                 return  # nothing listens outside: the client sees the connection close
             try:
-                await asyncio.gather(self._pump(client_r, target_w), self._pump(target_r, client_w))
+                await asyncio.gather(pump(client_r, target_w, pass_eof=True), pump(target_r, client_w, pass_eof=True))
             finally:
                 target_w.close()
         except asyncio.CancelledError:
@@ -204,14 +201,6 @@ class NetnsForwarder:
         finally:
             client_w.close()
             self._tasks.discard(task)  # type: ignore[arg-type]
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(self._CHUNK):
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()  # pass the half-close on: HTTP clients may wait for it
 
     def close(self) -> None:
         async def shutdown() -> None:
@@ -241,18 +230,53 @@ class RegcacheServer(RegcacheProcess):
 # --------------------------------------------------------------------------- dockerd
 
 
-class Dockerd:
-    """A private dockerd (vfs, no iptables, no bridge) inside ``netns``, driven by Debian's CLI."""
+class _Daemon:
+    """A daemon process with its log file and a short private run directory, stopped with its mounts."""
 
-    def __init__(self, workdir: Path, netns: Netns, daemon_json: Mapping[str, Any]) -> None:
+    NAME = "daemon"
+    STOP_TIMEOUT = 20.0
+
+    def __init__(self, workdir: Path, run_prefix: str) -> None:
         self.workdir = Path(workdir)
         # Unix socket paths are limited to 108 bytes; pytest's temp paths can be long.
-        self.run_dir = Path(tempfile.mkdtemp(prefix="rcd-", dir="/tmp"))
+        self.run_dir = Path(tempfile.mkdtemp(prefix=run_prefix, dir="/tmp"))
+        self.log_path = self.workdir / f"{self.NAME}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: list[str], ready: Any, timeout: float) -> None:
+        """Start ``args`` with output to the log; return once ``ready()``, or stop and raise."""
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_for(self.NAME, ready, self._proc, self.log_path, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _terminate(self._proc, timeout=self.STOP_TIMEOUT)
+        self._proc = None
+        _unmount_below(self.workdir)
+        _unmount_below(self.run_dir)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return _tail(self.log_path)
+
+
+class Dockerd(_Daemon):
+    """A private dockerd (vfs, no iptables, no bridge) inside ``netns``, driven by Debian's CLI."""
+
+    NAME = "dockerd"
+    STOP_TIMEOUT = 30.0
+
+    def __init__(self, workdir: Path, netns: Netns, daemon_json: Mapping[str, Any]) -> None:
+        super().__init__(workdir, "rcd-")
         self.netns = netns
         self.daemon_json = dict(daemon_json)
         self.socket = self.run_dir / "docker.sock"
-        self.log_path = self.workdir / "dockerd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Dockerd:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -272,15 +296,7 @@ class Dockerd:
                 "-H", f"unix://{self.socket}",
             ]
         )  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            _wait_for("dockerd", self._answers, self._proc, self.log_path, 60)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(args, self._answers, 60)
         return self
 
     def _answers(self) -> bool:
@@ -299,16 +315,6 @@ class Dockerd:
         if done.returncode != 0:
             raise DaemonError(f"docker image inspect {reference}: {done.stderr.strip()}")
         return done.stdout.strip()
-
-    def stop(self) -> None:
-        _terminate(self._proc, timeout=30)
-        self._proc = None
-        _unmount_below(self.workdir)
-        _unmount_below(self.run_dir)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return _tail(self.log_path)
 
 
 # --------------------------------------------------------------------------- containerd
@@ -341,17 +347,15 @@ def write_hosts_dir(directory: Path, mirror_url: str, registries: Sequence[str],
     return directory
 
 
-class Containerd:
+class Containerd(_Daemon):
     """A private containerd (CRI off, native snapshotter) driven with ``ctr``."""
 
+    NAME = "containerd"
     NAMESPACE = "regcache-test"
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.run_dir = Path(tempfile.mkdtemp(prefix="rcc-", dir="/tmp"))
+        super().__init__(workdir, "rcc-")
         self.socket = self.run_dir / "containerd.sock"
-        self.log_path = self.workdir / "containerd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Containerd:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -377,19 +381,7 @@ class Containerd:
                 ]
             )
         )
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                ["containerd", "--config", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            _wait_for("containerd", self._answers, self._proc, self.log_path, 30)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(["containerd", "--config", str(config)], self._answers, 30)
         return self
 
     def _answers(self) -> bool:
@@ -415,16 +407,6 @@ class Containerd:
             if fields and fields[0] == reference:
                 return next((f for f in fields if f.startswith("sha256:")), None)
         return None
-
-    def stop(self) -> None:
-        _terminate(self._proc)
-        self._proc = None
-        _unmount_below(self.workdir)
-        _unmount_below(self.run_dir)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return _tail(self.log_path)
 
 
 # --------------------------------------------------------------------------- podman

@@ -151,11 +151,24 @@ class HttpResponse:
 # --------------------------------------------------------------------------- counting relay
 
 
+RELAY_CHUNK = 256 * 1024
+
+
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, pass_eof: bool = False) -> None:
+    """Copy ``reader`` to ``writer`` until EOF or a broken connection; ``pass_eof`` half-closes
+    ``writer`` at the end (HTTP clients may wait for it)."""
+    with contextlib.suppress(OSError, ConnectionError):
+        while data := await reader.read(RELAY_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if pass_eof and writer.can_write_eof():
+            writer.write_eof()
+
+
 class _CountingFront:
     """The HTTP-aware relay on the public port; see the module docstring for why it exists."""
 
     _HEAD_LIMIT = 1024 * 1024
-    _CHUNK = 256 * 1024
 
     def __init__(self, port: int, ssl_context: ssl.SSLContext | None, records: list[RequestRecord]) -> None:
         self.port = port
@@ -232,7 +245,7 @@ class _CountingFront:
                 upstream_r, upstream_w = await asyncio.open_connection(HOST, self._backend_port)
             except OSError:
                 return  # registry not there: the client sees the connection close
-            back = asyncio.create_task(self._pump(upstream_r, client_w))
+            back = asyncio.create_task(pump(upstream_r, client_w))
             forth = asyncio.create_task(self._forward_requests(client_r, upstream_w))
             pipes = [back, forth]
             done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
@@ -257,12 +270,6 @@ class _CountingFront:
                         w.close()
                 self._tasks.discard(task)  # type: ignore[arg-type]
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(self._CHUNK):
-                writer.write(data)
-                await writer.drain()
-
     async def _forward_requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, ConnectionError, asyncio.IncompleteReadError):
             first = await reader.read(1)
@@ -273,7 +280,7 @@ class _CountingFront:
                 # it over untouched so the registry rejects it at once, as it would without us;
                 # waiting for a request head here would stall the client until its TLS timeout.
                 writer.write(first)
-                await self._pump(reader, writer)
+                await pump(reader, writer)
                 return
             pending = first
             while True:
@@ -290,7 +297,7 @@ class _CountingFront:
                 parts = lines[0].split(" ")
                 if len(parts) != 3:
                     writer.write(head)
-                    await self._pump(reader, writer)
+                    await pump(reader, writer)
                     return
                 method, target, _version = parts
                 headers = tuple(
@@ -311,7 +318,7 @@ class _CountingFront:
 
     async def _relay_exactly(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int) -> None:
         while size > 0:
-            data = await reader.read(min(self._CHUNK, size))
+            data = await reader.read(min(RELAY_CHUNK, size))
             if not data:
                 raise asyncio.IncompleteReadError(b"", size)
             writer.write(data)
