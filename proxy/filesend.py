@@ -64,9 +64,9 @@ class FileSender:
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self._transport = transport
-        sock = transport.get_extra_info("socket")
-        self._copy = same_host(sock.getsockname(), sock.getpeername())
-        self._sock = os.dup(sock.fileno())
+        # Both addresses as the transport recorded them when the connection was accepted.
+        self._copy = same_host(transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+        self._sock = os.dup(transport.get_extra_info("socket").fileno())
         self._stop = threading.Event()
         self._jobs = 0
         self._closing = False
@@ -119,8 +119,10 @@ class FileSender:
             self._sock = -1
 
 
-def same_host(local: tuple[Any, ...], peer: tuple[Any, ...]) -> bool:
+def same_host(local: tuple[Any, ...] | None, peer: tuple[Any, ...] | None) -> bool:
     """Whether a connection's two ends are this host (socket addresses as Python gives them)."""
+    if local is None or peer is None:
+        return False
     try:
         peer_ip = ipaddress.ip_address(peer[0])
     except (ValueError, IndexError, TypeError):

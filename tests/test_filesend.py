@@ -26,6 +26,7 @@ from proxy import filesend
         (("::ffff:10.0.0.5", 5000, 0, 0), ("::ffff:10.0.0.9", 40000, 0, 0), False),
         (("fd00::1", 5000, 0, 0), ("fd00::2", 40000, 0, 0), False),
         ("/run/regcache.sock", "", False),
+        (None, None, False),  # a transport that did not record them
     ],
 )
 def test_same_host(local, peer, expected) -> None:  # type: ignore[no-untyped-def]
@@ -107,3 +108,20 @@ def test_an_abandoned_response_stops(tmp_path: Path, send) -> None:  # type: ign
     blob = _blob_and_connection(tmp_path, os.urandom(16 * 1024 * 1024))
     with blob as (server, fd), pytest.raises(ConnectionResetError, match="abandoned"):
         send(server.fileno(), fd, 0, 16 * 1024 * 1024, 30, stop)
+
+
+@pytest.mark.parametrize(("peer", "copies"), [(("127.0.0.1", 40000), True), (("192.0.2.7", 40000), False)])
+def test_the_sender_picks_its_way_from_the_connection_s_addresses(peer, copies: bool) -> None:  # type: ignore[no-untyped-def]
+    server, client = _connected_pair()
+
+    class Transport:  # what FileSender reads of an asyncio transport
+        def get_extra_info(self, name: str):  # type: ignore[no-untyped-def]
+            return {"socket": server, "sockname": ("127.0.0.1", 5000), "peername": peer}[name]
+
+    try:
+        sender = filesend.FileSender(Transport())  # type: ignore[arg-type]
+        assert sender._copy is copies
+        sender.close()
+    finally:
+        server.close()
+        client.close()
