@@ -10,29 +10,31 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from config.settings import Settings
-from proxy import health, registry
-from proxy.accesslog import request_context
-from proxy.admin_auth import admin_token
-from proxy.errors import API_HEADERS, error_middleware
-from proxy.events import Events
-from proxy.keys import AUTH, EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
-from proxy.metrics import Metrics, StoreTotals, metrics_handler, refresh_store_totals
-from proxy.pullthrough import PullThrough
-from proxy.routing import Router
-from proxy.upstream import UpstreamClient
+from proxy.admin.guard import admin_token
+from proxy.http import health
+from proxy.http.accesslog import request_context
+from proxy.http.clientauth import AUTH
+from proxy.http.errors import API_HEADERS, error_middleware
+from proxy.metrics.events import Events
+from proxy.metrics.prometheus import Metrics, StoreTotals, metrics_handler, refresh_store_totals
+from proxy.pull.routing import Router
+from proxy.pull.service import PullThrough
+from proxy.registry import routes as registry
+from proxy.resources import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
+from proxy.upstream.client import UpstreamClient
 from storage import paths
 from storage.backends.base import BlobBackend
 from storage.blobs import BlobStore
-from storage.fsck import StoreLock, recover
-from storage.lifecycle import GcReport, Lifecycle
-from storage.metadata import Metadata
+from storage.index.metadata import Metadata
+from storage.lifecycle.fsck import StoreLock, recover
+from storage.lifecycle.service import GcReport, Lifecycle
 
 log = logging.getLogger("regcache.app")
 
 
 def make_backend(settings: Settings) -> BlobBackend:
     if settings.storage.backend == "s3":
-        from storage.backends.s3 import S3Backend  # optional dependency
+        from storage.backends.s3.backend import S3Backend  # optional dependency
 
         assert settings.storage.s3 is not None
         return S3Backend(settings.storage.s3, settings.data_dir)
@@ -50,7 +52,7 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     middlewares = [request_context, error_middleware]
     client_auth = None
     if settings.auth is not None:
-        from proxy.auth import ClientAuth, auth_middleware
+        from proxy.http.clientauth import ClientAuth, auth_middleware
 
         client_auth = ClientAuth(settings.auth)
         middlewares.append(auth_middleware(client_auth))
@@ -74,7 +76,7 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     # Admin exists only with a token: no token, no /admin/ routes at all.
     token = admin_token(settings)
     if token is not None:
-        from proxy.admin import add_admin_routes
+        from proxy.admin.mount import add_admin_routes
 
         add_admin_routes(app, token)
     return app

@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, _split_listen
-from proxy.accesslog import AccessLogger
-from proxy.keys import AUTH, HEALTH
-from proxy.tls import ServerTLS
+from proxy.http.accesslog import AccessLogger
+from proxy.http.clientauth import AUTH
+from proxy.http.health import HEALTH
+from proxy.http.tls import ServerTLS
 
 log = logging.getLogger("regcache")
 
@@ -80,7 +81,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 async def _start_metrics(app: web.Application, settings: Settings, reuse_port: bool) -> web.AppRunner | None:
     if not settings.metrics.enabled or settings.metrics.listen is None:
         return None
-    from proxy.metrics import metrics_app
+    from proxy.metrics.prometheus import metrics_app
 
     try:
         host, port = _split_listen(settings.metrics.listen)

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from storage.backends.base import BlobBackend, Upload
-from storage.digest import Digest
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
+from storage.oci.digest import Digest
 
 # Bytes gathered before one hand-off to the worker thread: large enough that
 # thread switches cost nothing next to hashing, small enough that followers

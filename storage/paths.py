@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.digest import Digest
 from storage.errors import DigestInvalid
+from storage.oci.digest import Digest
 
 BLOBS = "blobs"
 TMP = "tmp"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiohttp
 
-from storage.digest import Digest
+from storage.oci.digest import Digest
 from storage.paths import blob_path
 from tests.support import skopeo
 from tests.support.images import (

@@ -6,7 +6,7 @@ import json
 import logging
 
 from config.settings import Settings, UpstreamSettings
-from proxy.keys import PULLTHROUGH
+from proxy.resources import PULLTHROUGH
 from tests.fake_upstream import FakeUpstream, digest_of
 from tests.serving import start_proxy
 

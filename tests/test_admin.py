@@ -82,7 +82,7 @@ def cli(
         done = subprocess.run([sys.executable, "-m", "proxy.cli", *argv],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     else:
-        from proxy.cli import main
+        from proxy.cli.main import main
 
         saved = os.environ.pop("REGCACHE_ADMIN_TOKEN", None)
         if token is not None:
@@ -166,7 +166,7 @@ def test_without_a_token_there_is_no_admin_api(upstream, seeded, regcache_factor
 
 def test_admin_is_refused_without_a_real_token():
     from config.settings import ConfigError, Settings
-    from proxy.admin_auth import admin_token, check_admin_exposure, token_guard
+    from proxy.admin.guard import admin_token, check_admin_exposure, token_guard
 
     with pytest.raises(ConfigError, match=r"admin\.token"):
         admin_token(Settings(admin={"token": "   "}))
@@ -258,7 +258,7 @@ def test_images_shows_docker_columns_for_a_cache(cache, seeded):
         assert row["ID"] == short(image.item.config_digest)
         assert row["Tag"] == "1"
         size = len(image.item.config) + sum(layer.size for layer in image.item.layers)
-        from proxy.docker_format import human_size
+        from proxy.cli.docker_format import human_size
 
         assert row["Size"] == human_size(size)
         assert row["CreatedAt"].startswith("2024-01-01 ")

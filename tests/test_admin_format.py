@@ -10,11 +10,11 @@ import io
 
 import pytest
 
-from proxy.admin_client import AdminClientError
-from proxy.cli_progress import show_pull
-from proxy.docker_format import human_duration, human_size, image_rows
-from proxy.gotemplate import Template, TemplateError, render_all, tabwrite
-from proxy.image_query import glob_regex
+from proxy.admin.query import glob_regex
+from proxy.cli.client import AdminClientError
+from proxy.cli.docker_format import human_duration, human_size, image_rows
+from proxy.cli.gotemplate import Template, TemplateError, render_all, tabwrite
+from proxy.cli.progress import show_pull
 
 
 @pytest.mark.parametrize(

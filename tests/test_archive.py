@@ -14,9 +14,9 @@ import pytest
 import zstandard
 
 from config.settings import Settings, UpstreamSettings
-from proxy.admin_archive import add_archive_routes
+from proxy.admin.archive import add_archive_routes
 from proxy.app import create_app
-from proxy.keys import SETTINGS
+from proxy.resources import SETTINGS
 from tests.support.images import build_layer, sha256_digest, tar_bytes
 from tests.support.seed import ALPHA, BETA, BUSYBOX, OCI_INDEX, ZSTD
 

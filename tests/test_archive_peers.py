@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli
+from proxy.cli import main as cli
 from tests.support import skopeo
 from tests.support.daemons import Dockerd, Netns, Podman
 from tests.support.seed import ALPHA, BUSYBOX, OCI_INDEX

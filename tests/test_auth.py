@@ -8,7 +8,7 @@ import pytest
 
 from config.settings import AuthSettings, ConfigError, Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.auth import ClientAuth
+from proxy.http.clientauth import ClientAuth
 from tests.support.registry import bcrypt_hash
 
 

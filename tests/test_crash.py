@@ -28,8 +28,8 @@ from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH
-from storage.gc import Collector
+from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH
+from storage.lifecycle.gc import Collector
 from tests.lifecycle_helpers import (
     LifecycleImages,
     blob_files_verify,

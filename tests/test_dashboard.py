@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from proxy.metrics import Metrics, StoreTotals
+from proxy.metrics.prometheus import Metrics, StoreTotals
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "helm" / "regcache" / "dashboards" / "regcache.json"
 

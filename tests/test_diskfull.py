@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import LIFECYCLE, METADATA
+from proxy.resources import LIFECYCLE, METADATA
 from storage.backends import filesystem
 from tests.lifecycle_helpers import LifecycleImages, on_disk, pull_verified, push_images
 
@@ -139,8 +139,8 @@ async def test_disk_full_in_the_middle_of_a_write_aborts_the_client_and_leaves_n
 
 
 def test_reserving_space_maps_enospc_to_store_full(tmp_path, monkeypatch):
-    from storage.digest import Digest
     from storage.errors import StoreFull
+    from storage.oci.digest import Digest
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,7 +19,7 @@ import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
-from proxy.cli import build_parser
+from proxy.cli.main import build_parser
 from tests.test_helm import pod_spec, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_the_image_runs_the_command_the_chart_runs() -> None:
     assert pod["securityContext"]["runAsUser"] == int(user)
     entrypoint = json.loads(final["ENTRYPOINT"][-1])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entrypoint == ["regcache"] and scripts["regcache"] == "proxy.cli:main"
+    assert entrypoint == ["regcache"] and scripts["regcache"] == "proxy.cli.main:main"
     (container,) = pod["containers"]
     assert "command" not in container  # the chart keeps the image's entrypoint
     for args in (json.loads(final["CMD"][-1]), container["args"]):
@@ -70,10 +70,12 @@ def test_the_image_build_context_holds_an_installable_package(tmp_path: Path) ->
     assert built.returncode == 0, built.stdout + built.stderr
     with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert "README.md" in names and "proxy/cli.py" in names
+    assert "README.md" in names and "proxy/cli/main.py" in names
+    packages = [init.parent.relative_to(ROOT).as_posix() for top in ("config", "proxy", "storage")
+                for init in (ROOT / top).rglob("__init__.py")]  # fmt: skip
+    assert len(packages) > 10
     for package in packages:
-        assert f"{package.replace('.', '/')}/__init__.py" in names
+        assert f"{package}/__init__.py" in names
 
 
 def parse_dockerfile(path: Path) -> list[dict[str, list[str]]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import filesend
+from proxy.http import filesend
 
 
 @pytest.mark.parametrize(

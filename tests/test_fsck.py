@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from storage.digest import Digest
-from storage.fsck import StoreLock
+from storage.lifecycle.fsck import StoreLock
+from storage.oci.digest import Digest
 from storage.paths import blob_path
 from tests.lifecycle_helpers import LifecycleImages, pull_verified, push_images
 

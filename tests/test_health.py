@@ -16,7 +16,8 @@ from aiohttp import web
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import HEALTH, METADATA, STORE
+from proxy.http.health import HEALTH
+from proxy.resources import METADATA, STORE
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 from tests.serving import ServedRegcache
 

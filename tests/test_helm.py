@@ -232,7 +232,7 @@ def test_a_config_change_rolls_the_pods_and_nothing_else_does() -> None:
 def test_alerts_use_only_metrics_regcache_exports() -> None:
     from prometheus_client import generate_latest
 
-    from proxy.metrics import Metrics, StoreTotals
+    from proxy.metrics.prometheus import Metrics, StoreTotals
 
     metrics = Metrics()
     metrics.store.update(StoreTotals())

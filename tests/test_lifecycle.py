@@ -10,9 +10,9 @@ import pytest
 
 from config.settings import Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import LIFECYCLE, METADATA, PULLTHROUGH, STORE
-from storage.fsck import Checker
-from storage.lifecycle import Lifecycle
+from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH, STORE
+from storage.lifecycle.fsck import Checker
+from storage.lifecycle.service import Lifecycle
 from tests.lifecycle_helpers import LifecycleImages, on_disk, pull_verified, push_images, skopeo_pull
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from storage.errors import StoreFull
-from storage.metadata import Metadata
+from storage.index.metadata import Metadata
 
 
 async def test_a_full_metadata_database_is_store_full_and_keeps_what_was_committed(tmp_path):

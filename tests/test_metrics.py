@@ -14,8 +14,8 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import MetricsSettings, Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import PULLTHROUGH
-from proxy.metrics import metrics_app
+from proxy.metrics.prometheus import metrics_app
+from proxy.resources import PULLTHROUGH
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 from tests.serving import sample, start_proxy
 
@@ -188,7 +188,7 @@ async def test_metrics_can_be_disabled(fake, aiohttp_client, tmp_path):
 WORKER = textwrap.dedent(
     """
     import sys
-    from proxy.metrics import Metrics
+    from proxy.metrics.prometheus import Metrics
     m = Metrics()
     for _ in range(int(sys.argv[1])):
         m.manifest("docker.io", "hit")

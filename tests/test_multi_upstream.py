@@ -14,7 +14,7 @@ import pytest
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import UPSTREAMS
+from proxy.resources import UPSTREAMS
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 from tests.support.registry import make_tls_files
 

@@ -9,7 +9,7 @@ import pytest
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import PULLTHROUGH
+from proxy.resources import PULLTHROUGH
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 
 LAYERS = [os.urandom(200 * 1024 + i) for i in range(6)]

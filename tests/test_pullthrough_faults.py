@@ -10,7 +10,7 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import PULLTHROUGH
+from proxy.resources import PULLTHROUGH
 from tests.fake_upstream import FakeUpstream, Fault, digest_of
 
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
@@ -206,7 +206,7 @@ async def test_range_on_cached_blob(fake, proxy):
 
 
 async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, tmp_path):
-    from proxy.keys import METADATA
+    from proxy.resources import METADATA
 
     app = create_app(settings_for(fake, tmp_path / "d", tag_ttl=0))
     proxy = await aiohttp_client(app)

@@ -16,9 +16,9 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 
 from config.settings import S3Settings, Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import PULLTHROUGH
+from proxy.resources import PULLTHROUGH
 from storage import paths
-from storage.digest import Digest
+from storage.oci.digest import Digest
 from tests.fake_upstream import Fault, digest_of
 
 PART = 5 * 1024 * 1024

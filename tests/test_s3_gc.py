@@ -19,8 +19,8 @@ import pytest
 
 from config.settings import AdminSettings, S3Settings, Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
-from proxy.keys import LIFECYCLE, PULLTHROUGH
-from storage.manifests import OCI_INDEX, OCI_MANIFEST
+from proxy.resources import LIFECYCLE, PULLTHROUGH
+from storage.oci.manifests import OCI_INDEX, OCI_MANIFEST
 from tests.fake_upstream import FakeUpstream, digest_of, make_image
 from tests.test_s3_backend import blob_key, leases
 

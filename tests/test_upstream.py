@@ -24,7 +24,6 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from config.settings import UpstreamSettings
-from proxy.auth_challenge import may_receive_credentials, parse_challenges
 from proxy.errors import (
     ManifestTooLarge,
     UpstreamDenied,
@@ -36,8 +35,9 @@ from proxy.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from proxy.upstream import RETRY_BUDGET, UpstreamClient
-from proxy.upstream_responses import retry_after, window
+from proxy.upstream.auth import may_receive_credentials, parse_challenges
+from proxy.upstream.client import RETRY_BUDGET, UpstreamClient
+from proxy.upstream.responses import retry_after, window
 
 PASSWORD = "hunter2-PASSWORD-do-not-log"
 USERNAME = "alice"

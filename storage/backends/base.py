@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from storage.digest import Digest
+from storage.oci.digest import Digest
 
 
 class Upload(abc.ABC):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from storage import paths
 from storage.backends.base import BlobBackend, Upload
-from storage.digest import Digest
 from storage.errors import BlobUnknown, StoreFull
+from storage.oci.digest import Digest
 
 READ_CHUNK = 1024 * 1024
 

@@ -1,0 +1,160 @@
+"""``POST /admin/pull``: warm the cache through the normal pull-through path.
+
+The handler pulls as a client would (manifest, then for each image the config
+and layers) through ``PullThrough``, so single flight, verification and
+linking are exactly those of a real pull. It reads every fill to its end, and
+streams docker's progress messages (``jsonmessage``: ``status``, ``id``,
+``progressDetail``, ``error``) as JSON lines while it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.admin.body import json_object
+from proxy.errors import AdminInvalid
+from proxy.http.context import ERROR, LOG
+from proxy.pull.answers import FillingBlob, LocalBlob
+from proxy.pull.routing import Route
+from proxy.pull.service import PullThrough
+from proxy.resources import PULLTHROUGH, ROUTER
+from storage.errors import RegcacheError
+from storage.oci.digest import Digest
+from storage.oci.manifests import parse_manifest
+from storage.oci.platforms import host_platform, platform_matches
+from storage.oci.reference import ImageReference, ManifestReference
+
+log = logging.getLogger("regcache.admin.pull")
+
+# docker pulls three layers at a time.
+CONCURRENT_LAYERS = 3
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def short(digest: str) -> str:
+    return digest.partition(":")[2][:12]
+
+
+class Puller:
+    def __init__(self, pullthrough: PullThrough, route: Route, emit: Emit) -> None:
+        self.pullthrough = pullthrough
+        self.route = route
+        self.emit = emit
+        self.fetched = False  # anything came from the upstream
+
+    async def manifest(self, reference: ManifestReference) -> tuple[str, bytes, str]:
+        found = await self.pullthrough.manifest(self.route, reference, [])
+        if found.result in ("miss", "coalesced"):
+            self.fetched = True
+        return found.digest, found.data, found.media_type
+
+    async def image(self, data: bytes, media_type: str) -> None:
+        parsed = parse_manifest(data, media_type)
+        if parsed.config is not None:
+            await self.blob(parsed.config.digest, None)
+        layers = parsed.layers
+        for layer in layers:
+            await self.emit({"status": "Pulling fs layer", "id": short(str(layer.digest))})
+        slots = asyncio.Semaphore(CONCURRENT_LAYERS)
+
+        async def one(digest: Digest) -> None:
+            async with slots:
+                await self.blob(digest, short(str(digest)))
+
+        await asyncio.gather(*(one(layer.digest) for layer in layers))
+
+    async def blob(self, digest: Digest, progress_id: str | None) -> None:
+        answer = await self.pullthrough.blob(self.route, digest)
+        if isinstance(answer, LocalBlob) and answer.lease is not None:
+            answer.lease.release()
+        if not isinstance(answer, FillingBlob):
+            if progress_id:
+                await self.emit({"status": "Already exists", "id": progress_id})
+            return
+        self.fetched = True
+        fill = answer.fill
+        await fill.wait_started()
+        current = 0
+        last_sent = -1
+        async for chunk in fill.tail():
+            current += len(chunk)
+            if progress_id and (current - last_sent >= 512 * 1024 or current == fill.size):
+                last_sent = current
+                await self.emit({"status": "Downloading", "id": progress_id,
+                                 "progressDetail": {"current": current, "total": fill.size or 0}})  # fmt: skip
+        # The tail ends once the digest is verified; the pull is done once the store has the blob.
+        await fill.committed()
+        if progress_id:
+            await self.emit({"status": "Verifying Checksum", "id": progress_id})
+            await self.emit({"status": "Download complete", "id": progress_id})
+            await self.emit({"status": "Pull complete", "id": progress_id})
+
+
+def _parse_request(body: Any) -> tuple[str, str | None, bool]:
+    if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+        raise AdminInvalid('expected {"image": "NAME[:TAG|@DIGEST]"}')
+    platform = body.get("platform")
+    if platform is not None and (not isinstance(platform, str) or platform.count("/") not in (1, 2)):
+        raise AdminInvalid(f"invalid platform {platform!r}: expected os/arch[/variant]")
+    return body["image"], platform, bool(body.get("all_platforms"))
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    body = await json_object(request)
+    text, wanted_platform, all_platforms = _parse_request(body)
+    ref = ImageReference.parse(text)
+    name = f"{ref.registry}/{ref.name}" if ref.registry else ref.name
+    route = request.config_dict[ROUTER].resolve(name)
+    reference = ManifestReference(digest=ref.digest) if ref.digest else ManifestReference(tag=ref.tag or "latest")
+    shown = str(ref) if (ref.tag or ref.digest) else f"{ref}:latest"
+    request[LOG].update(upstream=route.upstream_name, repository=route.repository, reference=str(reference))
+
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+
+    async def emit(message: dict[str, Any]) -> None:
+        await response.write(json.dumps(message).encode() + b"\n")
+
+    puller = Puller(request.config_dict[PULLTHROUGH], route, emit)
+    try:
+        await emit({"status": f"Pulling from {route.repository}", "id": str(reference)})
+        digest, data, media_type = await puller.manifest(reference)
+        parsed = parse_manifest(data, media_type)
+        if parsed.is_index:
+            wanted = wanted_platform or host_platform()
+            children = [c for c in parsed.children if all_platforms or platform_matches(wanted, c.platform)]
+            if not children:
+                offered = ", ".join(c.platform or "?" for c in parsed.children)
+                raise AdminInvalid(f"no matching manifest for {wanted} in the manifest list entries ({offered})")
+            for child in children:
+                if all_platforms:
+                    await emit({"status": f"Platform {child.platform}", "id": short(str(child.digest))})
+                _, child_data, child_type = await puller.manifest(ManifestReference(digest=child.digest))
+                await puller.image(child_data, child_type)
+        else:
+            await puller.image(data, media_type)
+        await emit({"status": f"Digest: {digest}"})
+        verdict = "Downloaded newer image for" if puller.fetched else "Image is up to date for"
+        await emit({"status": f"Status: {verdict} {shown}"})
+        request[LOG]["result"] = "fetched" if puller.fetched else "cached"
+    except RegcacheError as exc:
+        # Headers are out: the error travels as docker's error message.
+        request[ERROR] = exc
+        await emit({"error": exc.message, "errorDetail": {"message": exc.message}})
+    except (TimeoutError, OSError) as exc:
+        request[ERROR] = exc
+        log.warning("pull of %s failed: %r", shown, exc)
+        message = f"pull failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        await emit({"error": message, "errorDetail": {"message": message}})
+    await response.write_eof()
+    return response
+
+
+def add_routes(admin: web.Application) -> None:
+    admin.router.add_post("/pull", pull, name="admin_pull")

@@ -1,0 +1,127 @@
+"""One structured line per request, written after the response is fully sent.
+
+Handlers put what they know (upstream, repository, digest or tag, cache
+result) into ``request[LOG]``; this logger adds method, route, status,
+bytes, duration and the request id. Never headers, never credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.http.context import ERROR, LOG, REQUEST_ID
+from proxy.resources import EVENTS
+
+log = logging.getLogger("regcache.access")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    request[LOG] = {}
+    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    return response
+
+
+def _routed(request: web.BaseRequest, attribute: str):  # type: ignore[no-untyped-def]
+    """``request.match_info`` or ``request.app``, or None for a request that never reached routing.
+
+    aiohttp answers a request it could not parse (a TLS probe on the plain port, as podman sends
+    to an insecure mirror) with a 400 whose request has no match info: both attributes then
+    assert instead of returning None.
+    """
+    try:
+        return getattr(request, attribute, None)
+    except AssertionError:
+        return None
+
+
+def route_name(request: web.BaseRequest) -> str:
+    match = _routed(request, "match_info")
+    route = getattr(match, "route", None)
+    name = getattr(route, "name", None)
+    if name:
+        return name
+    return "other" if match is None or route is None or route.resource is None else route.resource.canonical
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes sent: aiohttp's ``body_length`` counts headers and misses sendfile."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    finished = response.body_length > 0 or (isinstance(response, web.FileResponse) and response.prepared)
+    if response.content_length is not None:
+        # An aborted stream never wrote its end, so body_length stays 0 and so does this.
+        return response.content_length if finished else 0
+    return response.body_length
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        fields = request.get(LOG, {})
+        route = route_name(request)
+        sent = _body_bytes(request, response)
+        if self.logger.isEnabledFor(logging.INFO):
+            entry = {
+                "ts": round(time.time(), 3),
+                "request_id": request.get(REQUEST_ID, ""),
+                "method": request.method,
+                "route": route,
+                "path": request.path[:512],
+                "status": response.status,
+                "bytes": sent,
+                "duration_ms": round(duration * 1000, 2),
+                "remote": request.remote,
+            }
+            entry.update(fields)
+            error = request.get(ERROR)
+            if error is not None:
+                entry.setdefault("result", "error")
+                entry["error"] = getattr(error, "message", None) or type(error).__name__
+            self.logger.info(json.dumps(entry, default=str))
+        app = _routed(request, "app")
+        events = app.get(EVENTS) if app is not None else None
+        if events is not None:
+            events.http_request(route, request.method, response.status, duration, sent,
+                                fields.get("upstream"), fields.get("result"))  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        # Always called: request metrics come from here even when the log level hides the line.
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "regcache.access":
+            return record.getMessage()
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,151 @@
+"""Optional client authentication for pulls (``settings.auth``).
+
+Two kinds of credentials, either or both:
+
+- htpasswd users with bcrypt hashes (the only format the distribution registry
+  accepts, so existing files work), sent as ``Authorization: Basic``;
+- static tokens, sent as ``Authorization: Bearer <token>`` or as the password of
+  Basic auth with any user name (``docker login -u token -p <token>``), because
+  docker, containerd and skopeo only answer a ``Basic`` challenge with Basic.
+
+A request without valid credentials gets 401 with ``WWW-Authenticate: Basic
+realm="..."`` and an OCI ``UNAUTHORIZED`` body; clients retry with their
+configured credentials. Health, readiness and (unless ``protect_metrics``)
+``/metrics`` stay open for probes and scrapers; ``/admin/`` has its own token.
+
+bcrypt is slow on purpose and docker sends credentials with every request, so
+a verified ``Authorization`` value is remembered (by its SHA-256, never in
+clear) for a short while; checks run in a thread so they never stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import bcrypt
+from aiohttp import web
+
+from config.settings import AuthSettings, ConfigError
+from proxy.errors import Unauthorized
+from proxy.http.context import LOG
+
+log = logging.getLogger("regcache.auth")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+CACHE_SECONDS = 300.0
+CACHE_SIZE = 1024
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+
+
+def read_htpasswd(path: Path) -> dict[str, bytes]:
+    """user -> bcrypt hash; anything but bcrypt is refused with the line number."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"auth.htpasswd: cannot read {path}: {exc.strerror}") from None
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user:
+            raise ConfigError(f"auth.htpasswd: {path} line {number}: expected user:hash")
+        if not hashed.startswith(_BCRYPT_PREFIXES):
+            raise ConfigError(f"auth.htpasswd: {path} line {number}: only bcrypt hashes are supported (htpasswd -B)")
+        users[user] = hashed.encode()
+    return users
+
+
+class ClientAuth:
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self.realm = settings.realm.replace('"', "")
+        self._tokens = [t.get_secret_value().encode() for t in settings.tokens]
+        self._users: dict[str, bytes] = {}
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self.reload()
+
+    @property
+    def challenge(self) -> str:
+        return f'Basic realm="{self.realm}"'
+
+    def reload(self) -> None:
+        """Re-read the htpasswd file (SIGHUP); a broken file keeps the old users."""
+        if self.settings.htpasswd is not None:
+            self._users = read_htpasswd(self.settings.htpasswd)
+        self._verified.clear()
+
+    def protects(self, path: str) -> bool:
+        if path in OPEN_PATHS or path.startswith("/admin/") or path == "/admin":
+            return False
+        return path != "/metrics" or self.settings.protect_metrics
+
+    async def allowed(self, authorization: str | None) -> bool:
+        if not authorization:
+            return False
+        key = hashlib.sha256(authorization.encode()).digest()
+        seen = self._verified.get(key)
+        if seen is not None and time.monotonic() - seen < CACHE_SECONDS:
+            return True
+        if not await asyncio.to_thread(self._check, authorization):
+            return False
+        self._verified[key] = time.monotonic()
+        self._verified.move_to_end(key)
+        while len(self._verified) > CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return True
+
+    def _check(self, authorization: str) -> bool:
+        scheme, _, value = authorization.strip().partition(" ")
+        scheme = scheme.lower()
+        value = value.strip()
+        if scheme == "bearer":
+            return self._token_ok(value.encode())
+        if scheme != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            return False
+        if self._token_ok(password.encode()):
+            return True
+        hashed = self._users.get(user)
+        if hashed is None:
+            return False
+        try:
+            return bcrypt.checkpw(password.encode(), hashed)
+        except ValueError:
+            return False
+
+    def _token_ok(self, candidate: bytes) -> bool:
+        # Compare against every token so the time taken says nothing about which matched.
+        found = False
+        for token in self._tokens:
+            found |= hmac.compare_digest(candidate, token)
+        return found
+
+
+AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")
+
+
+def auth_middleware(auth: ClientAuth):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if auth.protects(request.path) and not await auth.allowed(request.headers.get("Authorization")):
+            request[LOG]["result"] = "unauthorized"
+            raise Unauthorized("authentication required", challenge=auth.challenge)
+        return await handler(request)
+
+    return middleware

@@ -1,0 +1,18 @@
+"""What each request carries through the middlewares and handlers (``web.RequestKey``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from storage.lifecycle.gc import Lease
+
+# The access log's fields, filled in by whoever learns them (route, result, identity).
+LOG: web.RequestKey[dict[str, object]] = web.RequestKey("log")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+# The error answered, for the access log and the metrics.
+ERROR: web.RequestKey[BaseException] = web.RequestKey("error")
+# The GC lease a blob hit holds until its file is open.
+BLOB_LEASE: web.RequestKey[Lease | None] = web.RequestKey("blob_lease")

@@ -1,0 +1,68 @@
+"""Which upstream a request is for, and the repository name there.
+
+In order: containerd's ``?ns=<registry>``; a first path component naming a
+configured registry (``/v2/ghcr.io/org/app/...``, also what a hosts.toml host
+with a path produces); otherwise the default upstream. Docker Hub's official
+images are ``library/<name>``; a bare ``<name>`` means the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.settings import UpstreamSettings
+from proxy.errors import RegistryUnknown
+from storage.oci.reference import validate_name
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    upstream: UpstreamSettings
+    repository: str  # the name at the upstream, e.g. library/busybox
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream.name
+
+
+def _looks_like_registry(component: str) -> bool:
+    return "." in component or ":" in component or component == "localhost"
+
+
+class Router:
+    def __init__(self, upstreams: list[UpstreamSettings], default: UpstreamSettings) -> None:
+        self.default = default
+        self._by_name: dict[str, UpstreamSettings] = {}
+        for upstream in upstreams:
+            for name in upstream.names:
+                self._by_name[name] = upstream
+
+    def upstream(self, name: str) -> UpstreamSettings:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise RegistryUnknown(f"registry {name[:100]!r} is not configured on this mirror") from None
+
+    def resolve(self, name: str, ns: str | None = None) -> Route:
+        if ns:
+            return self._route(self.upstream(ns), name)
+        first, sep, rest = name.partition("/")
+        if sep and first in self._by_name:
+            return self._route(self._by_name[first], rest)
+        if sep and _looks_like_registry(first) and self.default.is_docker_hub:
+            # Docker Hub has no namespaces with dots; this names a registry we lack.
+            raise RegistryUnknown(f"registry {first[:100]!r} is not configured on this mirror")
+        return self._route(self.default, name)
+
+    @staticmethod
+    def _route(upstream: UpstreamSettings, name: str) -> Route:
+        validate_name(name)
+        if upstream.is_docker_hub and "/" not in name:
+            name = f"library/{name}"
+        return Route(upstream, name)
+
+    def client_name(self, upstream_name: str, repository: str) -> str:
+        """How a repository is named to clients that do not send ``ns`` (the catalog)."""
+        if self._by_name.get(upstream_name) is self.default:
+            return repository
+        return f"{upstream_name}/{repository}"

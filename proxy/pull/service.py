@@ -1,0 +1,465 @@
+"""The cache logic: the one place that decides "local or upstream".
+
+Handlers ask for a manifest or a blob of a routed repository; this module
+answers from the store when it can, from the upstream when it must, and
+records what it learned. It never builds an HTTP response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from proxy.errors import (
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamTooManyRequests,
+    UpstreamUnavailable,
+)
+from proxy.metrics.events import Events
+from proxy.pull.answers import BlobAnswer, BlobInfo, FillingBlob, LocalBlob, Manifest, ManifestCache, StoredBlob, page
+from proxy.pull.fill import Fill, Fills
+from proxy.pull.prefetch import Prefetcher
+from proxy.pull.replicas import SharedNames
+from proxy.pull.routing import Route
+from proxy.pull.singleflight import SingleFlight
+from proxy.upstream.client import UpstreamClient
+from storage.backends.base import FillLease
+from storage.blobs import BlobStore
+from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
+from storage.index.metadata import Metadata, TagRow
+from storage.lifecycle.gc import InUse
+from storage.oci.digest import Digest
+from storage.oci.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
+from storage.oci.reference import ManifestReference
+
+log = logging.getLogger("regcache.pullthrough")
+
+# Upstream failures after which a stale tag is still served.
+_STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
+# Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
+MAX_CACHED_TAGS = 100_000
+# (repository, digest) links known from SQLite (~150 bytes each); past this the set starts over.
+MAX_CACHED_LINKS = 1_000_000
+
+
+class PullThrough:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: Metadata,
+        upstreams: dict[str, UpstreamClient],
+        events: Events,
+        *,
+        fill_timeout: float = 3600.0,
+        max_manifest_size: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.upstreams = upstreams
+        self.events = events
+        self.fills = Fills(fill_timeout)
+        self.prefetcher = Prefetcher(self._prefetch_blob)
+        self.max_manifest_size = max_manifest_size
+        self.manifests = ManifestCache()
+        self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
+        self._links: set[tuple[int, str]] = set()
+        # Tag rows as last read from SQLite, so a cached tag costs no query; any
+        # write of a tag here drops its entry, forget() drops them all.
+        self._tags: dict[tuple[int, str], TagRow] = {}
+        self._tags_generation = 0
+        self.in_use = InUse()  # digests GC must leave alone (storage.gc)
+        # Tag and image records shared with other replicas on the same object store.
+        self.shared = SharedNames(store.backend.shared, store) if store.backend.shared is not None else None
+
+    def forget(self) -> None:
+        """Drop in-memory knowledge after rmi, eviction or load changed the store."""
+        self.manifests.clear()
+        self._links.clear()
+        self._tags.clear()
+        self._tags_generation += 1
+
+    async def close(self) -> None:
+        await self.prefetcher.close()
+        await self.fills.close()
+
+    def _client(self, route: Route) -> UpstreamClient:
+        return self.upstreams[route.upstream_name]
+
+    async def _repository(self, route: Route) -> int:
+        repo_id = await self.metadata.repository_id(route.upstream_name, route.repository)
+        assert repo_id is not None
+        return repo_id
+
+    # Manifests ---------------------------------------------------------------
+
+    async def manifest(
+        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True, prefetch: bool = False
+    ) -> Manifest:
+        """A manifest for a client; ``prefetch`` (a client's GET): when it came from the
+        upstream, its blobs are fetched before the client asks (proxy.prefetch)."""
+        if reference.digest is not None:
+            found = await self._manifest_by_digest(route, str(reference.digest))
+        else:
+            assert reference.tag is not None
+            found = await self._manifest_by_tag(route, reference.tag)
+        if not accepts(accept, found.media_type):
+            # Never convert: the digest a client sees is always the upstream's.
+            raise ManifestUnknown(f"manifest is {found.media_type}, which the client does not accept")
+        repo_id = await self._repository(route)
+        self.metadata.note_pull(repo_id, found.digest, count=count)
+        self.events.manifest(route.upstream_name, found.result)
+        if prefetch and found.result == "miss":
+            self.prefetcher.image(route, found.data, found.media_type)
+        return found
+
+    async def _stored_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        cached = self.manifests.get(digest)
+        if cached is not None:
+            return cached
+        row = await self.metadata.manifest(digest)
+        if row is None:
+            return None
+        try:
+            data = await self.store.read_small(Digest.parse(digest))
+        except BlobUnknown:
+            return None
+        self.manifests.put(digest, row.media_type, data)
+        return row.media_type, data
+
+    async def _linked(self, repo_id: int, digest: str) -> bool:
+        if (repo_id, digest) in self._links:
+            return True
+        linked, _ = await self.metadata.link(repo_id, digest)
+        if linked:
+            self._link(repo_id, digest)
+        return linked
+
+    def _link(self, repo_id: int, digest: str) -> None:
+        if len(self._links) >= MAX_CACHED_LINKS:
+            self._links.clear()
+        self._links.add((repo_id, digest))
+
+    async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
+        repo_id = await self._repository(route)
+        stored = await self._stored_manifest(digest)
+        if stored is None and self.shared is not None:
+            # Another replica on this store recorded it for this repository: adopt it.
+            image = await self.shared.image(route, digest)
+            if image is not None:
+                await self._record_manifest(repo_id, digest, image.media_type, image.data, tag=None)
+                stored = image.media_type, image.data
+        if stored is not None:
+            media_type, data = stored
+            if await self._linked(repo_id, digest):
+                return Manifest(digest, media_type, data, "hit")
+            # Stored for another repository: the upstream must vouch for this one.
+            await self._confirm(route, lambda c: c.head_manifest(route.repository, digest, UPSTREAM_ACCEPT))
+            await self._record_manifest(repo_id, digest, media_type, data, tag=None)
+            await self._publish(route, digest, media_type, None)
+            return Manifest(digest, media_type, data, "hit")
+        found, shared = await self._manifest_flight.do(
+            (route.upstream_name, route.repository, digest), lambda: self._fetch_manifest(route, digest, None)
+        )
+        return _coalesced(found) if shared else found
+
+    async def _tag_row(self, repo_id: int, tag: str) -> TagRow | None:
+        key = (repo_id, tag)
+        row = self._tags.get(key)
+        if row is not None:
+            return row
+        generation = self._tags_generation
+        row = await self.metadata.tag(repo_id, tag)
+        # A write during the query makes what it read stale: do not keep it.
+        if row is not None and generation == self._tags_generation:
+            if len(self._tags) >= MAX_CACHED_TAGS:
+                self._tags.clear()
+            self._tags[key] = row
+        return row
+
+    def _tag_changed(self, repo_id: int, tag: str) -> None:
+        self._tags.pop((repo_id, tag), None)
+        self._tags_generation += 1
+
+    async def _manifest_by_tag(self, route: Route, tag: str) -> Manifest:
+        repo_id = await self._repository(route)
+        row = await self._tag_row(repo_id, tag)
+        if row is None and self.shared is not None:
+            # Another replica on this store knows the tag: adopt its record, with
+            # the time it was last confirmed upstream (the tag TTL runs from there).
+            found = await self.shared.tag(route, tag)
+            if found is not None and found.checked_at is not None:
+                await self._record_manifest(repo_id, found.digest, found.media_type, found.data, tag=tag)
+                await self.metadata.confirm_tag(repo_id, tag, when=found.checked_at)
+                self._tag_changed(repo_id, tag)
+                row = await self._tag_row(repo_id, tag)
+        if row is not None:
+            stored = await self._stored_manifest(row.manifest)
+            if stored is not None:
+                media_type, data = stored
+                if time.time() - row.checked_at < route.upstream.tag_ttl:
+                    return Manifest(row.manifest, media_type, data, "hit")
+                found, shared = await self._manifest_flight.do(
+                    (route.upstream_name, route.repository, "tag", tag),
+                    lambda: self._revalidate(route, repo_id, tag, row.manifest, media_type, data),
+                )
+                return _coalesced(found) if shared else found
+        found, shared = await self._manifest_flight.do(
+            (route.upstream_name, route.repository, "tag", tag), lambda: self._fetch_manifest(route, tag, tag)
+        )
+        return _coalesced(found) if shared else found
+
+    async def _revalidate(
+        self, route: Route, repo_id: int, tag: str, digest: str, media_type: str, data: bytes
+    ) -> Manifest:
+        client = self._client(route)
+        try:
+            head = await client.head_manifest(route.repository, tag, UPSTREAM_ACCEPT)
+        except _STALE_OK as exc:
+            self.events.stale(route.upstream_name, _kind(exc))
+            log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag, _kind(exc))
+            return Manifest(digest, media_type, data, "stale")
+        except UpstreamNotFound:
+            # A loaded (pinned) image may exist only here: the cache is its source.
+            if await self.metadata.is_pinned(repo_id, digest):
+                return Manifest(digest, media_type, data, "hit")
+            raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
+        if head.digest == digest:
+            await self.metadata.confirm_tag(repo_id, tag)
+            self._tag_changed(repo_id, tag)
+            if self.shared is not None:
+                await self.shared.confirm_tag(route, tag, digest, time.time())
+            return Manifest(digest, media_type, data, "revalidated")
+        if head.digest is not None:
+            stored = await self._stored_manifest(head.digest)
+            if stored is not None and await self._linked(repo_id, head.digest):
+                await self._record_manifest(repo_id, head.digest, stored[0], stored[1], tag=tag)
+                await self._publish(route, head.digest, stored[0], tag)
+                return Manifest(head.digest, stored[0], stored[1], "revalidated")
+        # The tag moved: fetch the new manifest by digest where we know it (a GET
+        # by digest is what Docker Hub does not count twice), else by tag.
+        found = await self._fetch_manifest(route, head.digest or tag, tag)
+        return found
+
+    async def _fetch_manifest(self, route: Route, reference: str, tag: str | None) -> Manifest:
+        client = self._client(route)
+        try:
+            fetched = await client.get_manifest(route.repository, reference, UPSTREAM_ACCEPT, self.max_manifest_size)
+        except UpstreamNotFound:
+            raise ManifestUnknown(f"manifest {route.repository}:{reference} unknown to the upstream") from None
+        digest = Digest.of(fetched.data)
+        expected = reference if ":" in reference else fetched.digest
+        if expected is not None and expected != str(digest):
+            self.events.digest_mismatch(route.upstream_name, "manifest")
+            raise DigestMismatch(f"upstream manifest for {route.repository}:{reference} hashes to {digest}")
+        repo_id = await self._repository(route)
+        media_type = await self._record_manifest(repo_id, str(digest), fetched.media_type, fetched.data, tag=tag)
+        await self._publish(route, str(digest), media_type, tag)
+        self.events.fetched(route.upstream_name, "manifest", len(fetched.data))
+        return Manifest(str(digest), media_type, fetched.data, "miss")
+
+    async def _record_manifest(
+        self, repo_id: int, digest: str, media_type: str, data: bytes, tag: str | None, pinned: bool = False
+    ) -> str:
+        parsed = parse_manifest(data, media_type)
+        parsed_digest = Digest.parse(digest)
+        with self.in_use.hold(digest):
+            if await self.store.stat(parsed_digest) is None:
+                await self.store.put(parsed_digest, data)
+            await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
+        if tag is not None:
+            self._tag_changed(repo_id, tag)
+        self.manifests.put(digest, parsed.media_type, data)
+        # The rows just written link what the manifest references: the client's
+        # GETs of its config and layers, next, need no query (which would wait
+        # behind the fills' commits on the one connection).
+        self._link(repo_id, digest)
+        for ref in parsed.references:
+            if ref.kind in ("config", "layer", "manifest"):
+                self._link(repo_id, str(ref.digest))
+        return parsed.media_type
+
+    async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
+        """Tell the other replicas on this store (if any) what was just recorded."""
+        if self.shared is not None:
+            await self.shared.publish(route, digest, media_type, tag, time.time())
+
+    async def _confirm(self, route: Route, call) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await call(self._client(route))
+        except UpstreamNotFound:
+            raise ManifestUnknown(f"{route.repository} has no such content upstream") from None
+
+    # Blobs -------------------------------------------------------------------
+
+    async def blob(self, route: Route, digest: Digest) -> BlobAnswer:
+        repo_id = await self._repository(route)
+        key = str(digest)
+        linked = await self._linked(repo_id, key)
+        lease = self.in_use.lease(key)  # taken before looking, so GC cannot unlink what we find
+        size = await self.store.stat(digest)
+        if size is not None:
+            if not linked:
+                try:
+                    await self._confirm_blob(route, repo_id, digest, size)
+                except BaseException:
+                    lease.release()
+                    raise
+            self.metadata.note_blob_access(key)
+            self.events.blob(route.upstream_name, "hit", size)
+            path = self.store.local_path(digest)
+            if path is not None:
+                return LocalBlob(key, size, path, lease)
+            lease.release()
+            return StoredBlob(key, size, await self.store.backend.redirect_url(digest))
+        lease.release()
+        fill = self.fills.get(digest)
+        if fill is not None:
+            if not linked:
+                await self._confirm_blob(route, repo_id, digest, None)
+            fill.followers += 1
+            self.events.blob(route.upstream_name, "coalesced", None)
+            return FillingBlob(key, fill, "coalesced")
+        # No await between looking for a fill and starting one: that is what
+        # makes concurrent misses share a single upstream fetch.
+        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
+                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
+        self.events.blob(route.upstream_name, "miss", None)
+        return FillingBlob(key, fill, "miss")
+
+    async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
+        """Start a fill nobody asked for yet; None when the blob is stored or filling."""
+        repo_id = await self._repository(route)
+        if await self.store.stat(digest) is not None:
+            return None
+        # No await from here to the start: a fill begun meanwhile is found (single flight).
+        if self.fills.get(digest) is not None:
+            return None
+        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
+                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
+        self.events.prefetched(route.upstream_name)
+        return fill
+
+    async def blob_info(self, route: Route, digest: Digest) -> BlobInfo:
+        """For HEAD: what a GET would send, without fetching bytes."""
+        repo_id = await self._repository(route)
+        key = str(digest)
+        linked, descriptor_size = await self.metadata.link(repo_id, key)
+        size = await self.store.stat(digest)
+        if size is not None:
+            if not linked:
+                await self._confirm_blob(route, repo_id, digest, size)
+            return BlobInfo(key, size)
+        if linked and descriptor_size is not None:
+            return BlobInfo(key, descriptor_size)
+        try:
+            upstream_size = await self._client(route).head_blob(route.repository, key)
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {key} unknown to the upstream") from None
+        return BlobInfo(key, upstream_size)
+
+    async def _confirm_blob(self, route: Route, repo_id: int, digest: Digest, size: int | None) -> None:
+        try:
+            await self._client(route).head_blob(route.repository, str(digest))
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {digest} unknown to {route.repository}") from None
+        await self.metadata.link_blob(repo_id, str(digest), size)
+        self._link(repo_id, str(digest))
+
+    async def _fill_lease(self, repo_id: int, fill: Fill) -> FillLease | None:
+        """Cross-replica single flight (replicas sharing one object store).
+
+        Only the holder of the digest's fill lease fetches from the upstream.
+        A replica that loses the race waits for the holder's commit and then
+        serves the blob from the store (None here); if the holder gives up or
+        dies, its lease is released or expires and this replica takes over.
+        A store nobody else writes to grants the lease at once.
+        """
+        backend = self.store.backend
+        while True:
+            lease = await backend.acquire_fill_lease(fill.digest)
+            # Committed by another replica between our first look and now?
+            size = await (backend.stat(fill.digest) if lease is not None else backend.wait_for(fill.digest))
+            if size is not None:
+                if lease is not None:
+                    await lease.release()
+                await self.metadata.record_blob(repo_id, str(fill.digest), size)
+                fill.committed_elsewhere(size, lambda: self.store.read(fill.digest))
+                return None
+            if lease is not None:
+                return lease
+
+    async def _fill(self, route: Route, repo_id: int, fill: Fill) -> None:
+        lease = await self._fill_lease(repo_id, fill)
+        if lease is None:
+            return
+        try:
+            await self._fetch_blob(route, repo_id, fill)
+        finally:
+            await lease.release()
+
+    async def _fetch_blob(self, route: Route, repo_id: int, fill: Fill) -> None:
+        client = self._client(route)
+        _, expected = await self.metadata.link(repo_id, str(fill.digest))
+        self.events.fill_started(route.upstream_name)
+        try:
+            async with client.open_blob(route.repository, str(fill.digest)) as stream:
+                size = stream.size if stream.size is not None else expected
+                if expected is not None and stream.size is not None and stream.size != expected:
+                    log.warning("upstream size %s for %s differs from its descriptor (%s)",
+                                stream.size, fill.digest, expected)  # fmt: skip
+                writer = await self.store.writer(fill.digest, size)
+                fill.attach(writer, size)
+                try:
+                    async for chunk in stream.chunks:
+                        if await writer.write(chunk):
+                            fill.progressed()
+                    written = await writer.verify()
+                    # Counted before any client has its last byte, so what a client
+                    # saw is already in the metrics.
+                    self.events.fetched(route.upstream_name, "blob", written)
+                    fill.verify()  # clients get their last byte; the commit follows
+                    await writer.commit()
+                except BaseException as exc:
+                    await writer.abort()
+                    if isinstance(exc, DigestMismatch | SizeMismatch):
+                        self.events.digest_mismatch(route.upstream_name, "blob")
+                        log.error("upstream blob %s of %s/%s failed verification: %s",
+                                  fill.digest, route.upstream_name, route.repository, exc)  # fmt: skip
+                    if isinstance(exc, StoreFull):
+                        self.events.store_full()
+                    raise
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
+        finally:
+            self.events.fill_finished(route.upstream_name)
+        await self.metadata.record_blob(repo_id, str(fill.digest), written)
+        self._link(repo_id, str(fill.digest))
+        fill.succeed()
+
+    # Tags and catalog ----------------------------------------------------------
+
+    async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags (a page) and whether there are more; the cache's own when the upstream is down."""
+        try:
+            tags, next_link = await self._client(route).list_tags(route.repository, n, last)
+            return tags, next_link is not None
+        except UpstreamNotFound:
+            raise NameUnknown(f"repository {route.repository} unknown to the upstream") from None
+        except (*_STALE_OK, UpstreamError) as exc:
+            repo_id = await self.metadata.repository_id(route.upstream_name, route.repository, create=False)
+            if repo_id is None:
+                raise
+            self.events.stale(route.upstream_name, _kind(exc))
+            known = await self.metadata.tags(repo_id)
+            return page(known, n, last)
+
+
+def _coalesced(found: Manifest) -> Manifest:
+    return Manifest(found.digest, found.media_type, found.data, "coalesced")
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return getattr(exc, "kind", "error")

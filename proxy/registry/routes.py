@@ -1,0 +1,223 @@
+"""The Registry HTTP API v2, pull side.
+
+Each handler parses and validates its input, asks ``PullThrough``, and turns
+the answer into a response. Errors are raised as types; ``proxy.errors``
+renders them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import NoReturn
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from proxy.errors import PaginationInvalid, Unsupported
+from proxy.http import filesend, slowclient
+from proxy.http.context import BLOB_LEASE, ERROR, LOG
+from proxy.http.errors import API_HEADERS as API_VERSION
+from proxy.pull.answers import FillingBlob, LocalBlob, StoredBlob, page
+from proxy.pull.fill import Fill
+from proxy.pull.routing import Route
+from proxy.resources import METADATA, PULLTHROUGH, ROUTER, SETTINGS
+from storage.errors import NameInvalid
+from storage.oci.digest import Digest
+from storage.oci.manifests import merge_accept
+from storage.oci.reference import ManifestReference
+
+log = logging.getLogger("regcache.registry")
+
+OCTET_STREAM = "application/octet-stream"
+# Spool bytes up to this size go to a client from the loop (a page-cache read of
+# microseconds); larger ranges go to a pool thread (proxy.filesend).
+INLINE_RANGE = 64 * 1024
+
+
+def _route(request: web.Request) -> Route:
+    # No valid name, tag or digest contains "%": an encoded "/" or "." is a trick.
+    if "%" in request.raw_path.partition("?")[0]:
+        raise NameInvalid("percent-encoded characters are not allowed in registry paths")
+    route = request.app[ROUTER].resolve(request.match_info["name"], request.query.get("ns"))
+    request[LOG].update(upstream=route.upstream_name, repository=route.repository)
+    return route
+
+
+def _pagination(request: web.Request) -> tuple[int | None, str | None]:
+    raw = request.query.get("n")
+    n = None
+    if raw is not None:
+        # isascii: str.isdigit() also says yes to '¹' and other digits int() refuses.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+            raise PaginationInvalid(f"n must be a non-negative number, got {raw[:20]!r}")
+        n = int(raw)
+    return n, request.query.get("last")
+
+
+async def base(request: web.Request) -> web.Response:
+    # Answered locally: clients probe /v2/ before every pull, the upstream need not know.
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def manifest(request: web.Request) -> web.Response:
+    route = _route(request)
+    reference = ManifestReference.parse(request.match_info["reference"])
+    request[LOG]["reference"] = str(reference)
+    accept = merge_accept(request.headers.getall("Accept", []))
+    get = request.method == "GET"
+    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=get, prefetch=get)
+    request[LOG]["result"] = found.result
+    request[LOG]["digest"] = found.digest
+    return web.Response(
+        body=found.data,
+        headers={
+            "Content-Type": found.media_type,
+            "Docker-Content-Digest": found.digest,
+            "ETag": f'"{found.digest}"',
+        },
+    )
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    route = _route(request)
+    digest = Digest.parse(request.match_info["digest"])
+    request[LOG]["digest"] = str(digest)
+    pullthrough = request.app[PULLTHROUGH]
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM, "ETag": f'"{digest}"'}
+    if request.method == "HEAD":
+        info = await pullthrough.blob_info(route, digest)
+        response = web.StreamResponse(headers=headers)
+        if info.size is not None:
+            response.content_length = info.size
+        return response
+    answer = await pullthrough.blob(route, digest)
+    if isinstance(answer, LocalBlob):
+        request[LOG]["result"] = "hit"
+        headers["Accept-Ranges"] = "bytes"
+        request[BLOB_LEASE] = answer.lease
+        stall = request.app[SETTINGS].limits.client_timeout
+        return slowclient.GuardedFileResponse(answer.path, headers=headers, stall_timeout=stall)
+    if isinstance(answer, StoredBlob):
+        request[LOG]["result"] = "hit"
+        if answer.redirect is not None:
+            raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
+        return await _stream(request, headers, answer.size, pullthrough.store.read(digest))
+    assert isinstance(answer, FillingBlob)
+    request[LOG]["result"] = answer.result
+    await answer.fill.wait_started()
+    if answer.fill.stored is None and filesend.possible(request.transport):
+        return await _send_fill(request, headers, answer.fill)
+    return await _stream(request, headers, answer.fill.size, answer.fill.tail())
+
+
+async def _stream(request: web.Request, headers: dict[str, str], size: int | None, chunks) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    response = web.StreamResponse(headers=headers)
+    if size is not None:
+        response.content_length = size
+    await response.prepare(request)
+    try:
+        # aclosing: a client that goes away must release its reader at once.
+        async with contextlib.aclosing(chunks) as stream:
+            stall = request.app[SETTINGS].limits.client_timeout
+            async for chunk in stream:
+                await slowclient.write(request, response, chunk, stall)
+    except Exception as exc:
+        _abort(request, exc)
+    await response.write_eof()
+    return response
+
+
+async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) -> web.StreamResponse:
+    """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
+    the held-back last byte, once the digest is verified, through aiohttp."""
+    response = web.StreamResponse(headers=headers)
+    if fill.size is not None:
+        response.content_length = fill.size
+    await response.prepare(request)
+    stall = request.app[SETTINGS].limits.client_timeout
+    assert request.transport is not None
+    sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
+    try:
+        try:
+            async with contextlib.aclosing(fill.ranges()) as ranges:
+                async for fd, offset, length in ranges:
+                    # Once verified, the last byte goes through aiohttp after the thread is done.
+                    on_loop = 1 if fill.verified else 0
+                    # A small range costs less to copy here than to hand to a thread and back.
+                    if length - on_loop > INLINE_RANGE:
+                        await sender.send(fd, offset, length - on_loop, stall)
+                        offset, length = offset + length - on_loop, on_loop
+                    if length:
+                        data = os.pread(fd, length, offset)
+                        if len(data) != length:
+                            raise OSError("spool file shorter than written")
+                        await slowclient.write(request, response, data, stall)
+        except filesend.Stalled:
+            raise slowclient.cut(request, stall) from None
+        finally:
+            sender.close()
+    except Exception as exc:
+        _abort(request, exc)
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request, exc: Exception) -> NoReturn:
+    # Headers are out: the only honest signal left is a broken connection,
+    # never a clean end of a short or wrong body.
+    request[LOG]["result"] = "aborted"
+    request[ERROR] = exc
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("blob stream aborted") from exc
+
+
+async def tags(request: web.Request) -> web.Response:
+    route = _route(request)
+    n, last = _pagination(request)
+    found, more = await request.app[PULLTHROUGH].tags(route, n, last)
+    headers = dict(API_VERSION)
+    if more and found:
+        query = {"n": str(n), "last": found[-1]}
+        if "ns" in request.query:
+            query["ns"] = request.query["ns"]
+        headers["Link"] = f'</v2/{request.match_info["name"]}/tags/list?{urlencode(query)}>; rel="next"'
+    return web.json_response({"name": request.match_info["name"], "tags": found}, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    n, last = _pagination(request)
+    router = request.app[ROUTER]
+    names = [router.client_name(u, name) for u, name in await request.app[METADATA].catalog()]
+    repositories, more = page(names, n, last)
+    headers = dict(API_VERSION)
+    if more and repositories:
+        headers["Link"] = f'</v2/_catalog?{urlencode({"n": str(n), "last": repositories[-1]})}>; rel="next"'
+    return web.json_response({"repositories": repositories}, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    raise Unsupported("this registry is a read-only pull-through cache")
+
+
+async def _release_blob_lease(request: web.Request, response: web.StreamResponse) -> None:
+    # FileResponse opens the file before it prepares: from here on GC may unlink it.
+    lease = request.get(BLOB_LEASE)
+    if lease is not None:
+        lease.release()
+
+
+def add_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(_release_blob_lease)
+    r = app.router
+    r.add_get("/v2/", base, name="base")
+    r.add_get("/v2/_catalog", catalog, name="catalog")
+    r.add_route("*", "/v2/{name:.+}/blobs/uploads/{rest:.*}", unsupported, name="upload")
+    r.add_route("*", "/v2/{name:.+}/blobs/uploads", unsupported)
+    r.add_get("/v2/{name:.+}/tags/list", tags, name="tags")
+    r.add_get("/v2/{name:.+}/manifests/{reference}", manifest, name="manifest")
+    r.add_route("*", "/v2/{name:.+}/manifests/{reference}", unsupported)
+    r.add_get("/v2/{name:.+}/blobs/{digest}", blob, name="blob")
+    r.add_route("*", "/v2/{name:.+}/blobs/{digest}", unsupported)

@@ -1,0 +1,146 @@
+"""What upstream registries send back: the answers' shapes and how headers and bodies are read.
+
+Kept apart from ``proxy.upstream`` so the client reads as request logic.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiohttp
+
+from proxy.errors import UpstreamError
+from storage.oci.digest import is_digest
+
+READ_CHUNK = 256 * 1024
+_LINK_NEXT = re.compile(r'<([^>]*)>[^,]*;\s*rel="?next"?', re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: str | None
+    media_type: str  # "" when the upstream did not say
+    size: int | None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str
+    digest: str | None  # the upstream's Docker-Content-Digest, if well formed
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """What the upstream last said in ``RateLimit-*`` headers (Docker Hub: pulls per window)."""
+
+    limit: int | None
+    remaining: int | None
+    window: int | None  # seconds, from ``;w=`` when given
+    seen_at: float  # wall clock
+
+
+@dataclass
+class BlobStream:
+    size: int | None
+    chunks: AsyncIterator[bytes]
+
+
+class UpstreamObserver(Protocol):
+    def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None: ...
+    def error(self, upstream: str, kind: str) -> None: ...
+    def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None: ...
+
+
+class NullObserver:
+    def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None:
+        pass
+
+    def error(self, upstream: str, kind: str) -> None:
+        pass
+
+    def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None:
+        pass
+
+
+def digest_header(resp: aiohttp.ClientResponse) -> str | None:
+    value = resp.headers.get("Docker-Content-Digest", "").strip()
+    return value if is_digest(value) else None
+
+
+def media_type(resp: aiohttp.ClientResponse) -> str:
+    return resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
+
+
+def embedded_media_type(data: bytes) -> str:
+    try:
+        value = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def json_body(body: bytes, upstream: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise UpstreamError(f"upstream {upstream}: answered with invalid JSON", upstream=upstream) from None
+
+
+async def read_limited(resp: aiohttp.ClientResponse, limit: int, too_large: Callable[[], Exception]) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large()
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_large()
+    return bytes(body)
+
+
+def link_next(header: str) -> str | None:
+    match = _LINK_NEXT.search(header)
+    return match.group(1) if match else None
+
+
+def leading_int(value: str | None) -> int | None:
+    """Docker Hub sends ``100;w=21600``: the count, then the window."""
+    try:
+        return int(value.split(";", 1)[0].strip()) if value else None
+    except ValueError:
+        return None
+
+
+def window(value: str | None) -> int | None:
+    """The ``w=`` parameter of a RateLimit header (``100;w=21600``), in seconds."""
+    for part in (value or "").split(";")[1:]:
+        key, _, number = part.partition("=")
+        if key.strip() == "w" and number.strip().isascii() and number.strip().isdigit():
+            return int(number.strip())
+    return None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After is seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:  # "inf" or "nan" would later break the Retry-After we send to clients
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -1,0 +1,401 @@
+"""Blobs in an S3-compatible object store (Ceph RGW, MinIO, AWS S3, GCS in S3 mode).
+
+Any number of regcache replicas may share one bucket. Keys under ``prefix``::
+
+    blobs/<algorithm>/<ab>/<hex>                    verified blobs, written once (``paths.blob_key``)
+    leases/<algorithm>:<hex>                        who is fetching a cold blob now (``s3_leases``)
+    leases/gc                                       which replica runs the GC sweep now
+    repositories/<upstream>/<name>/_tags/<tag>      tag -> manifest records      (``s3_records``)
+    repositories/<upstream>/<name>/_images/<digest> image records: GC's shared truth
+
+Writing a blob: every byte goes to a local spool file first (followers of the
+fill tail it, exactly as with the filesystem backend) and, as each part fills
+up, that part is uploaded to a multipart upload. The upload is *completed*
+only in ``commit``, which ``BlobWriter`` calls after size and digest matched;
+on a mismatch, an upstream error or a cancelled fill it is aborted. An
+incomplete multipart upload is never readable under its key, so nothing
+unverified is ever visible, even when the process is killed mid-fill. A blob
+smaller than one part is sent with a single PUT at commit.
+
+Two replicas may complete the same digest (RGW ignores ``If-None-Match`` on
+CompleteMultipartUpload): harmless, both wrote the same verified bytes.
+
+The client is aiobotocore: it exposes the multipart calls one by one (so
+"complete" is a call made only after verification, not the side effect of an
+input stream ending), ListMultipartUploads to clean up after killed replicas,
+conditional PUT for leases and presigned URLs, and it runs on aiohttp, the
+HTTP stack regcache already uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import configparser
+import contextlib
+import datetime
+import email.utils
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from config.settings import S3Settings
+from storage import paths
+from storage.backends.base import BlobBackend, FillLease, SharedIndex, Upload
+from storage.backends.s3.leases import Leases
+from storage.backends.s3.records import S3Records
+from storage.errors import BlobUnknown, StoreUnavailable
+from storage.oci.digest import Digest
+
+log = logging.getLogger("regcache.s3")
+
+READ_CHUNK = 1024 * 1024
+# Part uploads in flight per process; each holds one part in memory.
+PARALLEL_PARTS = 4
+# Incomplete multipart uploads older than this belong to a replica that died
+# mid-fill (a live fill is bounded by storage.fill_timeout): aborted at start.
+ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
+SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
+NOT_FOUND = ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
+
+
+def not_found(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND
+
+
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _credentials(settings: S3Settings) -> dict[str, str]:
+    """Config, then ``credentials_file``, then botocore's own chain (AWS_ACCESS_KEY_ID, ...)."""
+    if settings.access_key and settings.secret_key is not None:
+        return {
+            "aws_access_key_id": settings.access_key,
+            "aws_secret_access_key": settings.secret_key.get_secret_value(),
+        }
+    if settings.credentials_file is not None:
+        # The AWS shared-credentials format: [default] aws_access_key_id = ... (a mounted Secret works too).
+        parser = configparser.ConfigParser()
+        try:
+            parser.read_string(settings.credentials_file.read_text())
+        except (OSError, configparser.Error) as exc:
+            raise StoreUnavailable(f"storage.s3.credentials_file: cannot read: {exc}") from None
+        section = parser["default"] if parser.has_section("default") else next(iter(parser.values()))
+        key, secret = section.get("aws_access_key_id"), section.get("aws_secret_access_key")
+        if not key or not secret:
+            raise StoreUnavailable("storage.s3.credentials_file: needs aws_access_key_id and aws_secret_access_key")
+        return {"aws_access_key_id": key, "aws_secret_access_key": secret}
+    return {}
+
+
+class S3Client:
+    """One aiobotocore client plus the bucket and key prefix every call uses."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
+        self._stack = contextlib.AsyncExitStack()
+        self.api: Any = None
+
+    async def open(self) -> None:
+        s = self.settings
+        config = AioConfig(
+            s3={"addressing_style": "path" if s.path_style else "auto"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=64,
+            connect_timeout=10,
+            read_timeout=60,
+            # Trailing CRC checksums (aws-chunked bodies) are not understood by every
+            # S3-compatible store; bytes are verified against their digest anyway.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: bool | str | None = None
+        if s.insecure:
+            verify = False
+        elif s.ca_bundle is not None:
+            verify = str(s.ca_bundle)
+        self.api = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", endpoint_url=s.endpoint, region_name=s.region, config=config, verify=verify, **_credentials(s)
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    def key(self, relative: str) -> str:
+        return self.prefix + relative
+
+    def relative(self, key: str) -> str:
+        return key[len(self.prefix) :]
+
+    async def list(self, relative_prefix: str) -> AsyncIterator[dict[str, Any]]:
+        paginator = self.api.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(relative_prefix)):
+            for item in page.get("Contents", []):
+                yield item
+
+
+class S3Upload(Upload):
+    """Spool locally, upload parts as they fill, complete only on commit."""
+
+    def __init__(self, backend: S3Backend, digest: Digest) -> None:
+        self._backend = backend
+        self._client = backend.client
+        self._key = backend.client.key(paths.blob_key(digest))
+        self._part_size = backend.settings.part_size
+        self._loop = asyncio.get_running_loop()
+        self.spool_path = backend.spool_dir / uuid.uuid4().hex
+        self._file = open(self.spool_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        self._read_fd = os.open(self.spool_path, os.O_RDONLY)
+        self._written = 0
+        self._submitted = 0  # bytes handed to part uploads
+        self._parts: list[concurrent.futures.Future[dict[str, Any]]] = []
+        self._upload_id: asyncio.Future[str] | None = None
+        self._closed = False
+
+    # Called from a worker thread (BlobWriter hashes and writes off the loop), or
+    # on the loop for a small batch: part uploads are scheduled either way.
+    def write_sync(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()  # followers read the spool by path
+        self._written += len(data)
+        while self._written - self._submitted >= self._part_size:
+            self._submit(self._part_size)
+
+    def _submit(self, length: int) -> None:
+        number, offset = len(self._parts) + 1, self._submitted
+        self._submitted += length
+        self._parts.append(asyncio.run_coroutine_threadsafe(self._upload_part(number, offset, length), self._loop))
+
+    async def _multipart_id(self) -> str:
+        if self._upload_id is None:
+            self._upload_id = self._loop.create_future()
+            try:
+                created = await self._client.api.create_multipart_upload(
+                    Bucket=self._client.bucket, Key=self._key, ContentType="application/octet-stream"
+                )
+            except BaseException as exc:
+                self._upload_id.set_exception(exc)
+                raise
+            self._upload_id.set_result(created["UploadId"])
+        return await asyncio.shield(self._upload_id)
+
+    async def _upload_part(self, number: int, offset: int, length: int) -> dict[str, Any]:
+        async with self._backend.part_slots:
+            upload_id = await self._multipart_id()
+            data = await asyncio.to_thread(os.pread, self._read_fd, length, offset)
+            if len(data) != length:
+                raise OSError(f"spool file shorter than {offset + length} bytes")
+            sent = await self._client.api.upload_part(
+                Bucket=self._client.bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data
+            )
+        return {"PartNumber": number, "ETag": sent["ETag"]}
+
+    async def commit(self) -> None:
+        try:
+            await asyncio.to_thread(self._file.flush)
+            if not self._parts:
+                # Smaller than one part: one PUT of the verified bytes.
+                data = await asyncio.to_thread(os.pread, self._read_fd, self._written, 0)
+                await self._client.api.put_object(
+                    Bucket=self._client.bucket, Key=self._key, Body=data, ContentType="application/octet-stream"
+                )
+            else:
+                if self._written > self._submitted:
+                    self._submit(self._written - self._submitted)
+                parts = [await asyncio.wrap_future(part) for part in self._parts]
+                assert self._upload_id is not None
+                await self._client.api.complete_multipart_upload(
+                    Bucket=self._client.bucket,
+                    Key=self._key,
+                    UploadId=await self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"object store refused {self._key}: {exc}") from exc
+        self._close_spool()
+
+    async def abort(self) -> None:
+        if self._closed:
+            return
+        for part in self._parts:
+            part.cancel()
+        for part in self._parts:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(part)
+        if self._upload_id is not None:
+            with contextlib.suppress(BaseException):
+                upload_id = await self._upload_id
+                await self._client.api.abort_multipart_upload(
+                    Bucket=self._client.bucket, Key=self._key, UploadId=upload_id
+                )
+        self._close_spool()
+
+    def _close_spool(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._file.close()
+        os.close(self._read_fd)
+        # Followers hold their own descriptor: unlinking does not cut them off.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool_path)
+
+
+class S3Backend(BlobBackend):
+    name = "s3"
+
+    def __init__(self, settings: S3Settings, data_dir: Path) -> None:
+        self.settings = settings
+        self.spool_dir = paths.tmp_dir(data_dir)
+        self.client = S3Client(settings)
+        self.leases = Leases(self.client, settings.lease_ttl)
+        self.records = S3Records(self.client)
+        self.part_slots: asyncio.Semaphore
+
+    async def start(self) -> None:
+        # Local spool files of a killed process were never visible anywhere.
+        if self.spool_dir.exists():
+            await asyncio.to_thread(shutil.rmtree, self.spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.part_slots = asyncio.Semaphore(PARALLEL_PARTS)
+        await self.client.open()
+        try:
+            await self.client.api.head_bucket(Bucket=self.client.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            await self.client.close()
+            raise StoreUnavailable(f"bucket {self.client.bucket!r} at {self.settings.endpoint}: {exc}") from exc
+        await self._abort_abandoned_uploads()
+
+    async def _abort_abandoned_uploads(self) -> None:
+        cutoff = datetime.datetime.now(datetime.UTC) - ABANDONED_UPLOAD_AGE
+        try:
+            listed = await self.client.api.list_multipart_uploads(
+                Bucket=self.client.bucket, Prefix=self.client.key(paths.BLOBS + "/")
+            )
+            for upload in listed.get("Uploads", []):
+                if upload["Initiated"] < cutoff:
+                    await self.client.api.abort_multipart_upload(
+                        Bucket=self.client.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not clean up abandoned multipart uploads: %s", exc)
+
+    async def close(self) -> None:
+        await self.leases.close()
+        await self.client.close()
+
+    async def stat(self, digest: Digest) -> int | None:
+        found = await self.stat_with_time(digest)
+        return None if found is None else found[0]
+
+    async def stat_with_time(self, digest: Digest) -> tuple[int, float] | None:
+        try:
+            head = await self.client.api.head_object(Bucket=self.client.bucket, Key=self._key(digest))
+        except ClientError as exc:
+            if not_found(exc):
+                return None
+            raise StoreUnavailable(f"object store: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"object store: {exc}") from exc
+        return int(head["ContentLength"]), head["LastModified"].timestamp()
+
+    async def begin(self, digest: Digest) -> Upload:
+        return S3Upload(self, digest)
+
+    async def delete(self, digest: Digest) -> bool:
+        if await self.stat(digest) is None:
+            return False
+        await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(digest))
+        return True
+
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        if length == 0:
+            return
+        extra = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            extra["Range"] = f"bytes={offset}-{end}"
+        try:
+            got = await self.client.api.get_object(Bucket=self.client.bucket, Key=self._key(digest), **extra)
+        except ClientError as exc:
+            if not_found(exc):
+                raise BlobUnknown(f"blob {digest} is not in the store") from None
+            raise StoreUnavailable(f"object store: {exc}") from exc
+        body = got["Body"]
+        try:
+            while chunk := await body.read(READ_CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
+    async def read_small(self, digest: Digest) -> bytes:
+        return b"".join([chunk async for chunk in self.read(digest)])
+
+    async def list(self) -> AsyncIterator[tuple[Digest, int]]:
+        async for digest, size, _ in self.list_with_times():
+            yield digest, size
+
+    async def list_with_times(self) -> AsyncIterator[tuple[Digest, int, float]]:
+        """Every blob with its size and commit time (epoch seconds): GC's grace period needs the time."""
+        async for item in self.client.list(paths.BLOBS + "/"):
+            digest = paths.digest_from_path(self.client.relative(item["Key"]))
+            if digest is not None:
+                yield digest, int(item["Size"]), item["LastModified"].timestamp()
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        if not self.settings.redirect:
+            return None
+        url: str = await self.client.api.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.client.bucket, "Key": self._key(digest)},
+            ExpiresIn=max(1, int(self.settings.redirect_ttl)),
+        )
+        return url
+
+    async def writable(self) -> bool:
+        try:
+            await self.client.api.head_bucket(Bucket=self.client.bucket)
+        except (ClientError, BotoCoreError):
+            return False
+        return True
+
+    # Replicas ---------------------------------------------------------------
+
+    async def acquire_fill_lease(self, digest: Digest) -> FillLease | None:
+        return await self.leases.acquire(str(digest))
+
+    async def wait_for(self, digest: Digest) -> int | None:
+        return await self.leases.wait(str(digest), lambda: self.stat(digest))
+
+    async def acquire_sweep_lease(self) -> FillLease | None:
+        return await self.leases.acquire(SWEEP_LEASE)
+
+    async def now(self) -> float:
+        """The store's clock, from its Date header: LastModified times are on it, not on ours."""
+        try:
+            head = await self.client.api.head_bucket(Bucket=self.client.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"object store: {exc}") from exc
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+
+    @property
+    def shared(self) -> SharedIndex | None:
+        return self.records
+
+    def _key(self, digest: Digest) -> str:
+        return self.client.key(paths.blob_key(digest))

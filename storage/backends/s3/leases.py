@@ -1,0 +1,178 @@
+"""Leases in the bucket: one replica at a time fetches a cold blob (or runs GC).
+
+A lease is the object ``leases/<name>``, created with ``PUT If-None-Match: *``:
+the store lets exactly one replica create it (the others get 412). While the
+holder works it rewrites the object every third of the TTL; when it is done it
+deletes it. A replica killed mid-fill stops rewriting, and once the object is
+older than the TTL any replica may take it over.
+
+Age is judged with the store's own clock (the object's Last-Modified against
+the Date of the reply that carried it), so clock skew between replicas does
+not matter.
+
+A store that does not honour ``If-None-Match`` on PUT (it answers something
+other than 412, or 501) makes every lease a local one: each replica then
+fetches a cold blob at most once, never more, because fills inside one
+process are single flight anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from storage.backends.base import FillLease
+
+if TYPE_CHECKING:
+    from storage.backends.s3.backend import S3Client
+
+log = logging.getLogger("regcache.s3.leases")
+
+LEASES = "leases/"
+OWNER = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+async def read_body(got: dict[str, Any]) -> bytes:
+    body = got["Body"]
+    try:
+        return bytes(await body.read())
+    finally:
+        body.close()
+
+
+class S3Lease(FillLease):
+    def __init__(self, leases: Leases, name: str, token: str) -> None:
+        self._leases = leases
+        self.name = name
+        self.token = token
+        self._heartbeat = asyncio.create_task(self._beat())
+        self._released = False
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self._leases.ttl / 3))
+            try:
+                await self._leases._put(self.name, self.token, conditional=False)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("renewing lease %s failed: %s", self.name, exc)
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeat
+        await self._leases._delete_if_ours(self.name, self.token)
+        self._leases._held.discard(self)
+
+
+class Leases:
+    def __init__(self, client: S3Client, ttl: float) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._held: set[S3Lease] = set()
+        self._conditional = True  # until the store shows it ignores If-None-Match
+        self.poll_max = 1.0
+
+    def _key(self, name: str) -> str:
+        return self.client.key(LEASES + name)
+
+    async def _put(self, name: str, token: str, conditional: bool) -> None:
+        body = json.dumps({"owner": OWNER, "token": token, "ttl": self.ttl}).encode()
+        extra = {"IfNoneMatch": "*"} if conditional else {}
+        await self.client.api.put_object(
+            Bucket=self.client.bucket, Key=self._key(name), Body=body, ContentType="application/json", **extra
+        )
+
+    async def acquire(self, name: str) -> S3Lease | FillLease | None:
+        """A lease on ``name``; None while another live replica holds it."""
+        if not self._conditional:
+            return FillLease()
+        token = uuid.uuid4().hex
+        for _ in range(2):
+            try:
+                await self._put(name, token, conditional=True)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:
+                    holder = await self._holder(name)
+                    if holder is not None and not holder["expired"]:
+                        return None
+                    # Released a moment ago, or its holder died: take it over.
+                    if holder is not None:
+                        log.info("taking over expired lease %s of %s", name, holder.get("owner"))
+                        await self._delete(name)
+                    continue
+                if status in (400, 501):
+                    log.warning("object store rejects conditional PUT (%s): leases are per replica", status)
+                    self._conditional = False
+                    return FillLease()
+                raise
+            lease = S3Lease(self, name, token)
+            self._held.add(lease)
+            return lease
+        return None
+
+    async def _holder(self, name: str) -> dict[str, Any] | None:
+        """The lease object's content plus ``expired``; None when there is none."""
+        try:
+            got = await self.client.api.get_object(Bucket=self.client.bucket, Key=self._key(name))
+            raw = await read_body(got)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        try:
+            holder = json.loads(raw)
+            ttl = float(holder.get("ttl", self.ttl))
+        except (ValueError, AttributeError, TypeError):
+            holder, ttl = {}, self.ttl
+        date = got["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date) if date else None
+        modified = got["LastModified"]
+        holder["expired"] = now is not None and (now - modified).total_seconds() > ttl
+        return holder
+
+    async def _delete(self, name: str) -> None:
+        with contextlib.suppress(ClientError):
+            await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(name))
+
+    async def _delete_if_ours(self, name: str, token: str) -> None:
+        try:
+            holder = await self._holder(name)
+        except (ClientError, BotoCoreError):
+            return  # it expires on its own
+        if holder is not None and holder.get("token") == token:
+            await self._delete(name)
+
+    async def wait(self, name: str, stat: Callable[[], Awaitable[int | None]]) -> int | None:
+        """Poll until the holder committed (the blob's size) or gave up (None).
+
+        Bounded by the lease: a holder that dies stops renewing and its lease
+        expires after ``ttl``; a holder that fails deletes it at once.
+        """
+        delay = 0.02
+        while True:
+            size = await stat()
+            if size is not None:
+                return size
+            holder = await self._holder(name)
+            if holder is None or holder["expired"]:
+                return await stat()  # committed just before it released?
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.poll_max)
+
+    async def close(self) -> None:
+        for lease in list(self._held):
+            await lease.release()
