@@ -23,24 +23,13 @@ from proxy.registry import routes as registry
 from proxy.resources import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE, UPSTREAMS
 from proxy.upstream.client import UpstreamClient
 from storage import paths
-from storage.backends.base import BlobBackend
+from storage.backends import make_backend
 from storage.blobs import BlobStore
 from storage.index.metadata import Metadata
 from storage.lifecycle.fsck import StoreLock, recover
 from storage.lifecycle.service import GcReport, Lifecycle
 
 log = logging.getLogger("regcache.app")
-
-
-def make_backend(settings: Settings) -> BlobBackend:
-    if settings.storage.backend == "s3":
-        from storage.backends.s3.backend import S3Backend  # optional dependency
-
-        assert settings.storage.s3 is not None
-        return S3Backend(settings.storage.s3, settings.data_dir)
-    from storage.backends.filesystem import FilesystemBackend
-
-    return FilesystemBackend(settings.data_dir)
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -66,6 +55,7 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     app[EVENTS] = events
     if client_auth is not None:
         app[AUTH] = client_auth
+        app.on_cleanup.append(lambda _: asyncio.to_thread(client_auth.close))
     health.add_routes(app)
     if settings.metrics.enabled and settings.metrics.listen is None:
         app.router.add_get("/metrics", metrics_handler, name="metrics")

@@ -82,7 +82,7 @@ def fsck(args: argparse.Namespace) -> int:
     import json
 
     from config.settings import ConfigError
-    from proxy.app import make_backend
+    from storage.backends import make_backend
     from storage.lifecycle.fsck import FAILED, StoreBusy
     from storage.lifecycle.fsck import fsck as check
 
