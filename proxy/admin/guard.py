@@ -18,6 +18,7 @@ import ipaddress
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from config.settings import ConfigError, Settings
 from proxy.http.context import LOG
@@ -79,14 +80,14 @@ def _unauthorized(message: str) -> web.Response:
     )
 
 
-def token_guard(token: str):  # type: ignore[no-untyped-def]
+def token_guard(token: str) -> Middleware:
     """A middleware for the admin application that lets only ``token`` through."""
     if not token:
         raise ConfigError("admin.token: the admin guard needs a non-empty token")
     expected = token.encode()
 
     @web.middleware
-    async def guard(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         presented = _presented_token(request)
         if presented is None:
             request[LOG]["result"] = "unauthorized"

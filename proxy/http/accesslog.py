@@ -15,6 +15,7 @@ import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 
 from proxy.http.context import ERROR, LOG, REQUEST_ID
 from proxy.resources import EVENTS
@@ -23,7 +24,7 @@ log = logging.getLogger("regcache.access")
 
 
 @web.middleware
-async def request_context(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[LOG] = {}
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     response = await handler(request)
@@ -31,7 +32,7 @@ async def request_context(request: web.Request, handler):  # type: ignore[no-unt
     return response
 
 
-def _routed(request: web.BaseRequest, attribute: str):  # type: ignore[no-untyped-def]
+def _routed(request: web.BaseRequest, attribute: str) -> object:
     """``request.match_info`` or ``request.app``, or None for a request that never reached routing.
 
     aiohttp answers a request it could not parse (a TLS probe on the plain port, as podman sends
@@ -47,7 +48,7 @@ def _routed(request: web.BaseRequest, attribute: str):  # type: ignore[no-untype
 def route_name(request: web.BaseRequest) -> str:
     match = _routed(request, "match_info")
     route = getattr(match, "route", None)
-    name = getattr(route, "name", None)
+    name: str | None = getattr(route, "name", None)
     if name:
         return name
     return "other" if match is None or route is None or route.resource is None else route.resource.canonical
@@ -88,10 +89,11 @@ class AccessLogger(AbstractAccessLogger):
                 entry["error"] = getattr(error, "message", None) or type(error).__name__
             self.logger.info(json.dumps(entry, default=str))
         app = _routed(request, "app")
-        events = app.get(EVENTS) if app is not None else None
+        events = app.get(EVENTS) if isinstance(app, web.Application) else None
         if events is not None:
-            events.http_request(route, request.method, response.status, duration, sent,
-                                fields.get("upstream"), fields.get("result"))  # fmt: skip
+            events.http_request(
+                route, request.method, response.status, duration, sent, fields.get("upstream"), fields.get("result")
+            )
 
     @property
     def enabled(self) -> bool:

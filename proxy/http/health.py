@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -35,7 +36,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _check(name: str, probe) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+async def _check(name: str, probe: Callable[[], Awaitable[bool]]) -> tuple[str, str]:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
             ok = await probe()
@@ -63,8 +64,9 @@ async def readyz(request: web.Request) -> web.Response:
         )
         checks.update(results)
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
-                             status=200 if ready else 503)  # fmt: skip
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+    )
 
 
 def add_routes(app: web.Application) -> None:
