@@ -168,6 +168,16 @@ class AuthSettings(_Model):
     tokens: list[SecretStr] = Field(default_factory=list, description="static tokens: Bearer, or as a Basic password")
     realm: str = "regcache"
     protect_metrics: bool = Field(default=False, description="require credentials for /metrics too")
+    # Password checks (bcrypt) run on their own small pool so a flood of wrong
+    # passwords cannot take the threads that file reads and commits need.
+    hash_threads: int = Field(default=2, ge=1, le=16, description="threads that check passwords")
+    hash_queue: int = Field(
+        default=32, ge=0, description="password checks that may wait for a hashing thread; beyond it, 429"
+    )
+    max_failures: int = Field(
+        default=10, ge=1, description="failed logins from one address before it is refused for failure_window"
+    )
+    failure_window: Duration = Field(default=60.0, gt=0)
 
 
 class MetricsSettings(_Model):

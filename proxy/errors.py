@@ -51,6 +51,14 @@ class RequestTooLarge(RegcacheError):
     """Request body too large."""
 
 
+class LoginThrottled(RegcacheError):
+    """Too many login attempts; try again later."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AdminInvalid(RegcacheError):
     """Invalid admin request."""
 

@@ -15,12 +15,17 @@ configured credentials. Health, readiness and (unless ``protect_metrics``)
 
 bcrypt is slow on purpose and docker sends credentials with every request, so
 a verified ``Authorization`` value is remembered (by its SHA-256, never in
-clear) for a short while; checks run in a thread so they never stall the loop.
+clear) for a short while. Checks that miss that cache go through
+``proxy.http.loginguard``: bcrypt on its own bounded pool, and a limit on failed
+logins per client address, so a password spray cannot stall other pulls.
+
+A user name that is not in the htpasswd file is checked against a dummy hash
+of the file's highest cost, so a wrong password costs the same work whether
+the user exists or not, and timing does not list the users.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -28,14 +33,18 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import bcrypt
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from config.settings import AuthSettings, ConfigError
 from proxy.errors import Unauthorized
 from proxy.http.context import LOG
+from proxy.http.loginguard import FailureLimiter, HashingPool
 
 log = logging.getLogger("regcache.auth")
 
@@ -65,13 +74,35 @@ def read_htpasswd(path: Path) -> dict[str, bytes]:
     return users
 
 
+def dummy_hash(users: dict[str, bytes]) -> bytes | None:
+    """A bcrypt hash nothing matches, at the highest cost among ``users``; None without users.
+
+    Only the salt part is read by a check, so no hashing is needed to make it.
+    """
+    costs = [int(h[4:6]) for h in users.values() if h[4:6].isdigit() and 4 <= int(h[4:6]) <= 31]
+    if not costs:
+        return None
+    return bcrypt.gensalt(rounds=max(costs)) + b"." * 31
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:  # a malformed hash, or a password bcrypt refuses (over 72 bytes)
+        return False
+
+
 class ClientAuth:
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.realm = settings.realm.replace('"', "")
         self._tokens = [t.get_secret_value().encode() for t in settings.tokens]
         self._users: dict[str, bytes] = {}
+        self._dummy: bytes | None = None
         self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._clock = clock
+        self.hashing = HashingPool(settings.hash_threads, settings.hash_queue)
+        self._failures = FailureLimiter(settings.max_failures, settings.failure_window, clock)
         self.reload()
 
     @property
@@ -82,29 +113,36 @@ class ClientAuth:
         """Re-read the htpasswd file (SIGHUP); a broken file keeps the old users."""
         if self.settings.htpasswd is not None:
             self._users = read_htpasswd(self.settings.htpasswd)
+            self._dummy = dummy_hash(self._users)
         self._verified.clear()
+
+    def close(self) -> None:
+        self.hashing.close()
 
     def protects(self, path: str) -> bool:
         if path in OPEN_PATHS or path.startswith("/admin/") or path == "/admin":
             return False
         return path != "/metrics" or self.settings.protect_metrics
 
-    async def allowed(self, authorization: str | None) -> bool:
+    async def allowed(self, authorization: str | None, address: str) -> bool:
+        """Whether ``authorization`` is valid; LoginThrottled when it cannot be checked now."""
         if not authorization:
             return False
         key = hashlib.sha256(authorization.encode()).digest()
         seen = self._verified.get(key)
-        if seen is not None and time.monotonic() - seen < CACHE_SECONDS:
+        if seen is not None and self._clock() - seen < CACHE_SECONDS:
             return True
-        if not await asyncio.to_thread(self._check, authorization):
+        self._failures.check(address)
+        if not await self._check(authorization):
+            self._failures.failed(address)
             return False
-        self._verified[key] = time.monotonic()
+        self._verified[key] = self._clock()
         self._verified.move_to_end(key)
         while len(self._verified) > CACHE_SIZE:
             self._verified.popitem(last=False)
         return True
 
-    def _check(self, authorization: str) -> bool:
+    async def _check(self, authorization: str) -> bool:
         scheme, _, value = authorization.strip().partition(" ")
         scheme = scheme.lower()
         value = value.strip()
@@ -121,13 +159,11 @@ class ClientAuth:
             return False
         if self._token_ok(password.encode()):
             return True
-        hashed = self._users.get(user)
+        hashed = self._users.get(user, self._dummy)
         if hashed is None:
-            return False
-        try:
-            return bcrypt.checkpw(password.encode(), hashed)
-        except ValueError:
-            return False
+            return False  # no htpasswd users at all: nothing to find out by timing
+        matched = await self.hashing.run(partial(_checkpw, password.encode(), hashed))
+        return matched and user in self._users
 
     def _token_ok(self, candidate: bytes) -> bool:
         # Compare against every token so the time taken says nothing about which matched.
@@ -140,10 +176,11 @@ class ClientAuth:
 AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")
 
 
-def auth_middleware(auth: ClientAuth):  # type: ignore[no-untyped-def]
+def auth_middleware(auth: ClientAuth) -> Middleware:
     @web.middleware
-    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if auth.protects(request.path) and not await auth.allowed(request.headers.get("Authorization")):
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization")
+        if auth.protects(request.path) and not await auth.allowed(authorization, request.remote or ""):
             request[LOG]["result"] = "unauthorized"
             raise Unauthorized("authentication required", challenge=auth.challenge)
         return await handler(request)

@@ -9,6 +9,7 @@ else in the code base chooses an error code.
 from __future__ import annotations
 
 import json
+import math
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from proxy.errors import (
     AdminInvalid,
     AdminNotFound,
     Denied,
+    LoginThrottled,
     ManifestTooLarge,
     PaginationInvalid,
     RangeNotSatisfiable,
@@ -67,6 +69,7 @@ _OCI: dict[type[BaseException], tuple[str, int]] = {
     UpstreamNotFound: ("MANIFEST_UNKNOWN", 404),
     Unsupported: ("UNSUPPORTED", 405),
     Unauthorized: ("UNAUTHORIZED", 401),
+    LoginThrottled: ("TOOMANYREQUESTS", 429),
     Denied: ("DENIED", 403),
     UpstreamUnauthorized: ("UNAUTHORIZED", 502),
     UpstreamDenied: ("DENIED", 403),
@@ -106,8 +109,8 @@ def error_response(error: RegcacheError) -> web.Response:
     headers = {"Content-Type": "application/json", **API_HEADERS}
     if isinstance(error, Unauthorized) and error.challenge:
         headers["WWW-Authenticate"] = error.challenge
-    if isinstance(error, UpstreamTooManyRequests) and error.retry_after is not None:
-        headers["Retry-After"] = str(int(error.retry_after))
+    if isinstance(error, UpstreamTooManyRequests | LoginThrottled) and error.retry_after is not None:
+        headers["Retry-After"] = str(math.ceil(error.retry_after))
     if isinstance(error, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{error.size}"
     return web.Response(status=status, body=error_body(code, error.message, error.detail), headers=headers)
