@@ -1,26 +1,187 @@
-"""The server's long-lived resources, each with the ``web.AppKey`` that handlers read it by."""
+"""The server's long-lived resources: the ``web.AppKey`` handlers read each by, and the
+cleanup context that takes it at startup and gives it back at shutdown.
+
+``proxy.app`` appends the contexts to ``app.cleanup_ctx`` in the order of ``RESOURCES``,
+each depending only on those before it. aiohttp enters them in that order and, on
+``runner.cleanup()``, exits in reverse the ones whose startup finished; each context
+gives back what its own startup took even when that startup fails half way. So a
+start that fails at any step leaves nothing held, the store lock included.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from config.settings import Settings
-    from proxy.metrics.events import Events
-    from proxy.pull.routing import Router
-    from proxy.pull.service import PullThrough
-    from proxy.upstream.client import UpstreamClient
-    from storage.blobs import BlobStore
-    from storage.index.metadata import Metadata
-    from storage.lifecycle.service import Lifecycle
+from config.settings import Settings
+from proxy.metrics.events import Events
+from proxy.metrics.prometheus import Metrics, StoreTotals, refresh_store_totals
+from proxy.pull.routing import Router
+from proxy.pull.service import PullThrough
+from proxy.upstream.client import UpstreamClient
+from storage import paths
+from storage.backends import make_backend
+from storage.blobs import BlobStore
+from storage.index.metadata import Metadata
+from storage.lifecycle.fsck import StoreLock, recover
+from storage.lifecycle.service import GcReport, Lifecycle
 
+log = logging.getLogger("regcache.app")  # the name log filters know these lines by
+
+# Set by create_app before startup.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+EVENTS: web.AppKey[Events] = web.AppKey("events")
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+# Set by the cleanup contexts below, each once its resource is ready.
+STORE_LOCK: web.AppKey[StoreLock] = web.AppKey("store_lock")
 STORE: web.AppKey[BlobStore] = web.AppKey("store")
 METADATA: web.AppKey[Metadata] = web.AppKey("metadata")
-PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
-ROUTER: web.AppKey[Router] = web.AppKey("router")
 UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams")
-EVENTS: web.AppKey[Events] = web.AppKey("events")
+PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
+
+
+def _metrics(app: web.Application) -> Metrics | None:
+    events = app[EVENTS]
+    return events if isinstance(events, Metrics) else None
+
+
+async def store_lock(app: web.Application) -> AsyncIterator[None]:
+    lock = StoreLock(app[SETTINGS].data_dir)
+    lock.acquire(exclusive=False)  # refuses to start while fsck runs
+    try:
+        app[STORE_LOCK] = lock
+        yield
+    finally:
+        lock.release()
+
+
+async def blob_store(app: web.Application) -> AsyncIterator[None]:
+    store = BlobStore(make_backend(app[SETTINGS]))
+    try:
+        await store.start()
+        app[STORE] = store
+        yield
+    finally:
+        await store.close()
+
+
+async def metadata(app: web.Application) -> AsyncIterator[None]:
+    index = Metadata(paths.metadata_path(app[SETTINGS].data_dir))
+    metrics = _metrics(app)
+    if metrics is not None:
+        index.observe = metrics.sqlite
+    try:
+        await index.open()
+        app[METADATA] = index
+        yield
+    finally:
+        await index.close()
+
+
+async def upstreams(app: web.Application) -> AsyncIterator[None]:
+    clients = {u.name: UpstreamClient(u, _metrics(app)) for u in app[SETTINGS].upstreams}
+    try:
+        for client in clients.values():
+            await client.start()
+        app[UPSTREAMS] = clients
+        yield
+    finally:
+        for client in clients.values():
+            await client.close()  # a client never started closes nothing
+
+
+async def pull_service(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pullthrough = PullThrough(
+        app[STORE],
+        app[METADATA],
+        app[UPSTREAMS],
+        app[EVENTS],
+        fill_timeout=settings.storage.fill_timeout,
+        max_manifest_size=settings.limits.max_manifest_size,
+    )
+    try:
+        app[PULLTHROUGH] = pullthrough
+        yield
+    finally:
+        await pullthrough.close()
+
+
+async def recovery(app: web.Application) -> AsyncIterator[None]:
+    """Reconciles what a crash may have left, before serving; only a process alone on the store may."""
+    lock = app[STORE_LOCK]
+    if lock.try_exclusive():
+        recovered = await recover(app[SETTINGS].data_dir, app[METADATA], app[STORE].backend)
+        if recovered.problems:
+            log.warning("startup recovery: %s", recovered.render().replace("\n", "; "))
+        lock.share()
+    yield
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings, events, pullthrough = app[SETTINGS], app[EVENTS], app[PULLTHROUGH]
+    service = Lifecycle(settings.storage, app[METADATA], app[STORE], pullthrough.in_use,
+                        data_dir=settings.data_dir, forget=pullthrough.forget)  # fmt: skip
+    service.on_report = lambda report: _report_gc(events, report)
+    try:
+        await service.start()
+        app[LIFECYCLE] = service
+        yield
+    finally:
+        await service.close()
+
+
+async def background(app: web.Application) -> AsyncIterator[None]:
+    """Periodic work: access statistics to SQLite, and the store gauges."""
+    index, settings = app[METADATA], app[SETTINGS]
+    jobs: list[Coroutine[Any, Any, None]] = [_flush_periodically(index, settings.storage.flush_interval)]
+    metrics = _metrics(app)
+    if metrics is not None:
+
+        async def totals() -> StoreTotals:
+            return StoreTotals(*await index.totals())
+
+        jobs.append(refresh_store_totals(metrics, totals, settings.metrics.store_interval))
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# Startup order; shutdown runs it backwards.
+RESOURCES: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = (
+    store_lock,
+    blob_store,
+    metadata,
+    upstreams,
+    pull_service,
+    recovery,
+    lifecycle,
+    background,
+)
+
+
+def _report_gc(events: Events, report: GcReport) -> None:
+    events.gc_run(report.reason, report.seconds)
+    if report.blobs:
+        events.evicted(report.reason, report.blobs, report.bytes)
+
+
+async def _flush_periodically(index: Metadata, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await index.flush()
+        except Exception:
+            log.exception("flushing access statistics failed")

@@ -47,16 +47,30 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     app = create_app(settings)
     tls = ServerTLS(settings.tls) if settings.tls is not None else None
     runner = web.AppRunner(app, **runner_kwargs(settings))
-    await runner.setup()
-    host, port = settings.host_port
-    ssl_context = tls.context if tls is not None else None
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port,
-                       ssl_context=ssl_context)  # fmt: skip
-    await site.start()
-    metrics_runner = await _start_metrics(app, settings, reuse_port)
-    scheme = "https" if tls is not None else "http"
-    log.info("regcache listening on %s://%s:%s, data in %s", scheme, host, port, settings.data_dir)
+    metrics_runner = None
+    try:
+        # Starts the resources in order (proxy.resources); the cleanup below gives
+        # back what a startup that fails part way had taken, the store lock included.
+        await runner.setup()
+        host, port = settings.host_port
+        ssl_context = tls.context if tls is not None else None
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port,
+                           ssl_context=ssl_context)  # fmt: skip
+        await site.start()
+        metrics_runner = await _start_metrics(app, settings, reuse_port)
+        scheme = "https" if tls is not None else "http"
+        log.info("regcache listening on %s://%s:%s, data in %s", scheme, host, port, settings.data_dir)
+        await _until_stopped(app, settings, tls)
+    finally:
+        # Closes the listener, waits up to shutdown_timeout for responses in flight, then cleans up.
+        await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+    log.info("stopped")
 
+
+async def _until_stopped(app: web.Application, settings: Settings, tls: ServerTLS | None) -> None:
+    """Serves until SIGTERM/SIGINT, then reports not ready and drains; SIGHUP reloads meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,11 +85,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        # Closes the listener, waits up to shutdown_timeout for responses in flight, then cleans up.
-        await runner.cleanup()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-    log.info("stopped")
 
 
 async def _start_metrics(app: web.Application, settings: Settings, reuse_port: bool) -> web.AppRunner | None:
