@@ -15,9 +15,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from http.client import HTTPResponse
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 CHUNK = 1024 * 1024
 
@@ -51,7 +52,14 @@ class Progress:
             self._draw("\n")
 
 
-def _open(args: argparse.Namespace, path: str, *, data: Any, headers: dict[str, str], query: list | None = None):  # type: ignore[no-untyped-def]
+def _open(
+    args: argparse.Namespace,
+    path: str,
+    *,
+    data: bytes | Iterable[bytes],
+    headers: dict[str, str],
+    query: list[tuple[str, str]] | None = None,
+) -> HTTPResponse:
     from proxy.cli.client import DEFAULT_SERVER, SERVER_ENV, AdminClient, resolve_token
 
     server = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
@@ -116,7 +124,7 @@ def _chunks(stream: IO[bytes], progress: Progress) -> Iterator[bytes]:
 def run_load(args: argparse.Namespace) -> int:
     from proxy.cli.client import AdminClientError
 
-    query = []
+    query: list[tuple[str, str]] = []
     if args.upstream:
         query.append(("upstream", args.upstream))
     if args.repository_prefix:
@@ -164,7 +172,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help=argparse.SUPPRESS)
 
 
-def add_parsers(verbs: argparse._SubParsersAction) -> None:
+def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = verbs.add_parser("save", help="save images to a tar archive (streamed to STDOUT by default)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", help="write to a file instead of STDOUT")

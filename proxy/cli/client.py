@@ -11,7 +11,8 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from http.client import HTTPResponse
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -56,7 +57,9 @@ class AdminClient:
         self._token = token
         self.timeout = timeout
 
-    def _open(self, method: str, path: str, query: list[tuple[str, str]] | None = None, body: Any = None):  # type: ignore[no-untyped-def]
+    def _open(
+        self, method: str, path: str, query: list[tuple[str, str]] | None = None, body: Any = None
+    ) -> HTTPResponse:
         data = None
         headers = {"Accept": "application/json"}
         if body is not None:
@@ -65,8 +68,13 @@ class AdminClient:
         return self.open_raw(method, path, query, data, headers)
 
     def open_raw(
-        self, method: str, path: str, query: list[tuple[str, str]] | None, data: Any, headers: dict[str, str]
-    ) -> Any:
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None,
+        data: bytes | Iterable[bytes] | None,
+        headers: dict[str, str],
+    ) -> HTTPResponse:
         """A request with any body (a file or a stream for load); the response is not read."""
         url = f"{self.server}/admin/{path}"
         if query:
@@ -75,7 +83,9 @@ class AdminClient:
             url, data=data, method=method, headers={"Authorization": f"Bearer {self._token}", **headers}
         )
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            # typeshed types urlopen's answer as Any; for an http(s) URL it is an HTTPResponse.
+            response: HTTPResponse = urllib.request.urlopen(request, timeout=self.timeout)
+            return response
         except urllib.error.HTTPError as exc:
             message = _message(exc.read(), exc.code)
             if exc.code == 401:

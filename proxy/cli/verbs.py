@@ -21,19 +21,29 @@ from proxy.cli.gotemplate import Template, TemplateError, render_all
 from proxy.cli.progress import show_pull
 
 VERBS = ("images", "rmi", "search", "pull", "pin", "unpin", "gc", "stats")
-SEARCH_HEADERS = {"Name": "NAME", "Description": "DESCRIPTION", "StarCount": "STARS", "IsOfficial": "OFFICIAL",
-                  "IsAutomated": "AUTOMATED", "Cached": "CACHED", "Upstream": "UPSTREAM"}  # fmt: skip
+SEARCH_HEADERS = {
+    "Name": "NAME",
+    "Description": "DESCRIPTION",
+    "StarCount": "STARS",
+    "IsOfficial": "OFFICIAL",
+    "IsAutomated": "AUTOMATED",
+    "Cached": "CACHED",
+    "Upstream": "UPSTREAM",
+}
 SEARCH_DEFAULT = "table {{.Name}}\\t{{.Description}}\\t{{.StarCount}}\\t{{.IsOfficial}}\\t{{.Cached}}"
 DESCRIPTION_WIDTH = 45
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-                        help=f"regcache to talk to (default ${SERVER_ENV} or {DEFAULT_SERVER})")  # fmt: skip
+    parser.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+        help=f"regcache to talk to (default ${SERVER_ENV} or {DEFAULT_SERVER})",
+    )
     parser.add_argument("--token-file", type=Path, help="file holding the admin token (default $REGCACHE_ADMIN_TOKEN)")
 
 
-def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = verbs.add_parser("images", help="list cached images")
     add_client_flags(p)
     p.add_argument("reference", nargs="?", help="only images matching REPOSITORY[:TAG] (a glob)")
@@ -41,8 +51,13 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--digests", action="store_true", help="show digests")
     p.add_argument("--no-trunc", action="store_true", help="do not truncate output")
     p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
-    p.add_argument("-f", "--filter", action="append", default=[],
-                   help="dangling=true, before=IMAGE, since=IMAGE, reference=GLOB, upstream=NAME")  # fmt: skip
+    p.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        default=[],
+        help="dangling=true, before=IMAGE, since=IMAGE, reference=GLOB, upstream=NAME",
+    )
     p.add_argument("--format", help="Go template: table, {{.ID}}, {{.Repository}}, {{.Tag}}, {{json .}} ...")
     p = verbs.add_parser("rmi", help="remove cached images")
     add_client_flags(p)
@@ -134,9 +149,17 @@ def _search(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
         description = " ".join(r["description"].split())
         if not args.no_trunc and len(description) > DESCRIPTION_WIDTH:
             description = description[: DESCRIPTION_WIDTH - 1] + "…"
-        rows.append({"Name": r["name"], "Description": description, "StarCount": r["star_count"],
-                     "IsOfficial": _ok(r["is_official"]), "IsAutomated": _ok(r["is_automated"]),
-                     "Cached": _ok(r["cached"]), "Upstream": r["upstream"]})  # fmt: skip
+        rows.append(
+            {
+                "Name": r["name"],
+                "Description": description,
+                "StarCount": r["star_count"],
+                "IsOfficial": _ok(r["is_official"]),
+                "IsAutomated": _ok(r["is_automated"]),
+                "Cached": _ok(r["cached"]),
+                "Upstream": r["upstream"],
+            }
+        )
     out.write(render_all(Template(args.format or SEARCH_DEFAULT), rows, SEARCH_HEADERS))
     return 0
 
@@ -188,5 +211,13 @@ def _stats(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     return 0
 
 
-_VERBS = {"images": _images, "rmi": _rmi, "search": _search, "pull": _pull, "pin": _pin, "unpin": _pin,
-          "gc": _gc, "stats": _stats}  # fmt: skip
+_VERBS = {
+    "images": _images,
+    "rmi": _rmi,
+    "search": _search,
+    "pull": _pull,
+    "pin": _pin,
+    "unpin": _pin,
+    "gc": _gc,
+    "stats": _stats,
+}
