@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -140,16 +139,15 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def background(app: web.Application) -> AsyncIterator[None]:
     """Periodic work: access statistics to SQLite, and the store gauges."""
     index, settings = app[METADATA], app[SETTINGS]
-    jobs: list[Coroutine[Any, Any, None]] = [_flush_periodically(index, settings.storage.flush_interval)]
-    metrics = _metrics(app)
-    if metrics is not None:
-
-        async def totals() -> StoreTotals:
-            return StoreTotals(*await index.totals())
-
-        jobs.append(refresh_store_totals(metrics, totals, settings.metrics.store_interval))
-    tasks = [asyncio.create_task(job) for job in jobs]
+    tasks = [asyncio.create_task(_flush_periodically(index, settings.storage.flush_interval))]
     try:
+        metrics = _metrics(app)
+        if metrics is not None:
+
+            async def totals() -> StoreTotals:
+                return StoreTotals(*await index.totals())
+
+            tasks.append(asyncio.create_task(refresh_store_totals(metrics, totals, settings.metrics.store_interval)))
         yield
     finally:
         for task in tasks:
