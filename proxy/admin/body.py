@@ -1,4 +1,4 @@
-"""Reading the JSON bodies of admin requests; bad ones are AdminInvalid, never a 500."""
+"""Reading the JSON bodies of admin requests; bad ones (deep nesting too) are AdminInvalid, never a 500."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from typing import Any
 from aiohttp import web
 
 from proxy.errors import AdminInvalid
+from storage.oci.jsonlimits import JSONTooDeep, loads
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = await request.json(loads=loads)
+    except JSONTooDeep as exc:
+        raise AdminInvalid(f"request body: {exc}") from None
     except ValueError:
         raise AdminInvalid("request body is not JSON") from None
     if not isinstance(body, dict):

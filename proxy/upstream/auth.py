@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -21,6 +20,7 @@ from yarl import URL
 
 from config.settings import ConfigError, UpstreamSettings
 from proxy.errors import UpstreamError, UpstreamUnauthorized
+from storage.oci.jsonlimits import loads
 
 log = logging.getLogger("regcache.upstream")
 
@@ -270,7 +270,7 @@ class UpstreamAuth:
                     url.host,
                 )
         try:
-            data = json.loads(await self._get_token(url, authorization))
+            data = loads(await self._get_token(url, authorization))
         except ValueError:
             raise UpstreamError(
                 f"upstream {self.name}: token realm answered invalid JSON", upstream=self.name

@@ -6,7 +6,6 @@ Kept apart from ``proxy.upstream`` so the client reads as request logic.
 from __future__ import annotations
 
 import email.utils
-import json
 import math
 import re
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +17,7 @@ import aiohttp
 
 from proxy.errors import UpstreamError
 from storage.oci.digest import is_digest
+from storage.oci.jsonlimits import JSONTooDeep, loads
 
 READ_CHUNK = 256 * 1024
 _LINK_NEXT = re.compile(r'<([^>]*)>[^,]*;\s*rel="?next"?', re.IGNORECASE)
@@ -81,7 +81,7 @@ def media_type(resp: aiohttp.ClientResponse) -> str:
 
 def embedded_media_type(data: bytes) -> str:
     try:
-        value = json.loads(data).get("mediaType")
+        value = loads(data).get("mediaType")
     except (ValueError, AttributeError):
         return ""
     return value if isinstance(value, str) else ""
@@ -89,7 +89,9 @@ def embedded_media_type(data: bytes) -> str:
 
 def json_body(body: bytes, upstream: str) -> Any:
     try:
-        return json.loads(body)
+        return loads(body)
+    except JSONTooDeep as exc:
+        raise UpstreamError(f"upstream {upstream}: answered with {exc}", upstream=upstream) from None
     except ValueError:
         raise UpstreamError(f"upstream {upstream}: answered with invalid JSON", upstream=upstream) from None
 

@@ -44,6 +44,7 @@ from storage.archive.tar import GZIP_MAGIC, ZSTD_MAGIC, ByteSource, TarReader, d
 from storage.blobs import BlobStore
 from storage.errors import ArchiveInvalid, DigestInvalid, DigestMismatch, ManifestInvalid, SizeMismatch
 from storage.oci.digest import Digest
+from storage.oci.jsonlimits import JSONTooDeep, loads
 from storage.oci.manifests import (
     DOCKER_MANIFEST,
     IMAGE_TYPES,
@@ -266,7 +267,9 @@ class ArchiveLoader:
     async def _json(self, name: str) -> object:
         data = await self._bytes(self._resolve(name, "archive"), name)
         try:
-            return json.loads(data)
+            return loads(data)
+        except JSONTooDeep as exc:
+            raise ArchiveInvalid(f"{name}: {exc}") from None
         except (ValueError, UnicodeDecodeError):
             raise ArchiveInvalid(f"{name} is not valid JSON") from None
 
@@ -341,7 +344,7 @@ class ArchiveLoader:
     async def _synthesize(self, config_path: str, layer_paths: list[str]) -> LoadedManifest:
         config = self._resolve(config_path, "manifest.json")
         try:
-            doc = json.loads(await self._bytes(config, config_path))
+            doc = loads(await self._bytes(config, config_path))
             diff_ids = doc["rootfs"]["diff_ids"]
         except (ValueError, UnicodeDecodeError, KeyError, TypeError):
             raise ArchiveInvalid(f"{config_path} is not an image config with rootfs.diff_ids") from None

@@ -11,7 +11,6 @@ in ``manifests.created``.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid
 from storage.index.metadata import Metadata
 from storage.oci.digest import Digest
+from storage.oci.jsonlimits import loads
 from storage.oci.manifests import INDEX_TYPES
 
 log = logging.getLogger("regcache.listing")
@@ -120,7 +120,7 @@ async def _learn_created(metadata: Metadata, store: BlobStore, pending: list[Cac
             size = await store.stat(digest)
             if size is None or size > MAX_CONFIG_READ:
                 continue
-            config = json.loads(await store.read_small(digest))
+            config = loads(await store.read_small(digest))
         except (BlobUnknown, DigestInvalid, ValueError, UnicodeDecodeError):
             continue
         if not isinstance(config, dict):

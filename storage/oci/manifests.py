@@ -6,11 +6,11 @@ at (for linking, reference counting and listing).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from storage.errors import DigestInvalid, ManifestInvalid
 from storage.oci.digest import Digest
+from storage.oci.jsonlimits import JSONTooDeep, loads
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -84,7 +84,9 @@ def parse_descriptor(raw: object, kind: str) -> Descriptor:
 def parse_manifest(data: bytes, media_type: str | None = None) -> ParsedManifest:
     """Media type (the document's own field wins over a Content-Type) and references."""
     try:
-        doc = json.loads(data)
+        doc = loads(data)
+    except JSONTooDeep as exc:
+        raise ManifestInvalid(f"manifest: {exc}") from None
     except (ValueError, UnicodeDecodeError):
         raise ManifestInvalid("manifest is not valid JSON") from None
     if not isinstance(doc, dict):
