@@ -48,9 +48,12 @@ class BlobWriter:
         self._inflight: asyncio.Future[None] | None = None
         self.received = 0
         self.flushed = 0  # bytes readable in the spool file
-        self.on_flush: Callable[[], None] | None = None  # called on the loop when ``flushed`` grows
+        # Resolved (and dropped) when the spool grows, is verified or is aborted;
+        # made only while someone waits, so a fill nobody reads pays nothing.
+        self._moved: asyncio.Future[None] | None = None
         self._done = False
         self.verified = False  # size and digest checked: the spool file is the blob
+        self.aborted = False
 
     @property
     def spool_path(self) -> Path:
@@ -61,8 +64,8 @@ class BlobWriter:
             self._hasher.update(chunk)
             self._upload.write_sync(chunk)
 
-    async def write(self, chunk: bytes) -> bool:
-        """Buffer a chunk; True when a batch was handed to the thread."""
+    async def write(self, chunk: bytes) -> None:
+        """Buffer a chunk; a full batch goes to the thread (after the one before it has landed)."""
         if self.expected_size is not None and self.received + len(chunk) > self.expected_size:
             raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes")
         self._pending.append(chunk)
@@ -71,8 +74,6 @@ class BlobWriter:
         # The first bytes go out at once so that followers get their first byte early.
         if self._pending_bytes >= FLUSH_BYTES or (self.flushed == 0 and self._inflight is None):
             await self._hand_off()
-            return True
-        return False
 
     async def _hand_off(self) -> None:
         await self._wait_inflight()
@@ -100,8 +101,24 @@ class BlobWriter:
 
     def _landed(self, size: int) -> None:
         self.flushed += size
-        if self.on_flush is not None:
-            self.on_flush()
+        self._wake()
+
+    def _wake(self) -> None:
+        moved, self._moved = self._moved, None
+        if moved is not None and not moved.done():
+            moved.set_result(None)
+
+    async def moved(self) -> None:
+        """Returns once the spool file grows, or the blob is verified or aborted.
+
+        For readers of the spool file while it is written: look at ``flushed``,
+        ``verified`` and ``aborted``, then wait here (no await in between, so
+        no change is missed). Wakes when the bytes land, not when they are
+        handed to the thread.
+        """
+        if self._moved is None:
+            self._moved = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._moved)
 
     async def _wait_inflight(self) -> None:
         future, self._inflight = self._inflight, None
@@ -141,6 +158,7 @@ class BlobWriter:
             await self.abort()
             raise
         self.verified = True
+        self._wake()
         return self.received
 
     async def commit(self) -> int:
@@ -162,6 +180,8 @@ class BlobWriter:
     async def abort(self) -> None:
         if not self._done:
             self._done = True
+            self.aborted = True
+            self._wake()
             future, self._inflight = self._inflight, None
             if future is not None:
                 # The thread must be out of the file before it is closed and removed.

@@ -8,8 +8,9 @@ uncompressed.
 
 load: the body is the archive (plain, gzip or zstd); query ``upstream`` and
 ``repository_prefix`` choose where the images land. ``storage.archive_read``
-verifies and stores the blobs; names are routed here; then every manifest,
-image (pinned) and tag is recorded in one transaction. A rejected archive
+verifies and stores the blobs; names are routed here; then the pull service
+records every manifest, image (pinned) and tag in one transaction and tells
+the other replicas. A rejected archive
 leaves the metadata as it was and its new blobs are removed.
 """
 
@@ -17,22 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from aiohttp import web
 
 from proxy.admin.body import image_names
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
 from proxy.http.context import LOG
-from proxy.pull.answers import FillingBlob
 from proxy.pull.routing import Route, Router
-from proxy.pull.service import PullThrough
+from proxy.pull.service import PullThrough, RecordedManifest
 from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
 from storage import paths
 from storage.archive.load import ArchiveLoader, LoadedImage
 from storage.archive.save import ArchivePlan, DockerImage, SavedImage, write_archive
 from storage.archive.tar import CHUNK, compressed
-from storage.errors import ArchiveInvalid, BlobUnknown, RegcacheError, SizeMismatch
+from storage.errors import ArchiveInvalid, RegcacheError, SizeMismatch
 from storage.index.metadata import Metadata
 from storage.oci.digest import Digest
 from storage.oci.manifests import IMAGE_TYPES, Descriptor, parse_manifest
@@ -124,11 +123,7 @@ class SavePlanner:
     async def _ensure_blob(self, route: Route, digest: Digest, size: int) -> None:
         async with self._fetch:
             answer = await self.pullthrough.blob(route, digest)
-            if isinstance(answer, FillingBlob):
-                await answer.fill.committed()
-        stored = await self.pullthrough.store.stat(digest)
-        if stored is None:
-            raise BlobUnknown(f"blob {digest} is not in the store after pulling it")
+            stored = await answer.stored()
         if stored != size:
             raise SizeMismatch(f"blob {digest} is {stored} bytes, its descriptor says {size}")
 
@@ -230,22 +225,20 @@ async def load(request: web.Request) -> web.Response:
     loader = ArchiveLoader(
         request.config_dict[STORE], paths.tmp_dir(settings.data_dir), max_metadata=settings.limits.max_manifest_size
     )
+    pullthrough = request.config_dict[PULLTHROUGH]
     try:
         result = await loader.read(request.content.iter_chunked(CHUNK))
-        rows: list = []
+        manifests: list[RecordedManifest] = []
         loaded: list[dict] = []
-        published: list = []
         for image in result.images:
             for route, tag in load_targets(router, image, upstream, prefix):
-                repo_id = await metadata.repository_id(route.upstream_name, route.repository)
-                assert repo_id is not None
-                for i, m in enumerate(image.manifests):
-                    rows.append((repo_id, m.digest, m.size, m.parsed, tag if i == len(image.manifests) - 1 else None))
-                    published.append((route, m.digest, m.parsed.media_type, rows[-1][4]))
+                last = len(image.manifests) - 1
+                manifests += [RecordedManifest(route, m.digest, m.size, m.parsed, tag if i == last else None)
+                              for i, m in enumerate(image.manifests)]  # fmt: skip
                 loaded.append({"name": shown_name(route, tag) if tag else None, "upstream": route.upstream_name,
                                "repository": route.repository, "tag": tag, "digest": image.digest,
                                "id": image.image_id})  # fmt: skip
-        await metadata.record_images(result.blobs, rows)
+        await pullthrough.store_changed(result.blobs, manifests)
     except BaseException as exc:
         await loader.remove(loader.written - await _known(metadata, loader.written))
         if isinstance(exc, Exception):
@@ -256,12 +249,6 @@ async def load(request: web.Request) -> web.Response:
     # Members no image referenced (junk in the archive) do not stay in the store.
     junk = loader.unreferenced()
     await loader.remove(junk - await _known(metadata, junk))
-    pullthrough = request.config_dict[PULLTHROUGH]
-    if pullthrough.shared is not None:
-        # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
-        for route, digest, media_type, tag in published:
-            await pullthrough.shared.publish(route, digest, media_type, tag, time.time())
-    pullthrough.forget()
     request[LOG]["result"] = f"{len(loaded)} images, {result.written} blobs written, {result.skipped} skipped"
     return web.json_response({"loaded": loaded, "blobs_written": result.written, "blobs_skipped": result.skipped})
 

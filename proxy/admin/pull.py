@@ -20,7 +20,7 @@ from aiohttp import web
 from proxy.admin.body import json_object
 from proxy.errors import AdminInvalid
 from proxy.http.context import ERROR, LOG
-from proxy.pull.answers import FillingBlob, LocalBlob
+from proxy.pull.answers import FillingBlob
 from proxy.pull.routing import Route
 from proxy.pull.service import PullThrough
 from proxy.resources import PULLTHROUGH, ROUTER
@@ -71,25 +71,23 @@ class Puller:
 
     async def blob(self, digest: Digest, progress_id: str | None) -> None:
         answer = await self.pullthrough.blob(self.route, digest)
-        if isinstance(answer, LocalBlob) and answer.lease is not None:
-            answer.lease.release()
         if not isinstance(answer, FillingBlob):
+            await answer.stored()
             if progress_id:
                 await self.emit({"status": "Already exists", "id": progress_id})
             return
         self.fetched = True
-        fill = answer.fill
-        await fill.wait_started()
+        size = await answer.opened()
         current = 0
         last_sent = -1
-        async for chunk in fill.tail():
+        async for chunk in answer.chunks():
             current += len(chunk)
-            if progress_id and (current - last_sent >= 512 * 1024 or current == fill.size):
+            if progress_id and (current - last_sent >= 512 * 1024 or current == size):
                 last_sent = current
                 await self.emit({"status": "Downloading", "id": progress_id,
-                                 "progressDetail": {"current": current, "total": fill.size or 0}})  # fmt: skip
-        # The tail ends once the digest is verified; the pull is done once the store has the blob.
-        await fill.committed()
+                                 "progressDetail": {"current": current, "total": size or 0}})  # fmt: skip
+        # The bytes end once the digest is verified; the pull is done once the store has the blob.
+        await answer.stored()
         if progress_id:
             await self.emit({"status": "Verifying Checksum", "id": progress_id})
             await self.emit({"status": "Download complete", "id": progress_id})

@@ -137,7 +137,7 @@ async def rmi(request: web.Request) -> web.Response:
         except RegcacheError as exc:
             results.append({"image": name, "error": exc.message})
     # Cached manifests and links may name what is gone (the lifecycle forgets after a removal).
-    request.config_dict[PULLTHROUGH].forget()
+    await request.config_dict[PULLTHROUGH].store_changed()
     if remover.freed_blobs:
         request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
     request[LOG]["result"] = f"{sum('lines' in r for r in results)} removed"

@@ -1,16 +1,20 @@
 """What the pull-through answers: manifests, and blobs in their three states.
 
-Plain data, so handlers can turn each into a response without knowing how it
-was obtained.
+A blob answer is all a consumer (the /v2 handlers, admin pull, save) gets:
+a file to send by path, a stored body to stream or redirect to, or a body
+that yields verified bytes (or spool slices) as they land. ``stored()`` on
+any of them waits until the blob is in the store. Consumers never see a
+fill, a writer or the store.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.pull.fill import Fill
+from proxy.pull.fill import Fill, SpoolSlice
 from storage.lifecycle.gc import Lease
 
 
@@ -32,6 +36,16 @@ class LocalBlob:
     # Held until the file is open for sending: GC never unlinks it before.
     lease: Lease | None = field(default=None, compare=False)
 
+    @property
+    def result(self) -> str:
+        return "hit"
+
+    async def stored(self) -> int:
+        """For a consumer that sends nothing: lets go of the file."""
+        if self.lease is not None:
+            self.lease.release()
+        return self.size
+
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
@@ -40,15 +54,47 @@ class StoredBlob:
     digest: str
     size: int
     redirect: str | None
+    reader: Callable[[], AsyncIterator[bytes]] = field(compare=False)
+
+    @property
+    def result(self) -> str:
+        return "hit"
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.reader()
+
+    async def stored(self) -> int:
+        return self.size
 
 
-@dataclass(frozen=True, slots=True)
 class FillingBlob:
-    """A blob on its way from the upstream; ``fill.tail()`` gives its bytes."""
+    """A blob on its way from the upstream, as one of its readers sees it."""
 
-    digest: str
-    fill: Fill
-    result: str  # miss or coalesced
+    __slots__ = ("_fill", "digest", "result")
+
+    def __init__(self, fill: Fill, result: str) -> None:
+        self._fill = fill
+        self.digest = str(fill.digest)
+        self.result = result  # miss or coalesced
+
+    async def opened(self) -> int | None:
+        """Waits until headers may go out; the size when known. Raises if the fetch failed."""
+        return await self._fill.opened()
+
+    def slices(self) -> AsyncIterator[SpoolSlice] | None:
+        """After ``opened``: spool slices as they land (for sendfile), or None when the
+        blob is to be read with ``chunks`` (another replica stored it first)."""
+        return self._fill.slices()
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Verified bytes as they land; the last one once the whole blob is verified.
+        Raises (never ends cleanly) if the fetch fails."""
+        return self._fill.chunks()
+
+    async def stored(self) -> int:
+        """The size once the blob is in the store and recorded; raises if the fill failed.
+        Reading every byte does not mean this: the commit follows the last byte."""
+        return await self._fill.committed()
 
 
 @dataclass(frozen=True, slots=True)

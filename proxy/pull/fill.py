@@ -1,122 +1,125 @@
-"""A blob fill: one upstream fetch written to the store, read by every client.
+"""A blob fill as its readers see it: one upstream fetch, read by every client.
 
-The fill runs in its own task, under its own timeout, so it completes even
-when the client that started it goes away. Every client, the first one
-included, reads the spool file as it grows. The last byte is held back until
-the digest is verified: a client never sees the clean end of a wrong body,
-only an aborted connection. It is not held back for the commit (fsync, rename,
-the metadata row): a client that has the blob has correct bytes, and if the
-commit then fails the cache simply does not keep them. Code that needs the
-blob in the store awaits ``committed()``.
+Every client, the first one included, reads the spool file as it grows. The
+last byte is held back until the digest is verified: a client never sees the
+clean end of a wrong body, only an aborted connection. It is not held back for
+the commit (fsync, rename, the metadata row): a client that has the blob has
+correct bytes, and if the commit then fails the cache simply does not keep
+them. Code that needs the blob in the store awaits ``committed()``.
+
+Only ``proxy.pull.fills`` changes a fill's state (``attach``, ``stored_elsewhere``,
+``succeed``, ``fail``); readers wait on the spool writer (bytes landed,
+verified, aborted) and on the fill's own two events (started, ended).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from typing import NamedTuple
 
-from storage.blobs import BlobWriter
+from storage.blobs import BlobStore, BlobWriter
 from storage.oci.digest import Digest
-
-log = logging.getLogger("regcache.fill")
 
 READ_CHUNK = 1024 * 1024
 
 
+class SpoolSlice(NamedTuple):
+    """Spool bytes that have landed: ``length`` bytes of ``fd`` from ``offset``."""
+
+    fd: int
+    offset: int
+    length: int
+    last: bool  # ends the verified blob: every byte of it is out after this one
+
+
 class Fill:
-    def __init__(self, digest: Digest, upstream: str, repository: str) -> None:
+    def __init__(self, digest: Digest, upstream: str, repository: str, store: BlobStore) -> None:
         self.digest = digest
         self.upstream = upstream
         self.repository = repository
         self.size: int | None = None
         self.error: BaseException | None = None
-        self.verified = False  # size and digest checked: every byte may go to clients
-        self.finished = False  # verified and committed
-        self.writer: BlobWriter | None = None
+        self._store = store
+        self._writer: BlobWriter | None = None
         self._fd: int | None = None
-        self._progress = asyncio.Event()
-        self.started = asyncio.Event()  # size known (or failed): headers may go out
-        self.followers = 0
         # Set when another replica sharing the store committed the blob first:
         # every client of this fill then reads the store instead of a spool file.
-        self.stored: Callable[[], AsyncIterator[bytes]] | None = None
+        self._elsewhere = False
+        self._started = asyncio.Event()  # size known (or failed): headers may go out
+        self._ended = asyncio.Event()  # committed and recorded, or failed
 
-    # The writing side -------------------------------------------------------
+    # The writing side (proxy.pull.fills) -------------------------------------
 
     def attach(self, writer: BlobWriter, size: int | None) -> None:
-        self.writer = writer
+        self._writer = writer
         self.size = size
         self._fd = os.open(writer.spool_path, os.O_RDONLY)
         # Closed when the last request holding this fill lets go of it: a client
         # that joined just before the end may start reading after the fill is done.
         weakref.finalize(self, os.close, self._fd)
-        writer.on_flush = self.progressed  # readers wake when bytes land, not when they are handed off
-        self.started.set()
+        self._started.set()
 
-    def committed_elsewhere(self, size: int, read: Callable[[], AsyncIterator[bytes]]) -> None:
+    def stored_elsewhere(self, size: int) -> None:
         self.size = size
-        self.stored = read
-        self.verified = True
-        self.finished = True
-        self.started.set()
-        self.progressed()
+        self._elsewhere = True
+        self._started.set()
+        self._ended.set()
 
-    def progressed(self) -> None:
-        self._progress.set()
-        self._progress = asyncio.Event()
-
-    def verify(self) -> None:
-        """The spool file is the verified blob: clients get their last byte now."""
-        self.verified = True
-        self.progressed()
-
-    def succeed(self) -> None:
-        self.verified = True
-        self.finished = True
-        self.progressed()
-        self._release_writer()
+    def succeed(self, size: int) -> None:
+        self.size = size
+        self._ended.set()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.started.set()
-        self.progressed()
-        self._release_writer()
+        self._started.set()
+        self._ended.set()
 
     @property
-    def done(self) -> bool:
-        return self.finished or self.error is not None
+    def verified(self) -> bool:
+        """Every byte may go to clients (the commit may still be running)."""
+        return self._elsewhere or (self._writer is not None and self._writer.verified)
 
-    # The reading side ------------------------------------------------------
+    # The reading side (proxy.pull.answers) -----------------------------------
 
-    async def committed(self) -> None:
-        """Returns once the blob is in the store (and its row recorded); raises if the fill failed.
+    async def opened(self) -> int | None:
+        """The blob's size once known (None: the upstream did not say); raises if the fill
+        failed before it had anything to read."""
+        await self._started.wait()
+        if self._writer is None and not self._elsewhere:
+            assert self.error is not None
+            raise self.error
+        return self.size
+
+    async def committed(self) -> int:
+        """The blob's size once it is in the store and its row recorded; raises if the fill failed.
 
         Reading a fill to its end does not mean this: the last byte goes out
         when the digest is verified, before the commit.
         """
-        while not self.done:
-            await self._progress.wait()
+        await self._ended.wait()
         if self.error is not None:
             raise self.error
+        assert self.size is not None
+        return self.size
 
-    async def wait_started(self) -> None:
-        await self.started.wait()
-        if self.error is not None and self.writer is None and self.stored is None:
-            raise self.error
+    def slices(self) -> AsyncIterator[SpoolSlice] | None:
+        """Spool bytes as they land, for sendfile; None when the blob is read from the store."""
+        return None if self._elsewhere else self._slices()
 
-    async def tail(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         """The blob's bytes as they land; raises if the fill fails."""
-        await self.wait_started()
-        if self.stored is not None:
-            async for chunk in self.stored():
-                yield chunk
+        await self.opened()
+        if self._elsewhere:
+            async with contextlib.aclosing(self._store.read(self.digest)) as stored:
+                async for chunk in stored:
+                    yield chunk
             return
-        async with contextlib.aclosing(self.ranges()) as ranges:
-            async for fd, offset, length in ranges:
+        async with contextlib.aclosing(self._slices()) as slices:
+            async for fd, offset, length, _ in slices:
                 end = offset + length
                 while offset < end:
                     chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
@@ -125,92 +128,25 @@ class Fill:
                     offset += len(chunk)
                     yield chunk
 
-    async def ranges(self) -> AsyncIterator[tuple[int, int, int]]:
-        """``(fd, offset, length)`` of spool bytes as they land, for sendfile; raises if the fill fails.
-
-        The last byte comes only once the blob is verified (not committed: see
+    async def _slices(self) -> AsyncIterator[SpoolSlice]:
+        """The last byte comes only once the blob is verified (not committed: see
         ``committed``); once verified, a failed commit does not cut readers.
-        ``fd`` stays open while anything holds this fill; not for a fill
-        committed elsewhere (``stored``).
-        """
-        await self.wait_started()
-        assert self.stored is None and self.writer is not None and self._fd is not None
-        fd = self._fd
+        ``fd`` stays open while anything holds this fill."""
+        await self.opened()
+        writer, fd = self._writer, self._fd
+        assert writer is not None and fd is not None
         offset = 0
         while True:
-            verified = self.verified
-            available = self.writer.flushed
-            if not verified:
-                available -= 1  # hold back the last byte until verified
+            verified = writer.verified
+            available = writer.flushed if verified else writer.flushed - 1  # the last byte waits for the digest
             if offset < available:
-                yield fd, offset, available - offset
+                yield SpoolSlice(fd, offset, available - offset, verified)
                 offset = available
                 continue
             if verified:
                 return  # every verified byte is out, whatever the commit does
-            if self.error is not None:
+            if writer.aborted:
+                await self._ended.wait()  # the fill records why
+                assert self.error is not None
                 raise self.error
-            await self._progress.wait()
-
-    def _release_writer(self) -> None:
-        # The writer's callback points back here: without this cycle the fill
-        # (and its descriptor) goes as soon as no request holds it.
-        if self.writer is not None:
-            self.writer.on_flush = None
-
-
-FillBody = Callable[[Fill], Awaitable[None]]
-
-
-class Fills:
-    """At most one fill per digest in this process."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._fills: dict[str, Fill] = {}
-        self._tasks: dict[asyncio.Task[None], Fill] = {}
-
-    def __len__(self) -> int:
-        return len(self._fills)
-
-    def get(self, digest: Digest) -> Fill | None:
-        return self._fills.get(str(digest))
-
-    def start(self, fill: Fill, body: FillBody) -> Fill:
-        key = str(fill.digest)
-        self._fills[key] = fill
-        task = asyncio.create_task(self._run(fill, body))
-        self._tasks[task] = fill
-        task.add_done_callback(lambda done: self._tasks.pop(done, None))
-        return fill
-
-    async def _run(self, fill: Fill, body: FillBody) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await body(fill)
-        except BaseException as exc:
-            if isinstance(exc, TimeoutError):
-                log.warning("fill of %s timed out after %ss", fill.digest, self.timeout)
-            fill.fail(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self._fills.pop(str(fill.digest), None)
-
-    async def settle(self) -> None:
-        """Wait until every fill in flight has ended, well or not."""
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def close(self, commit_grace: float = 30.0) -> None:
-        """Stop: fills still fetching are cancelled; verified ones may finish their commit.
-
-        A verified fill has sent every byte to its clients; cancelling its commit
-        would leave a client holding a blob the restarted cache does not have.
-        """
-        committing = [task for task, fill in self._tasks.items() if fill.verified]
-        if committing:
-            await asyncio.wait(committing, timeout=commit_grace)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await writer.moved()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 from proxy.errors import (
     UpstreamError,
@@ -18,19 +21,20 @@ from proxy.errors import (
 )
 from proxy.metrics.events import Events
 from proxy.pull.answers import BlobAnswer, BlobInfo, FillingBlob, LocalBlob, Manifest, ManifestCache, StoredBlob, page
-from proxy.pull.fill import Fill, Fills
+from proxy.pull.fill import Fill
+from proxy.pull.fills import Fills
+from proxy.pull.links import Links
 from proxy.pull.prefetch import Prefetcher
 from proxy.pull.replicas import SharedNames
 from proxy.pull.routing import Route
 from proxy.pull.singleflight import SingleFlight
 from proxy.upstream.client import UpstreamClient
-from storage.backends.base import FillLease
 from storage.blobs import BlobStore
-from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown, SizeMismatch, StoreFull
+from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown
 from storage.index.metadata import Metadata, TagRow
 from storage.lifecycle.gc import InUse
 from storage.oci.digest import Digest
-from storage.oci.manifests import UPSTREAM_ACCEPT, accepts, parse_manifest
+from storage.oci.manifests import UPSTREAM_ACCEPT, ParsedManifest, accepts, parse_manifest
 from storage.oci.reference import ManifestReference
 
 log = logging.getLogger("regcache.pullthrough")
@@ -39,8 +43,17 @@ log = logging.getLogger("regcache.pullthrough")
 _STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
 # Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
 MAX_CACHED_TAGS = 100_000
-# (repository, digest) links known from SQLite (~150 bytes each); past this the set starts over.
-MAX_CACHED_LINKS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedManifest:
+    """A manifest put in the store outside a fill (a load), and where it lands."""
+
+    route: Route
+    digest: str
+    size: int
+    parsed: ParsedManifest
+    tag: str | None
 
 
 class PullThrough:
@@ -58,12 +71,12 @@ class PullThrough:
         self.metadata = metadata
         self.upstreams = upstreams
         self.events = events
-        self.fills = Fills(fill_timeout)
+        self.links = Links()
+        self.fills = Fills(store, metadata, events, self.links, fill_timeout)
         self.prefetcher = Prefetcher(self._prefetch_blob)
         self.max_manifest_size = max_manifest_size
         self.manifests = ManifestCache()
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
-        self._links: set[tuple[int, str]] = set()
         # Tag rows as last read from SQLite, so a cached tag costs no query; any
         # write of a tag here drops its entry, forget() drops them all.
         self._tags: dict[tuple[int, str], TagRow] = {}
@@ -75,9 +88,22 @@ class PullThrough:
     def forget(self) -> None:
         """Drop in-memory knowledge after rmi, eviction or load changed the store."""
         self.manifests.clear()
-        self._links.clear()
+        self.links.clear()
         self._tags.clear()
         self._tags_generation += 1
+
+    async def store_changed(self, blobs: dict[str, int] | None = None,
+                            manifests: Sequence[RecordedManifest] = ()) -> None:  # fmt: skip
+        """The store changed outside a fill (load, rmi): record what was added (``blobs``
+        by digest with their sizes, and pinned ``manifests``, in one transaction), tell
+        the other replicas on this store, and drop what this process remembers."""
+        if blobs or manifests:
+            rows = [(await self._repository(m.route), m.digest, m.size, m.parsed, m.tag) for m in manifests]
+            await self.metadata.record_images(blobs or {}, rows)
+        for m in manifests:
+            # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
+            await self._publish(m.route, m.digest, m.parsed.media_type, m.tag)
+        self.forget()
 
     async def close(self) -> None:
         await self.prefetcher.close()
@@ -128,17 +154,12 @@ class PullThrough:
         return row.media_type, data
 
     async def _linked(self, repo_id: int, digest: str) -> bool:
-        if (repo_id, digest) in self._links:
+        if (repo_id, digest) in self.links:
             return True
         linked, _ = await self.metadata.link(repo_id, digest)
         if linked:
-            self._link(repo_id, digest)
+            self.links.add(repo_id, digest)
         return linked
-
-    def _link(self, repo_id: int, digest: str) -> None:
-        if len(self._links) >= MAX_CACHED_LINKS:
-            self._links.clear()
-        self._links.add((repo_id, digest))
 
     async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
         repo_id = await self._repository(route)
@@ -273,10 +294,10 @@ class PullThrough:
         # The rows just written link what the manifest references: the client's
         # GETs of its config and layers, next, need no query (which would wait
         # behind the fills' commits on the one connection).
-        self._link(repo_id, digest)
+        self.links.add(repo_id, digest)
         for ref in parsed.references:
             if ref.kind in ("config", "layer", "manifest"):
-                self._link(repo_id, str(ref.digest))
+                self.links.add(repo_id, str(ref.digest))
         return parsed.media_type
 
     async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
@@ -311,21 +332,20 @@ class PullThrough:
             if path is not None:
                 return LocalBlob(key, size, path, lease)
             lease.release()
-            return StoredBlob(key, size, await self.store.backend.redirect_url(digest))
+            redirect = await self.store.backend.redirect_url(digest)
+            return StoredBlob(key, size, redirect, partial(self.store.read, digest))
         lease.release()
         fill = self.fills.get(digest)
         if fill is not None:
             if not linked:
                 await self._confirm_blob(route, repo_id, digest, None)
-            fill.followers += 1
             self.events.blob(route.upstream_name, "coalesced", None)
-            return FillingBlob(key, fill, "coalesced")
+            return FillingBlob(fill, "coalesced")
         # No await between looking for a fill and starting one: that is what
         # makes concurrent misses share a single upstream fetch.
-        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
-                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
+        fill = self.fills.start(digest, route, self._client(route), repo_id)
         self.events.blob(route.upstream_name, "miss", None)
-        return FillingBlob(key, fill, "miss")
+        return FillingBlob(fill, "miss")
 
     async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
         """Start a fill nobody asked for yet; None when the blob is stored or filling."""
@@ -335,8 +355,7 @@ class PullThrough:
         # No await from here to the start: a fill begun meanwhile is found (single flight).
         if self.fills.get(digest) is not None:
             return None
-        fill = self.fills.start(Fill(digest, route.upstream_name, route.repository),
-                                lambda f: self._fill(route, repo_id, f))  # fmt: skip
+        fill = self.fills.start(digest, route, self._client(route), repo_id)
         self.events.prefetched(route.upstream_name)
         return fill
 
@@ -364,78 +383,7 @@ class PullThrough:
         except UpstreamNotFound:
             raise BlobUnknown(f"blob {digest} unknown to {route.repository}") from None
         await self.metadata.link_blob(repo_id, str(digest), size)
-        self._link(repo_id, str(digest))
-
-    async def _fill_lease(self, repo_id: int, fill: Fill) -> FillLease | None:
-        """Cross-replica single flight (replicas sharing one object store).
-
-        Only the holder of the digest's fill lease fetches from the upstream.
-        A replica that loses the race waits for the holder's commit and then
-        serves the blob from the store (None here); if the holder gives up or
-        dies, its lease is released or expires and this replica takes over.
-        A store nobody else writes to grants the lease at once.
-        """
-        backend = self.store.backend
-        while True:
-            lease = await backend.acquire_fill_lease(fill.digest)
-            # Committed by another replica between our first look and now?
-            size = await (backend.stat(fill.digest) if lease is not None else backend.wait_for(fill.digest))
-            if size is not None:
-                if lease is not None:
-                    await lease.release()
-                await self.metadata.record_blob(repo_id, str(fill.digest), size)
-                fill.committed_elsewhere(size, lambda: self.store.read(fill.digest))
-                return None
-            if lease is not None:
-                return lease
-
-    async def _fill(self, route: Route, repo_id: int, fill: Fill) -> None:
-        lease = await self._fill_lease(repo_id, fill)
-        if lease is None:
-            return
-        try:
-            await self._fetch_blob(route, repo_id, fill)
-        finally:
-            await lease.release()
-
-    async def _fetch_blob(self, route: Route, repo_id: int, fill: Fill) -> None:
-        client = self._client(route)
-        _, expected = await self.metadata.link(repo_id, str(fill.digest))
-        self.events.fill_started(route.upstream_name)
-        try:
-            async with client.open_blob(route.repository, str(fill.digest)) as stream:
-                size = stream.size if stream.size is not None else expected
-                if expected is not None and stream.size is not None and stream.size != expected:
-                    log.warning("upstream size %s for %s differs from its descriptor (%s)",
-                                stream.size, fill.digest, expected)  # fmt: skip
-                writer = await self.store.writer(fill.digest, size)
-                fill.attach(writer, size)
-                try:
-                    async for chunk in stream.chunks:
-                        if await writer.write(chunk):
-                            fill.progressed()
-                    written = await writer.verify()
-                    # Counted before any client has its last byte, so what a client
-                    # saw is already in the metrics.
-                    self.events.fetched(route.upstream_name, "blob", written)
-                    fill.verify()  # clients get their last byte; the commit follows
-                    await writer.commit()
-                except BaseException as exc:
-                    await writer.abort()
-                    if isinstance(exc, DigestMismatch | SizeMismatch):
-                        self.events.digest_mismatch(route.upstream_name, "blob")
-                        log.error("upstream blob %s of %s/%s failed verification: %s",
-                                  fill.digest, route.upstream_name, route.repository, exc)  # fmt: skip
-                    if isinstance(exc, StoreFull):
-                        self.events.store_full()
-                    raise
-        except UpstreamNotFound:
-            raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
-        finally:
-            self.events.fill_finished(route.upstream_name)
-        await self.metadata.record_blob(repo_id, str(fill.digest), written)
-        self._link(repo_id, str(fill.digest))
-        fill.succeed()
+        self.links.add(repo_id, str(digest))
 
     # Tags and catalog ----------------------------------------------------------
 

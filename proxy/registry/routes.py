@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import NoReturn
 from urllib.parse import urlencode
 
@@ -19,8 +20,7 @@ from proxy.errors import PaginationInvalid, Unsupported
 from proxy.http import filesend, slowclient
 from proxy.http.context import BLOB_LEASE, ERROR, LOG
 from proxy.http.errors import API_HEADERS as API_VERSION
-from proxy.pull.answers import FillingBlob, LocalBlob, StoredBlob, page
-from proxy.pull.fill import Fill
+from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
 from proxy.pull.routing import Route
 from proxy.resources import METADATA, PULLTHROUGH, ROUTER, SETTINGS
 from storage.errors import NameInvalid
@@ -103,13 +103,14 @@ async def blob(request: web.Request) -> web.StreamResponse:
         request[LOG]["result"] = "hit"
         if answer.redirect is not None:
             raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
-        return await _stream(request, headers, answer.size, pullthrough.store.read(digest))
+        return await _stream(request, headers, answer.size, answer.chunks())
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
-    await answer.fill.wait_started()
-    if answer.fill.stored is None and filesend.possible(request.transport):
-        return await _send_fill(request, headers, answer.fill)
-    return await _stream(request, headers, answer.fill.size, answer.fill.tail())
+    size = await answer.opened()
+    slices = answer.slices() if filesend.possible(request.transport) else None
+    if slices is not None:
+        return await _send_slices(request, headers, size, slices)
+    return await _stream(request, headers, size, answer.chunks())
 
 
 async def _stream(request: web.Request, headers: dict[str, str], size: int | None, chunks) -> web.StreamResponse:  # type: ignore[no-untyped-def]
@@ -129,22 +130,24 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
     return response
 
 
-async def _send_fill(request: web.Request, headers: dict[str, str], fill: Fill) -> web.StreamResponse:
+async def _send_slices(
+    request: web.Request, headers: dict[str, str], size: int | None, slices: AsyncIterator[SpoolSlice]
+) -> web.StreamResponse:
     """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
     the held-back last byte, once the digest is verified, through aiohttp."""
     response = web.StreamResponse(headers=headers)
-    if fill.size is not None:
-        response.content_length = fill.size
+    if size is not None:
+        response.content_length = size
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     assert request.transport is not None
     sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
     try:
         try:
-            async with contextlib.aclosing(fill.ranges()) as ranges:
-                async for fd, offset, length in ranges:
-                    # Once verified, the last byte goes through aiohttp after the thread is done.
-                    on_loop = 1 if fill.verified else 0
+            async with contextlib.aclosing(slices) as landed:
+                async for fd, offset, length, last in landed:
+                    # The blob's last byte goes through aiohttp after the thread is done.
+                    on_loop = 1 if last else 0
                     # A small range costs less to copy here than to hand to a thread and back.
                     if length - on_loop > INLINE_RANGE:
                         await sender.send(fd, offset, length - on_loop, stall)

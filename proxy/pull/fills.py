@@ -1,0 +1,150 @@
+"""Fills in flight: at most one per digest, each fetching one blob into the store.
+
+A fill runs in its own task, under its own timeout, so it completes even when
+the client that started it goes away. It takes the cross-replica fill lease,
+streams the upstream's body into a ``BlobWriter``, lets readers have the last
+byte once the digest is verified, commits, and records the row. Everything it
+needs is given here; it calls nothing above it. ``PullThrough`` decides when
+a fill starts; readers see a fill through ``proxy.pull.answers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from proxy.errors import UpstreamNotFound
+from proxy.metrics.events import Events
+from proxy.pull.fill import Fill
+from proxy.pull.links import Links
+from proxy.pull.routing import Route
+from proxy.upstream.client import UpstreamClient
+from storage.backends.base import FillLease
+from storage.blobs import BlobStore
+from storage.errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreFull
+from storage.index.metadata import Metadata
+from storage.oci.digest import Digest
+
+log = logging.getLogger("regcache.fill")
+
+
+class Fills:
+    def __init__(self, store: BlobStore, metadata: Metadata, events: Events, links: Links, timeout: float) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.events = events
+        self.links = links
+        self.timeout = timeout
+        self._fills: dict[str, Fill] = {}
+        self._tasks: dict[asyncio.Task[None], Fill] = {}
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def get(self, digest: Digest) -> Fill | None:
+        return self._fills.get(str(digest))
+
+    def start(self, digest: Digest, route: Route, client: UpstreamClient, repo_id: int) -> Fill:
+        """A new fill of ``digest`` from ``client``; the caller has made sure none is running."""
+        fill = Fill(digest, route.upstream_name, route.repository, self.store)
+        self._fills[str(digest)] = fill
+        task = asyncio.create_task(self._run(fill, route, client, repo_id))
+        self._tasks[task] = fill
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
+        return fill
+
+    async def _run(self, fill: Fill, route: Route, client: UpstreamClient, repo_id: int) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                lease = await self._lease(repo_id, fill)
+                if lease is not None:
+                    try:
+                        await self._fetch(fill, route, client, repo_id)
+                    finally:
+                        await lease.release()
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                log.warning("fill of %s timed out after %ss", fill.digest, self.timeout)
+            fill.fail(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._fills.pop(str(fill.digest), None)
+
+    async def _lease(self, repo_id: int, fill: Fill) -> FillLease | None:
+        """Cross-replica single flight (replicas sharing one object store).
+
+        Only the holder of the digest's fill lease fetches from the upstream.
+        A replica that loses the race waits for the holder's commit and then
+        serves the blob from the store (None here); if the holder gives up or
+        dies, its lease is released or expires and this replica takes over.
+        A store nobody else writes to grants the lease at once.
+        """
+        backend = self.store.backend
+        while True:
+            lease = await backend.acquire_fill_lease(fill.digest)
+            # Committed by another replica between our first look and now?
+            size = await (backend.stat(fill.digest) if lease is not None else backend.wait_for(fill.digest))
+            if size is not None:
+                if lease is not None:
+                    await lease.release()
+                await self.metadata.record_blob(repo_id, str(fill.digest), size)
+                fill.stored_elsewhere(size)
+                return None
+            if lease is not None:
+                return lease
+
+    async def _fetch(self, fill: Fill, route: Route, client: UpstreamClient, repo_id: int) -> None:
+        _, expected = await self.metadata.link(repo_id, str(fill.digest))
+        self.events.fill_started(route.upstream_name)
+        try:
+            async with client.open_blob(route.repository, str(fill.digest)) as stream:
+                size = stream.size if stream.size is not None else expected
+                if expected is not None and stream.size is not None and stream.size != expected:
+                    log.warning("upstream size %s for %s differs from its descriptor (%s)",
+                                stream.size, fill.digest, expected)  # fmt: skip
+                writer = await self.store.writer(fill.digest, size)
+                fill.attach(writer, size)
+                try:
+                    async for chunk in stream.chunks:
+                        await writer.write(chunk)
+                    # Readers may take the last byte from here on, but only once this
+                    # task next waits: the count below comes first, so what a client
+                    # saw is already in the metrics.
+                    written = await writer.verify()
+                    self.events.fetched(route.upstream_name, "blob", written)
+                    await writer.commit()
+                except BaseException as exc:
+                    await writer.abort()
+                    if isinstance(exc, DigestMismatch | SizeMismatch):
+                        self.events.digest_mismatch(route.upstream_name, "blob")
+                        log.error("upstream blob %s of %s/%s failed verification: %s",
+                                  fill.digest, route.upstream_name, route.repository, exc)  # fmt: skip
+                    if isinstance(exc, StoreFull):
+                        self.events.store_full()
+                    raise
+        except UpstreamNotFound:
+            raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
+        finally:
+            self.events.fill_finished(route.upstream_name)
+        await self.metadata.record_blob(repo_id, str(fill.digest), written)
+        self.links.add(repo_id, str(fill.digest))
+        fill.succeed(written)
+
+    async def settle(self) -> None:
+        """Wait until every fill in flight has ended, well or not."""
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self, commit_grace: float = 30.0) -> None:
+        """Stop: fills still fetching are cancelled; verified ones may finish their commit.
+
+        A verified fill has sent every byte to its clients; cancelling its commit
+        would leave a client holding a blob the restarted cache does not have.
+        """
+        committing = [task for task, fill in self._tasks.items() if fill.verified]
+        if committing:
+            await asyncio.wait(committing, timeout=commit_grace)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
