@@ -60,6 +60,18 @@ class StoreUnavailable(RegcacheError):
     """The blob store cannot be reached or refused a request."""
 
 
+class StoreRejected(StoreUnavailable):
+    """The store rejected a request it does not understand or support."""
+
+
+class StoreObjectUnknown(RegcacheError):
+    """No object under that key in the store."""
+
+
+class StoreObjectExists(RegcacheError):
+    """A write meant only for a new object found one already there."""
+
+
 class ImagePinned(RegcacheError):
     """The image is pinned."""
 

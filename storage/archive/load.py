@@ -380,10 +380,13 @@ class ArchiveLoader:
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST if oci else DOCKER_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG if oci else DOCKER_CONFIG, "size": config.size,
-                       "digest": str(config.digest)},
+            "config": {
+                "mediaType": OCI_CONFIG if oci else DOCKER_CONFIG,
+                "size": config.size,
+                "digest": str(config.digest),
+            },
             "layers": [{"mediaType": m, "size": layer.size, "digest": str(layer.digest)} for m, layer in layers],
-        }  # fmt: skip
+        }
         data = json.dumps(manifest, separators=(",", ":")).encode()
         content = _Content(Digest.of(data), len(data), data=data)
         await self._ensure_stored(content)

@@ -18,9 +18,12 @@ import tarfile
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import IO, TYPE_CHECKING, Literal, Protocol, cast
 
 import zstandard
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from storage.errors import ArchiveInvalid
 
@@ -55,7 +58,15 @@ def padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def compressor(kind: Compression | None):  # type: ignore[no-untyped-def]
+class StreamCompressor(Protocol):
+    """What ``zlib.compressobj`` and zstandard's ``compressobj`` have in common."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+def compressor(kind: Compression | None) -> StreamCompressor | None:
     """An object with ``compress(bytes)`` and ``flush()`` for the whole stream, or None."""
     if kind is None:
         return None
@@ -151,10 +162,12 @@ class _BlockingInput(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        future = asyncio.run_coroutine_threadsafe(self._source.read_some(len(buffer)), self._loop)
-        data = future.result()
-        buffer[: len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        # A view released on return: RawIOBase.read resizes its bytearray after this.
+        with memoryview(buffer) as view:
+            future = asyncio.run_coroutine_threadsafe(self._source.read_some(len(view)), self._loop)
+            data = future.result()
+            view[: len(data)] = data
         return len(data)
 
 
@@ -178,9 +191,13 @@ async def decompressed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield chunk
     raw = _BlockingInput(source, asyncio.get_running_loop())
     if kind == "gzip":
-        reader: io.RawIOBase | gzip.GzipFile = gzip.GzipFile(fileobj=io.BufferedReader(raw, CHUNK), mode="rb")
+        reader: gzip.GzipFile | zstandard.ZstdDecompressionReader = gzip.GzipFile(
+            fileobj=io.BufferedReader(raw, CHUNK), mode="rb"
+        )
     else:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True)
+        # zstandard's stub asks for IO[bytes]; the reader only ever calls read() on its source.
+        source_file = cast(IO[bytes], raw)
+        reader = zstandard.ZstdDecompressor().stream_reader(source_file, read_size=CHUNK, read_across_frames=True)
     try:
         while True:
             try:

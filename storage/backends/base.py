@@ -7,6 +7,12 @@ must guarantee is that nothing is readable under a digest key before commit.
 
 Every upload spools to a local file as it goes; followers of a fill in progress
 read that file while it grows, whatever backend the bytes end up in.
+
+A backend raises only regcache's errors (``storage.errors``): a store that
+cannot be reached or refuses a request is ``StoreUnavailable``, whatever client
+library sits underneath. That holds for the replica seam too (fill and sweep
+leases, ``ReplicaIndex``), so callers that can carry on without the other
+replicas catch exactly that.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ class FillLease:
     """
 
     async def release(self) -> None:
-        """Give the lease up (the fill committed, failed or was cancelled); idempotent."""
+        """Give the lease up (the fill committed, failed or was cancelled); idempotent, never raises:
+        a lease that cannot be deleted expires on its own."""
 
 
 class BlobBackend(abc.ABC):
@@ -99,7 +106,7 @@ class BlobBackend(abc.ABC):
         """Readiness: can a new blob be written now?"""
         return True
 
-    # Replicas sharing one store (see storage.backends.s3) -------------------
+    # Replicas: several processes on one store (see storage.backends.s3) -----
 
     async def acquire_fill_lease(self, digest: Digest) -> FillLease | None:
         """The lease to fetch ``digest`` upstream, or None when another process holds it."""
@@ -111,8 +118,8 @@ class BlobBackend(abc.ABC):
         return await self.stat(digest)
 
     @property
-    def shared(self) -> SharedIndex | None:
-        """Names (tags, images) shared with other replicas; None when this process is alone."""
+    def shared(self) -> ReplicaIndex | None:
+        """The tag and image records of the replicas on this store; None when this process is alone."""
         return None
 
     async def acquire_sweep_lease(self) -> FillLease | None:
@@ -132,11 +139,13 @@ class BlobBackend(abc.ABC):
         return time.time()
 
 
-class SharedIndex(abc.ABC):
+class ReplicaIndex(abc.ABC):
     """Tag and image records every replica on a store can see.
 
     SQLite stays each replica's local index; these records are what the
-    replicas agree on. ``upstream``/``repository`` are validated names.
+    replicas agree on. ``upstream``/``repository`` are validated names. A
+    missing record is None (or absent from a listing), never an error; a store
+    that cannot answer raises ``StoreUnavailable``.
     """
 
     @abc.abstractmethod

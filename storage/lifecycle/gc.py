@@ -36,7 +36,7 @@ from storage.index.metadata import Metadata
 from storage.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from storage.replicas.gc import SharedCollector
+    from storage.replicas.gc import ReplicaCollector
 
 # The live set: every digest reachable from an image row.
 LIVE_CTE = """
@@ -240,7 +240,7 @@ class Collector:
     """
 
     def __init__(
-        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: SharedCollector | None = None
+        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: ReplicaCollector | None = None
     ) -> None:
         self.metadata = metadata
         self.store = store

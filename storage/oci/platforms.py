@@ -9,7 +9,7 @@ _MACHINES = {
     "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
     "armv7l": "arm/v7", "armv6l": "arm/v6", "i386": "386", "i686": "386",
     "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
-}  # fmt: skip
+}
 
 
 def host_platform() -> str:

@@ -3,9 +3,9 @@
 Any number of regcache replicas may share one bucket. Keys under ``prefix``::
 
     blobs/<algorithm>/<ab>/<hex>                    verified blobs, written once (``paths.blob_key``)
-    leases/<algorithm>:<hex>                        who is fetching a cold blob now (``s3_leases``)
+    leases/<algorithm>:<hex>                        who is fetching a cold blob now (``leases``)
     leases/gc                                       which replica runs the GC sweep now
-    repositories/<upstream>/<name>/_tags/<tag>      tag -> manifest records      (``s3_records``)
+    repositories/<upstream>/<name>/_tags/<tag>      tag -> manifest records      (``records``)
     repositories/<upstream>/<name>/_images/<digest> image records: GC's shared truth
 
 Writing a blob: every byte goes to a local spool file first (followers of the
@@ -24,14 +24,14 @@ The client is aiobotocore: it exposes the multipart calls one by one (so
 "complete" is a call made only after verification, not the side effect of an
 input stream ending), ListMultipartUploads to clean up after killed replicas,
 conditional PUT for leases and presigned URLs, and it runs on aiohttp, the
-HTTP stack regcache already uses.
+HTTP stack regcache already uses. Its errors never leave this package: ``client``
+turns them into regcache's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import configparser
 import contextlib
 import datetime
 import email.utils
@@ -44,16 +44,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
-
 from config.settings import S3Settings
 from storage import paths
-from storage.backends.base import BlobBackend, FillLease, SharedIndex, Upload
+from storage.backends.base import BlobBackend, FillLease, ReplicaIndex, Upload
+from storage.backends.s3.client import S3Client, translated
 from storage.backends.s3.leases import Leases
 from storage.backends.s3.records import S3Records
-from storage.errors import BlobUnknown, StoreUnavailable
+from storage.errors import BlobUnknown, StoreObjectUnknown, StoreUnavailable
 from storage.oci.digest import Digest
 
 log = logging.getLogger("regcache.s3")
@@ -65,87 +62,6 @@ PARALLEL_PARTS = 4
 # mid-fill (a live fill is bounded by storage.fill_timeout): aborted at start.
 ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
 SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
-NOT_FOUND = ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
-
-
-def not_found(exc: ClientError) -> bool:
-    return str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND
-
-
-def error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _credentials(settings: S3Settings) -> dict[str, str]:
-    """Config, then ``credentials_file``, then botocore's own chain (AWS_ACCESS_KEY_ID, ...)."""
-    if settings.access_key and settings.secret_key is not None:
-        return {
-            "aws_access_key_id": settings.access_key,
-            "aws_secret_access_key": settings.secret_key.get_secret_value(),
-        }
-    if settings.credentials_file is not None:
-        # The AWS shared-credentials format: [default] aws_access_key_id = ... (a mounted Secret works too).
-        parser = configparser.ConfigParser()
-        try:
-            parser.read_string(settings.credentials_file.read_text())
-        except (OSError, configparser.Error) as exc:
-            raise StoreUnavailable(f"storage.s3.credentials_file: cannot read: {exc}") from None
-        section = parser["default"] if parser.has_section("default") else next(iter(parser.values()))
-        key, secret = section.get("aws_access_key_id"), section.get("aws_secret_access_key")
-        if not key or not secret:
-            raise StoreUnavailable("storage.s3.credentials_file: needs aws_access_key_id and aws_secret_access_key")
-        return {"aws_access_key_id": key, "aws_secret_access_key": secret}
-    return {}
-
-
-class S3Client:
-    """One aiobotocore client plus the bucket and key prefix every call uses."""
-
-    def __init__(self, settings: S3Settings) -> None:
-        self.settings = settings
-        self.bucket = settings.bucket
-        self.prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
-        self._stack = contextlib.AsyncExitStack()
-        self.api: Any = None
-
-    async def open(self) -> None:
-        s = self.settings
-        config = AioConfig(
-            s3={"addressing_style": "path" if s.path_style else "auto"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=64,
-            connect_timeout=10,
-            read_timeout=60,
-            # Trailing CRC checksums (aws-chunked bodies) are not understood by every
-            # S3-compatible store; bytes are verified against their digest anyway.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        verify: bool | str | None = None
-        if s.insecure:
-            verify = False
-        elif s.ca_bundle is not None:
-            verify = str(s.ca_bundle)
-        self.api = await self._stack.enter_async_context(
-            get_session().create_client(
-                "s3", endpoint_url=s.endpoint, region_name=s.region, config=config, verify=verify, **_credentials(s)
-            )
-        )
-
-    async def close(self) -> None:
-        await self._stack.aclose()
-
-    def key(self, relative: str) -> str:
-        return self.prefix + relative
-
-    def relative(self, key: str) -> str:
-        return key[len(self.prefix) :]
-
-    async def list(self, relative_prefix: str) -> AsyncIterator[dict[str, Any]]:
-        paginator = self.api.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(relative_prefix)):
-            for item in page.get("Contents", []):
-                yield item
 
 
 class S3Upload(Upload):
@@ -184,9 +100,10 @@ class S3Upload(Upload):
         if self._upload_id is None:
             self._upload_id = self._loop.create_future()
             try:
-                created = await self._client.api.create_multipart_upload(
-                    Bucket=self._client.bucket, Key=self._key, ContentType="application/octet-stream"
-                )
+                with translated(self._key):
+                    created = await self._client.api.create_multipart_upload(
+                        Bucket=self._client.bucket, Key=self._key, ContentType="application/octet-stream"
+                    )
             except BaseException as exc:
                 self._upload_id.set_exception(exc)
                 raise
@@ -199,33 +116,36 @@ class S3Upload(Upload):
             data = await asyncio.to_thread(os.pread, self._read_fd, length, offset)
             if len(data) != length:
                 raise OSError(f"spool file shorter than {offset + length} bytes")
-            sent = await self._client.api.upload_part(
-                Bucket=self._client.bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data
-            )
+            with translated(self._key):
+                sent = await self._client.api.upload_part(
+                    Bucket=self._client.bucket, Key=self._key, UploadId=upload_id, PartNumber=number, Body=data
+                )
         return {"PartNumber": number, "ETag": sent["ETag"]}
 
     async def commit(self) -> None:
+        await asyncio.to_thread(self._file.flush)
         try:
-            await asyncio.to_thread(self._file.flush)
             if not self._parts:
                 # Smaller than one part: one PUT of the verified bytes.
                 data = await asyncio.to_thread(os.pread, self._read_fd, self._written, 0)
-                await self._client.api.put_object(
-                    Bucket=self._client.bucket, Key=self._key, Body=data, ContentType="application/octet-stream"
-                )
+                with translated(self._key):
+                    await self._client.api.put_object(
+                        Bucket=self._client.bucket, Key=self._key, Body=data, ContentType="application/octet-stream"
+                    )
             else:
                 if self._written > self._submitted:
                     self._submit(self._written - self._submitted)
                 parts = [await asyncio.wrap_future(part) for part in self._parts]
                 assert self._upload_id is not None
-                await self._client.api.complete_multipart_upload(
-                    Bucket=self._client.bucket,
-                    Key=self._key,
-                    UploadId=await self._upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreUnavailable(f"object store refused {self._key}: {exc}") from exc
+                with translated(self._key):
+                    await self._client.api.complete_multipart_upload(
+                        Bucket=self._client.bucket,
+                        Key=self._key,
+                        UploadId=await self._upload_id,
+                        MultipartUpload={"Parts": parts},
+                    )
+        except StoreObjectUnknown as exc:  # NoSuchUpload: aborted under us as abandoned
+            raise StoreUnavailable(f"object store lost the upload of {self._key}") from exc
         self._close_spool()
 
     async def abort(self) -> None:
@@ -274,8 +194,8 @@ class S3Backend(BlobBackend):
         self.part_slots = asyncio.Semaphore(PARALLEL_PARTS)
         await self.client.open()
         try:
-            await self.client.api.head_bucket(Bucket=self.client.bucket)
-        except (ClientError, BotoCoreError) as exc:
+            await self.client.head_bucket()
+        except StoreUnavailable as exc:
             await self.client.close()
             raise StoreUnavailable(f"bucket {self.client.bucket!r} at {self.settings.endpoint}: {exc}") from exc
         await self._abort_abandoned_uploads()
@@ -283,15 +203,18 @@ class S3Backend(BlobBackend):
     async def _abort_abandoned_uploads(self) -> None:
         cutoff = datetime.datetime.now(datetime.UTC) - ABANDONED_UPLOAD_AGE
         try:
-            listed = await self.client.api.list_multipart_uploads(
-                Bucket=self.client.bucket, Prefix=self.client.key(paths.BLOBS + "/")
-            )
+            with translated("multipart uploads"):
+                listed = await self.client.api.list_multipart_uploads(
+                    Bucket=self.client.bucket, Prefix=self.client.key(paths.BLOBS + "/")
+                )
             for upload in listed.get("Uploads", []):
                 if upload["Initiated"] < cutoff:
-                    await self.client.api.abort_multipart_upload(
-                        Bucket=self.client.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-        except (ClientError, BotoCoreError) as exc:
+                    # Another replica starting at the same time may have aborted it first.
+                    with contextlib.suppress(StoreObjectUnknown), translated(upload["Key"]):
+                        await self.client.api.abort_multipart_upload(
+                            Bucket=self.client.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+        except StoreUnavailable as exc:
             log.warning("could not clean up abandoned multipart uploads: %s", exc)
 
     async def close(self) -> None:
@@ -303,14 +226,12 @@ class S3Backend(BlobBackend):
         return None if found is None else found[0]
 
     async def stat_with_time(self, digest: Digest) -> tuple[int, float] | None:
+        key = self._key(digest)
         try:
-            head = await self.client.api.head_object(Bucket=self.client.bucket, Key=self._key(digest))
-        except ClientError as exc:
-            if not_found(exc):
-                return None
-            raise StoreUnavailable(f"object store: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"object store: {exc}") from exc
+            with translated(key):
+                head = await self.client.api.head_object(Bucket=self.client.bucket, Key=key)
+        except StoreObjectUnknown:
+            return None
         return int(head["ContentLength"]), head["LastModified"].timestamp()
 
     async def begin(self, digest: Digest) -> Upload:
@@ -319,7 +240,9 @@ class S3Backend(BlobBackend):
     async def delete(self, digest: Digest) -> bool:
         if await self.stat(digest) is None:
             return False
-        await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(digest))
+        key = self._key(digest)
+        with translated(key):
+            await self.client.api.delete_object(Bucket=self.client.bucket, Key=key)
         return True
 
     async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
@@ -329,16 +252,17 @@ class S3Backend(BlobBackend):
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             extra["Range"] = f"bytes={offset}-{end}"
+        key = self._key(digest)
         try:
-            got = await self.client.api.get_object(Bucket=self.client.bucket, Key=self._key(digest), **extra)
-        except ClientError as exc:
-            if not_found(exc):
-                raise BlobUnknown(f"blob {digest} is not in the store") from None
-            raise StoreUnavailable(f"object store: {exc}") from exc
+            with translated(key):
+                got = await self.client.api.get_object(Bucket=self.client.bucket, Key=key, **extra)
+        except StoreObjectUnknown:
+            raise BlobUnknown(f"blob {digest} is not in the store") from None
         body = got["Body"]
         try:
-            while chunk := await body.read(READ_CHUNK):
-                yield chunk
+            with translated(key):
+                while chunk := await body.read(READ_CHUNK):
+                    yield chunk
         finally:
             body.close()
 
@@ -359,17 +283,19 @@ class S3Backend(BlobBackend):
     async def redirect_url(self, digest: Digest) -> str | None:
         if not self.settings.redirect:
             return None
-        url: str = await self.client.api.generate_presigned_url(
-            "get_object",
-            Params={"Bucket": self.client.bucket, "Key": self._key(digest)},
-            ExpiresIn=max(1, int(self.settings.redirect_ttl)),
-        )
+        key = self._key(digest)
+        with translated(key):
+            url: str = await self.client.api.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.client.bucket, "Key": key},
+                ExpiresIn=max(1, int(self.settings.redirect_ttl)),
+            )
         return url
 
     async def writable(self) -> bool:
         try:
-            await self.client.api.head_bucket(Bucket=self.client.bucket)
-        except (ClientError, BotoCoreError):
+            await self.client.head_bucket()
+        except StoreUnavailable:
             return False
         return True
 
@@ -386,15 +312,12 @@ class S3Backend(BlobBackend):
 
     async def now(self) -> float:
         """The store's clock, from its Date header: LastModified times are on it, not on ours."""
-        try:
-            head = await self.client.api.head_bucket(Bucket=self.client.bucket)
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreUnavailable(f"object store: {exc}") from exc
+        head = await self.client.head_bucket()
         date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         return email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
 
     @property
-    def shared(self) -> SharedIndex | None:
+    def shared(self) -> ReplicaIndex | None:
         return self.records
 
     def _key(self, digest: Digest) -> str:

@@ -27,27 +27,16 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-from botocore.exceptions import BotoCoreError, ClientError
+from typing import Any
 
 from storage.backends.base import FillLease
-
-if TYPE_CHECKING:
-    from storage.backends.s3.backend import S3Client
+from storage.backends.s3.client import S3Client, read_body, translated
+from storage.errors import StoreObjectExists, StoreObjectUnknown, StoreRejected, StoreUnavailable
 
 log = logging.getLogger("regcache.s3.leases")
 
 LEASES = "leases/"
 OWNER = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-
-
-async def read_body(got: dict[str, Any]) -> bytes:
-    body = got["Body"]
-    try:
-        return bytes(await body.read())
-    finally:
-        body.close()
 
 
 class S3Lease(FillLease):
@@ -63,7 +52,7 @@ class S3Lease(FillLease):
             await asyncio.sleep(max(0.05, self._leases.ttl / 3))
             try:
                 await self._leases._put(self.name, self.token, conditional=False)
-            except (ClientError, BotoCoreError) as exc:
+            except StoreUnavailable as exc:
                 log.warning("renewing lease %s failed: %s", self.name, exc)
 
     async def release(self) -> None:
@@ -91,9 +80,11 @@ class Leases:
     async def _put(self, name: str, token: str, conditional: bool) -> None:
         body = json.dumps({"owner": OWNER, "token": token, "ttl": self.ttl}).encode()
         extra = {"IfNoneMatch": "*"} if conditional else {}
-        await self.client.api.put_object(
-            Bucket=self.client.bucket, Key=self._key(name), Body=body, ContentType="application/json", **extra
-        )
+        key = self._key(name)
+        with translated(key):
+            await self.client.api.put_object(
+                Bucket=self.client.bucket, Key=key, Body=body, ContentType="application/json", **extra
+            )
 
     async def acquire(self, name: str) -> S3Lease | FillLease | None:
         """A lease on ``name``; None while another live replica holds it."""
@@ -103,22 +94,19 @@ class Leases:
         for _ in range(2):
             try:
                 await self._put(name, token, conditional=True)
-            except ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status == 412:
-                    holder = await self._holder(name)
-                    if holder is not None and not holder["expired"]:
-                        return None
-                    # Released a moment ago, or its holder died: take it over.
-                    if holder is not None:
-                        log.info("taking over expired lease %s of %s", name, holder.get("owner"))
-                        await self._delete(name)
-                    continue
-                if status in (400, 501):
-                    log.warning("object store rejects conditional PUT (%s): leases are per replica", status)
-                    self._conditional = False
-                    return FillLease()
-                raise
+            except StoreObjectExists:
+                holder = await self._holder(name)
+                if holder is not None and not holder["expired"]:
+                    return None
+                # Released a moment ago, or its holder died: take it over.
+                if holder is not None:
+                    log.info("taking over expired lease %s of %s", name, holder.get("owner"))
+                    await self._delete(name)
+                continue
+            except StoreRejected as exc:
+                log.warning("object store rejects conditional PUT (%s): leases are per replica", exc)
+                self._conditional = False
+                return FillLease()
             lease = S3Lease(self, name, token)
             self._held.add(lease)
             return lease
@@ -126,13 +114,13 @@ class Leases:
 
     async def _holder(self, name: str) -> dict[str, Any] | None:
         """The lease object's content plus ``expired``; None when there is none."""
+        key = self._key(name)
         try:
-            got = await self.client.api.get_object(Bucket=self.client.bucket, Key=self._key(name))
-            raw = await read_body(got)
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
+            with translated(key):
+                got = await self.client.api.get_object(Bucket=self.client.bucket, Key=key)
+            raw = await read_body(got, key)
+        except StoreObjectUnknown:
+            return None
         try:
             holder = json.loads(raw)
             ttl = float(holder.get("ttl", self.ttl))
@@ -145,13 +133,14 @@ class Leases:
         return holder
 
     async def _delete(self, name: str) -> None:
-        with contextlib.suppress(ClientError):
-            await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(name))
+        key = self._key(name)
+        with contextlib.suppress(StoreObjectUnknown, StoreUnavailable), translated(key):
+            await self.client.api.delete_object(Bucket=self.client.bucket, Key=key)
 
     async def _delete_if_ours(self, name: str, token: str) -> None:
         try:
             holder = await self._holder(name)
-        except (ClientError, BotoCoreError):
+        except StoreUnavailable:
             return  # it expires on its own
         if holder is not None and holder.get("token") == token:
             await self._delete(name)

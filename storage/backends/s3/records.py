@@ -14,7 +14,7 @@ Consistency: a record is one object, so every read sees a whole record. A
 replica that already has a tag in SQLite serves it until its tag TTL runs out
 and then revalidates, as it would alone; an ``rmi`` on one replica deletes the
 records at once, and other replicas drop their local rows when they next find
-the records gone (``storage.shared_sync``, before ``images``, ``rmi`` and every
+the records gone (``storage.replicas.sync``, before ``images``, ``rmi`` and every
 lifecycle pass). To tell "removed by another replica" from "not published yet"
 each process remembers which records it has seen in the bucket (written or
 listed); tag records are re-read only when their ETag changed.
@@ -24,22 +24,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
-from botocore.exceptions import ClientError
-
-from storage.backends.base import SharedIndex
-from storage.backends.s3.leases import read_body
-
-if TYPE_CHECKING:
-    from storage.backends.s3.backend import S3Client
+from storage.backends.base import ReplicaIndex
+from storage.backends.s3.client import S3Client, read_body, translated
+from storage.errors import StoreObjectUnknown
 
 ROOT = "repositories/"
 TAGS = "/_tags/"
 IMAGES = "/_images/"
 
 
-class S3Records(SharedIndex):
+class S3Records(ReplicaIndex):
     def __init__(self, client: S3Client) -> None:
         self.client = client
         self._seen: set[tuple[str, str, str]] = set()  # (upstream, repository, digest or tag)
@@ -52,19 +47,19 @@ class S3Records(SharedIndex):
         return self.client.key(f"{ROOT}{upstream}/{repository}{kind}{name}")
 
     async def _put(self, key: str, record: dict[str, object]) -> None:
-        await self.client.api.put_object(
-            Bucket=self.client.bucket, Key=key, Body=json.dumps(record).encode(), ContentType="application/json"
-        )
+        with translated(key):
+            await self.client.api.put_object(
+                Bucket=self.client.bucket, Key=key, Body=json.dumps(record).encode(), ContentType="application/json"
+            )
 
     async def _get(self, key: str) -> dict[str, object] | None:
         try:
-            got = await self.client.api.get_object(Bucket=self.client.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return None
-            raise
+            with translated(key):
+                got = await self.client.api.get_object(Bucket=self.client.bucket, Key=key)
+        except StoreObjectUnknown:
+            return None
         try:
-            record = json.loads(await read_body(got))
+            record = json.loads(await read_body(got, key))
         except ValueError:
             return None
         return record if isinstance(record, dict) else None
@@ -89,17 +84,20 @@ class S3Records(SharedIndex):
         checked = record.get("checked_at")
         return str(record["digest"]), float(checked) if isinstance(checked, int | float) else 0.0
 
+    async def _delete(self, key: str) -> None:
+        with translated(key):
+            await self.client.api.delete_object(Bucket=self.client.bucket, Key=key)
+
     async def delete_image(self, upstream: str, repository: str, digest: str) -> None:
-        api, bucket = self.client.api, self.client.bucket
         tags_prefix = f"{ROOT}{upstream}/{repository}{TAGS}"
         async for item in self.client.list(tags_prefix):
             record = await self._get(item["Key"])
             if record is not None and record.get("digest") == digest:
-                await api.delete_object(Bucket=bucket, Key=item["Key"])
-        await api.delete_object(Bucket=bucket, Key=self._key(upstream, repository, IMAGES, digest))
+                await self._delete(item["Key"])
+        await self._delete(self._key(upstream, repository, IMAGES, digest))
 
     async def delete_tag(self, upstream: str, repository: str, tag: str) -> None:
-        await self.client.api.delete_object(Bucket=self.client.bucket, Key=self._key(upstream, repository, TAGS, tag))
+        await self._delete(self._key(upstream, repository, TAGS, tag))
 
     def _split(self, key: str, kind: str) -> tuple[str, str, str] | None:
         """(upstream, repository, name) of a record key of ``kind``."""

@@ -1,0 +1,166 @@
+"""The bucket's one client, and the one place botocore's errors become regcache's.
+
+Every call the S3 backend, its leases and its records make goes through
+``S3Client.api`` inside ``translated(...)``, so nothing above this package sees
+a botocore or aiohttp exception: a missing key is ``StoreObjectUnknown``, a
+lost conditional write ``StoreObjectExists``, a request the store does not
+support ``StoreRejected``, and anything else (refused credentials, a missing
+bucket, 5xx, a connection that fails or times out) ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from config.settings import S3Settings
+from storage.errors import (
+    RegcacheError,
+    StoreObjectExists,
+    StoreObjectUnknown,
+    StoreRejected,
+    StoreUnavailable,
+)
+
+# What the client and the bodies it streams raise (botocore wraps most of aiohttp's, not all).
+FAILURES: tuple[type[BaseException], ...] = (ClientError, BotoCoreError, aiohttp.ClientError)
+# HEAD answers carry no error body, hence the bare status code among the names.
+NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
+
+
+def translate(exc: BaseException, what: str) -> RegcacheError:
+    """The regcache error for a failed store call on ``what`` (a key, or the bucket)."""
+    if not isinstance(exc, ClientError):
+        return StoreUnavailable(f"object store unreachable for {what}: {exc}")
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "NoSuchBucket":  # the whole store is unusable, not one key missing
+        return StoreUnavailable(f"object store has no bucket for {what}: {exc}")
+    if status == 404 or code in NOT_FOUND:
+        return StoreObjectUnknown(f"no object {what}")
+    if status == 412 or code == "PreconditionFailed":
+        return StoreObjectExists(f"object {what} exists")
+    if status in (400, 501) or code == "NotImplemented":
+        return StoreRejected(f"object store rejected the request for {what}: {exc}")
+    return StoreUnavailable(f"object store refused {what}: {exc}")
+
+
+class translated:
+    """``with translated(key): await client.api...`` raises regcache's error instead of botocore's.
+
+    A class, not a generator: it wraps the blob read and stat paths, so it costs no more than a try.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None and isinstance(exc, FAILURES):
+            raise translate(exc, self.what) from exc
+
+
+def _credentials(settings: S3Settings) -> dict[str, str]:
+    """Config, then ``credentials_file``, then botocore's own chain (AWS_ACCESS_KEY_ID, ...)."""
+    if settings.access_key and settings.secret_key is not None:
+        return {
+            "aws_access_key_id": settings.access_key,
+            "aws_secret_access_key": settings.secret_key.get_secret_value(),
+        }
+    if settings.credentials_file is not None:
+        # The AWS shared-credentials format: [default] aws_access_key_id = ... (a mounted Secret works too).
+        parser = configparser.ConfigParser()
+        try:
+            parser.read_string(settings.credentials_file.read_text())
+        except (OSError, configparser.Error) as exc:
+            raise StoreUnavailable(f"storage.s3.credentials_file: cannot read: {exc}") from None
+        section = parser["default"] if parser.has_section("default") else next(iter(parser.values()))
+        key, secret = section.get("aws_access_key_id"), section.get("aws_secret_access_key")
+        if not key or not secret:
+            raise StoreUnavailable("storage.s3.credentials_file: needs aws_access_key_id and aws_secret_access_key")
+        return {"aws_access_key_id": key, "aws_secret_access_key": secret}
+    return {}
+
+
+async def read_body(got: dict[str, Any], what: str) -> bytes:
+    """The whole body of a small object (a lease, a record) from a ``get_object`` answer."""
+    body = got["Body"]
+    try:
+        with translated(what):
+            return bytes(await body.read())
+    finally:
+        body.close()
+
+
+class S3Client:
+    """One aiobotocore client plus the bucket and key prefix every call uses."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
+        self._stack = contextlib.AsyncExitStack()
+        self.api: Any = None
+
+    async def open(self) -> None:
+        s = self.settings
+        config = AioConfig(
+            s3={"addressing_style": "path" if s.path_style else "auto"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=64,
+            connect_timeout=10,
+            read_timeout=60,
+            # Trailing CRC checksums (aws-chunked bodies) are not understood by every
+            # S3-compatible store; bytes are verified against their digest anyway.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: bool | str | None = None
+        if s.insecure:
+            verify = False
+        elif s.ca_bundle is not None:
+            verify = str(s.ca_bundle)
+        self.api = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", endpoint_url=s.endpoint, region_name=s.region, config=config, verify=verify, **_credentials(s)
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    def key(self, relative: str) -> str:
+        return self.prefix + relative
+
+    def relative(self, key: str) -> str:
+        return key[len(self.prefix) :]
+
+    async def head_bucket(self) -> dict[str, Any]:
+        """The bucket's HEAD answer (its Date is the store's clock); a missing bucket is an unusable store."""
+        try:
+            with translated(f"bucket {self.bucket!r}"):
+                answer: dict[str, Any] = await self.api.head_bucket(Bucket=self.bucket)
+        except StoreObjectUnknown as exc:
+            raise StoreUnavailable(f"object store has no bucket {self.bucket!r}") from exc
+        return answer
+
+    async def list(self, relative_prefix: str) -> AsyncIterator[dict[str, Any]]:
+        paginator = self.api.get_paginator("list_objects_v2")
+        with translated(f"listing {relative_prefix}"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(relative_prefix)):
+                for item in page.get("Contents", []):
+                    yield item
