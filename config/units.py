@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
 _SIZE_FACTORS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
@@ -12,7 +12,7 @@ _SIZE_FACTORS = {
     "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
     "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4,
     "p": 1000**5, "pb": 1000**5, "pi": 1024**5, "pib": 1024**5,
-}  # fmt: skip
+}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -23,7 +23,7 @@ def parse_size(value: object) -> int:
         raise ValueError("expected a size such as 200GiB")
     if isinstance(value, int | float):
         return int(value)
-    match = _SIZE.match(str(value))
+    match = _SIZE.fullmatch(str(value))
     if not match:
         raise ValueError(f"expected a size such as 200GiB, got {value!r}")
     number, unit = match.groups()

@@ -46,7 +46,7 @@ def created_epoch(created: str | None) -> float | None:
     if not created:
         return None
     text = created.strip().replace("Z", "+00:00").replace("z", "+00:00")
-    match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", text)
+    match = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)", text)
     if match:  # Python parses at most microseconds
         frac = (match.group(2) or "")[:7]
         text = match.group(1) + frac + match.group(3)

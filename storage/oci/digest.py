@@ -14,7 +14,7 @@ from storage.errors import DigestInvalid
 
 # Lengths of the hex encoding per algorithm we can verify.
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
-_HEX = re.compile(r"^[a-f0-9]+$")
+_HEX = re.compile(r"[a-f0-9]+")  # fullmatch: "$" would let a trailing newline through
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Digest:
         length = _HEX_LENGTHS.get(algorithm)
         if not sep or length is None:
             raise DigestInvalid(f"unsupported digest: {text[:100]!r}")
-        if len(encoded) != length or not _HEX.match(encoded):
+        if len(encoded) != length or not _HEX.fullmatch(encoded):
             raise DigestInvalid(f"malformed digest: {text[:100]!r}")
         return cls(algorithm, encoded)
 

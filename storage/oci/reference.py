@@ -11,26 +11,37 @@ from storage.oci.digest import Digest
 # From the distribution spec: path components separated by "/", each
 # [a-z0-9]+ joined by ".", "_", "__" or one or more "-".
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Always fullmatch: with match and "$", a trailing newline would pass.
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# A registry host as distribution's reference grammar has it (DNS labels or an
+# IPv6 literal in brackets), with an optional port.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REGISTRY = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
 # distribution caps the whole name at 255 characters.
 MAX_NAME_LENGTH = 255
 
 
 def validate_name(name: str) -> str:
-    if not name or len(name) > MAX_NAME_LENGTH or not _NAME.match(name):
+    if not name or len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
         raise NameInvalid(f"invalid repository name: {name[:300]!r}")
     return name
 
 
 def validate_tag(tag: str) -> str:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise TagInvalid(f"invalid tag: {tag[:200]!r}")
     return tag
 
 
+def validate_registry(host: str) -> str:
+    if not _REGISTRY.fullmatch(host):
+        raise NameInvalid(f"invalid registry name: {host[:300]!r}")
+    return host
+
+
 def is_tag(text: str) -> bool:
-    return bool(_TAG.match(text))
+    return bool(_TAG.fullmatch(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +89,7 @@ class ImageReference:
         registry = None
         first, sep, remainder = rest.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost"):
-            registry, rest = first, remainder
+            registry, rest = validate_registry(first), remainder
         return cls(registry, validate_name(rest), tag, digest)
 
     def __str__(self) -> str:
