@@ -168,8 +168,8 @@ class TokenCache:
             # still retrieved so asyncio does not log it as lost.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         # shield: one caller giving up must not cancel the fetch others wait on.
-        token, _ = await asyncio.shield(task)
-        return token
+        fetched, _ = await asyncio.shield(task)
+        return fetched
 
     async def _fill(self, key: TokenKey, fetch: Callable[[], Awaitable[tuple[str, float]]]) -> tuple[str, float]:
         try:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -373,10 +373,14 @@ class UpstreamClient:
         self.rate_limit = RateLimit(leading_int(limit), leading_int(remaining), window(limit), time.time())
         self._observer.rate_limit(self.name, self.rate_limit.limit, self.rate_limit.remaining)
         if self.rate_limit.remaining == 0 and (previous is None or previous.remaining != 0):
-            log.warning("upstream %s: rate limit exhausted (limit %s per %ss); cached tags are served stale",
-                        self.name, self.rate_limit.limit, self.rate_limit.window)  # fmt: skip
+            log.warning(
+                "upstream %s: rate limit exhausted (limit %s per %ss); cached tags are served stale",
+                self.name,
+                self.rate_limit.limit,
+                self.rate_limit.window,
+            )
 
-    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         try:
             # Each piece as it arrived: no joining or re-slicing copies.
             async for chunk, _ in resp.content.iter_chunks():
