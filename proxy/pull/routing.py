@@ -4,6 +4,10 @@ In order: containerd's ``?ns=<registry>``; a first path component naming a
 configured registry (``/v2/ghcr.io/org/app/...``, also what a hosts.toml host
 with a path produces); otherwise the default upstream. Docker Hub's official
 images are ``library/<name>``; a bare ``<name>`` means the same.
+
+Registry names are host names, so they match whatever their case
+(``?ns=DOCKER.IO``); repository names stay case-sensitive, and the spec's
+grammar allows only lower case in them.
 """
 
 from __future__ import annotations
@@ -35,20 +39,25 @@ class Router:
         self._by_name: dict[str, UpstreamSettings] = {}
         for upstream in upstreams:
             for name in upstream.names:
-                self._by_name[name] = upstream
+                self._by_name[name.lower()] = upstream
+
+    def _lookup(self, name: str) -> UpstreamSettings | None:
+        # ASCII only: str.lower() folds some non-ASCII letters into ASCII ones (K, the Kelvin sign, to k).
+        return self._by_name.get(name.lower()) if name.isascii() else None
 
     def upstream(self, name: str) -> UpstreamSettings:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise RegistryUnknown(f"registry {name[:100]!r} is not configured on this mirror") from None
+        found = self._lookup(name)
+        if found is None:
+            raise RegistryUnknown(f"registry {name[:100]!r} is not configured on this mirror")
+        return found
 
     def resolve(self, name: str, ns: str | None = None) -> Route:
         if ns:
             return self._route(self.upstream(ns), name)
         first, sep, rest = name.partition("/")
-        if sep and first in self._by_name:
-            return self._route(self._by_name[first], rest)
+        registry = self._lookup(first) if sep else None
+        if registry is not None:
+            return self._route(registry, rest)
         if sep and _looks_like_registry(first) and self.default.is_docker_hub:
             # Docker Hub has no namespaces with dots; this names a registry we lack.
             raise RegistryUnknown(f"registry {first[:100]!r} is not configured on this mirror")
@@ -63,6 +72,6 @@ class Router:
 
     def client_name(self, upstream_name: str, repository: str) -> str:
         """How a repository is named to clients that do not send ``ns`` (the catalog)."""
-        if self._by_name.get(upstream_name) is self.default:
+        if self._lookup(upstream_name) is self.default:
             return repository
         return f"{upstream_name}/{repository}"
