@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -114,8 +114,9 @@ class Metrics(Events):
         self.fetched_bytes = counter(
             "regcache_upstream_fetched_bytes", "Verified bytes fetched from upstreams", ["upstream", "type"]
         )
-        self.stale_served = counter("regcache_stale_served", "Stale content served because the upstream failed",
-                             ["upstream", "reason"])  # fmt: skip
+        self.stale_served = counter(
+            "regcache_stale_served", "Stale content served because the upstream failed", ["upstream", "reason"]
+        )
         self.digest_mismatches = counter(
             "regcache_digest_mismatches", "Upstream content that failed verification", ["upstream", "type"]
         )
@@ -123,8 +124,13 @@ class Metrics(Events):
             "regcache_prefetched_blobs", "Blob fills begun before any client asked (proxy.prefetch)", ["upstream"]
         )
         self.store_full_total = counter("regcache_store_full", "Writes that failed for lack of space", [])
-        self.fills = Gauge("regcache_fills_in_flight", "Blob fills from upstreams in progress", ["upstream"],
-                           registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.fills = Gauge(
+            "regcache_fills_in_flight",
+            "Blob fills from upstreams in progress",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.upstream_seconds = Histogram(
             "regcache_upstream_request_duration_seconds",
             "Upstream requests (with their retries) by operation and outcome",
@@ -133,28 +139,48 @@ class Metrics(Events):
             registry=r,
         )
         self.upstream_errors = counter(
-            "regcache_upstream_errors", "Upstream failures by kind (timeout, connect, 5xx, 429, auth, ...)",
+            "regcache_upstream_errors",
+            "Upstream failures by kind (timeout, connect, 5xx, 429, auth, ...)",
             ["upstream", "kind"],
-        )  # fmt: skip
+        )
         self.ratelimit_remaining = Gauge(
-            "regcache_upstream_ratelimit_remaining", "RateLimit-Remaining the upstream last reported",
-            ["upstream"], registry=r, multiprocess_mode="mostrecent",
-        )  # fmt: skip
+            "regcache_upstream_ratelimit_remaining",
+            "RateLimit-Remaining the upstream last reported",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.ratelimit_limit = Gauge(
-            "regcache_upstream_ratelimit_limit", "RateLimit-Limit the upstream last reported",
-            ["upstream"], registry=r, multiprocess_mode="mostrecent",
-        )  # fmt: skip
+            "regcache_upstream_ratelimit_limit",
+            "RateLimit-Limit the upstream last reported",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.gc_runs = counter("regcache_gc_runs", "Garbage collection passes", ["trigger"])
-        self.gc_seconds = Histogram("regcache_gc_duration_seconds", "Garbage collection pass duration", ["trigger"],
-                                    buckets=HTTP_BUCKETS, registry=r)  # fmt: skip
+        self.gc_seconds = Histogram(
+            "regcache_gc_duration_seconds",
+            "Garbage collection pass duration",
+            ["trigger"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
         self.evicted_blobs = counter("regcache_evicted_blobs", "Blobs removed from the store", ["reason"])
         self.evicted_bytes = counter("regcache_evicted_bytes", "Bytes removed from the store", ["reason"])
         self.http_seconds = Histogram(
-            "regcache_http_request_duration_seconds", "Client requests, until the last byte was sent",
-            ["route", "method", "status"], buckets=HTTP_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.sqlite_seconds = Histogram("regcache_sqlite_operation_duration_seconds", "SQLite reads and writes",
-                                        ["operation"], buckets=SQLITE_BUCKETS, registry=r)  # fmt: skip
+            "regcache_http_request_duration_seconds",
+            "Client requests, until the last byte was sent",
+            ["route", "method", "status"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.sqlite_seconds = Histogram(
+            "regcache_sqlite_operation_duration_seconds",
+            "SQLite reads and writes",
+            ["operation"],
+            buckets=SQLITE_BUCKETS,
+            registry=r,
+        )
 
     # -- Events -------------------------------------------------------------
 
@@ -280,7 +306,9 @@ def metrics_app(main: web.Application) -> web.Application:
     return app
 
 
-async def refresh_store_totals(metrics: Metrics, totals, interval: float) -> None:  # type: ignore[no-untyped-def]
+async def refresh_store_totals(
+    metrics: Metrics, totals: Callable[[], Awaitable[StoreTotals]], interval: float
+) -> None:
     """Keep ``metrics.store`` current: ``totals`` is an async callable returning ``StoreTotals``."""
     while True:
         try:
