@@ -122,7 +122,7 @@ class Leases:
         except StoreObjectUnknown:
             return None
         try:
-            holder = json.loads(raw)
+            holder: dict[str, Any] = json.loads(raw)
             ttl = float(holder.get("ttl", self.ttl))
         except (ValueError, AttributeError, TypeError):
             holder, ttl = {}, self.ttl
