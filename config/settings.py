@@ -24,6 +24,8 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Docker Hub's registry sends clients to this token service for credentials.
+DOCKER_HUB_TOKEN_REALM = "auth.docker.io"
 # Names docker users give Docker Hub; all route to the same upstream.
 DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
@@ -77,7 +79,11 @@ class UpstreamSettings(_Model):
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
     retries: int = Field(default=3, ge=0, le=10)
-    token_realms: list[str] = Field(default_factory=list, description="extra hosts allowed as token realm")
+    token_realms: list[str] = Field(
+        default_factory=list,
+        description="other hosts (or URLs) that may receive the credentials as token realm; "
+        "auth.docker.io is implied for Docker Hub's registry",
+    )
     search_url: str | None = None
 
     @model_validator(mode="after")
@@ -99,6 +105,13 @@ class UpstreamSettings(_Model):
         if self.name in DOCKER_HUB_ALIASES:
             names += DOCKER_HUB_ALIASES
         return tuple(dict.fromkeys(names))
+
+    @property
+    def trusted_realms(self) -> list[str]:
+        """Hosts besides the upstream's own that may receive its credentials as a token realm."""
+        if urlsplit(self.url).hostname == urlsplit(DOCKER_HUB_URL).hostname:
+            return [*self.token_realms, DOCKER_HUB_TOKEN_REALM]
+        return list(self.token_realms)
 
     @property
     def is_docker_hub(self) -> bool:

@@ -226,11 +226,11 @@ def test_challenge_parsing_keeps_quoted_commas_and_separates_challenges() -> Non
 @pytest.mark.parametrize(
     ("realm", "upstream", "trusted", "allowed"),
     [
-        ("https://auth.docker.io/token", "https://registry-1.docker.io", (), True),
+        ("https://auth.docker.io/token", "https://registry-1.docker.io", ("auth.docker.io",), True),
         ("https://ghcr.io/token", "https://ghcr.io", (), True),
-        ("https://auth.evil.com/token", "https://registry-1.docker.io", (), False),
+        ("https://auth.evil.com/token", "https://registry-1.docker.io", ("auth.docker.io",), False),
         ("https://a.co.uk/token", "https://b.co.uk", (), False),
-        ("https://auth.example.co.uk/t", "https://registry.example.co.uk", (), True),
+        ("https://auth.example.co.uk/t", "https://registry.example.co.uk", (), False),
         ("https://127.0.0.2/token", "https://127.0.0.1", (), False),
         ("https://127.0.0.1:9000/token", "https://127.0.0.1:5000", (), True),
         ("http://auth.docker.io/token", "https://registry-1.docker.io", (), False),  # no downgrade
@@ -238,7 +238,7 @@ def test_challenge_parsing_keeps_quoted_commas_and_separates_challenges() -> Non
         ("https://login.corp.net/token", "https://registry.example.com", ("https://login.corp.net",), True),
     ],
 )
-def test_credentials_only_go_to_the_upstreams_domain_or_listed_realms(
+def test_credentials_only_go_to_the_upstreams_host_or_listed_realms(
     realm: str, upstream: str, trusted: tuple[str, ...], allowed: bool
 ) -> None:
     assert may_receive_credentials(URL(realm), URL(upstream), trusted) is allowed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import re
 import time
@@ -32,11 +31,6 @@ _PARAM = re.compile(rf"({_TOKEN})[ \t]*=[ \t]*({_TOKEN}|{_QUOTED})")
 _SCHEME = re.compile(_TOKEN)
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _UNESCAPE = re.compile(r"\\(.)")
-
-# Second-level labels under two-letter country TLDs that are public suffixes
-# themselves (example.co.uk). Without this, "last two labels" would treat every
-# *.co.uk host as one site and hand credentials to strangers.
-_SHARED_SLDS = frozenset({"ac", "co", "com", "edu", "gov", "ltd", "net", "ne", "or", "org", "plc", "go"})
 
 
 @dataclass(frozen=True)
@@ -78,23 +72,6 @@ def parse_challenges(header: str) -> list[Challenge]:
     return challenges
 
 
-def _is_ip_or_local(host: str) -> bool:
-    if "." not in host:  # localhost, bare names on a search domain
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _site(host: str) -> str:
-    labels = host.split(".")
-    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SHARED_SLDS:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
-
-
 def _host(url: URL) -> str:
     return (url.host or "").lower().rstrip(".")
 
@@ -115,20 +92,17 @@ def _listed(url: URL, trusted: Sequence[str]) -> bool:
 def may_receive_credentials(url: URL, upstream: URL, trusted: Sequence[str] = ()) -> bool:
     """May the upstream's credentials be sent to ``url`` (a token realm)?
 
-    Yes for the upstream's own host, a host on the same registrable domain
-    (registry-1.docker.io -> auth.docker.io), or a host the operator listed.
-    Never over plain http when the upstream itself is https.
+    Yes for the upstream's own host, or a host the operator listed
+    (``token_realms``; Docker Hub's registry lists auth.docker.io by default).
+    Not for other hosts of the same domain: on shared domains (one tenant per
+    subdomain) those are other tenants. Never over plain http when the upstream
+    itself is https.
     """
     if url.scheme not in ("http", "https") or not url.host:
         return False
     if url.scheme == "http" and upstream.scheme == "https":
         return False
-    host, upstream_host = _host(url), _host(upstream)
-    if host == upstream_host or _listed(url, trusted):
-        return True
-    if _is_ip_or_local(host) or _is_ip_or_local(upstream_host):
-        return False
-    return _site(host) == _site(upstream_host)
+    return _host(url) == _host(upstream) or _listed(url, trusted)
 
 
 TokenKey = tuple[str, str, str]  # (realm, service, scope)
@@ -259,12 +233,12 @@ class UpstreamAuth:
         authorization = None
         credentials = self._credentials()
         if credentials is not None:
-            if may_receive_credentials(url, self._base, self._settings.token_realms):
+            if may_receive_credentials(url, self._base, self._settings.trusted_realms):
                 authorization = _basic_header(*credentials)
             elif url.host not in self._warned:
                 self._warned.add(url.host or "")
                 log.warning(
-                    "upstream %s: token realm host %s is outside the upstream's domain; fetching tokens "
+                    "upstream %s: token realm host %s is not the upstream's host; fetching tokens "
                     "anonymously (list it in token_realms to trust it)",
                     self.name,
                     url.host,
