@@ -233,11 +233,20 @@ async def load(request: web.Request) -> web.Response:
         for image in result.images:
             for route, tag in load_targets(router, image, upstream, prefix):
                 last = len(image.manifests) - 1
-                manifests += [RecordedManifest(route, m.digest, m.size, m.parsed, tag if i == last else None)
-                              for i, m in enumerate(image.manifests)]  # fmt: skip
-                loaded.append({"name": shown_name(route, tag) if tag else None, "upstream": route.upstream_name,
-                               "repository": route.repository, "tag": tag, "digest": image.digest,
-                               "id": image.image_id})  # fmt: skip
+                manifests += [
+                    RecordedManifest(route, m.digest, m.size, m.parsed, tag if i == last else None)
+                    for i, m in enumerate(image.manifests)
+                ]
+                loaded.append(
+                    {
+                        "name": shown_name(route, tag) if tag else None,
+                        "upstream": route.upstream_name,
+                        "repository": route.repository,
+                        "tag": tag,
+                        "digest": image.digest,
+                        "id": image.image_id,
+                    }
+                )
         await pullthrough.store_changed(result.blobs, manifests)
     except BaseException as exc:
         await loader.remove(loader.written - await _known(metadata, loader.written))

@@ -84,8 +84,13 @@ class Puller:
             current += len(chunk)
             if progress_id and (current - last_sent >= 512 * 1024 or current == size):
                 last_sent = current
-                await self.emit({"status": "Downloading", "id": progress_id,
-                                 "progressDetail": {"current": current, "total": size or 0}})  # fmt: skip
+                await self.emit(
+                    {
+                        "status": "Downloading",
+                        "id": progress_id,
+                        "progressDetail": {"current": current, "total": size or 0},
+                    }
+                )
         # The bytes end once the digest is verified; the pull is done once the store has the blob.
         await answer.stored()
         if progress_id:

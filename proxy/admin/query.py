@@ -107,8 +107,9 @@ class Ref:
 
 
 def refs_of(image: CachedImage, router: Router) -> list[Ref]:
-    refs = [Ref(t.upstream, t.repository, familiar_name(router, t.upstream, t.repository), tag=t.tag)
-            for t in image.tags]  # fmt: skip
+    refs = [
+        Ref(t.upstream, t.repository, familiar_name(router, t.upstream, t.repository), tag=t.tag) for t in image.tags
+    ]
     refs += [Ref(u, r, familiar_name(router, u, r), digest=image.digest) for u, r in image.repositories]
     return sorted(refs, key=lambda r: str(r))
 

@@ -78,8 +78,15 @@ async def search(request: web.Request) -> web.Response:
     for upstream, repository in await request.config_dict[METADATA].catalog():
         name = familiar_name(router, upstream, repository)
         if lowered in name.lower():
-            results[name] = {"name": name, "description": "", "star_count": 0, "is_official": False,
-                             "is_automated": False, "cached": True, "upstream": upstream}  # fmt: skip
+            results[name] = {
+                "name": name,
+                "description": "",
+                "star_count": 0,
+                "is_official": False,
+                "is_automated": False,
+                "cached": True,
+                "upstream": upstream,
+            }
     warnings: list[str] = []
     upstreams = request.config_dict[UPSTREAMS]
     answers = await asyncio.gather(
