@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from config.settings import Settings
 from proxy.admin.guard import admin_token
@@ -28,7 +29,7 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def create_app(settings: Settings, events: Events | None = None) -> web.Application:
-    middlewares = [request_context, error_middleware]
+    middlewares: list[Middleware] = [request_context, error_middleware]
     client_auth = None
     if settings.auth is not None:
         from proxy.http.clientauth import ClientAuth, auth_middleware
