@@ -29,4 +29,5 @@ VENV="${REGCACHE_TEST_VENV:-.venv}"
 
 export PATH="$PWD/$VENV/bin:$PATH"
 "$VENV/bin/ruff" check .
+"$VENV/bin/mypy"
 exec "$VENV/bin/python" -m pytest "$@"
