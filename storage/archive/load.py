@@ -22,7 +22,9 @@ into the blob store through a verifying writer (their name is their digest);
 small metadata files stay in memory (bounded); anything else (``layer.tar``)
 is spooled to the data directory's ``tmp`` while being hashed, then copied
 into the store through a verifying writer once something references it.
-Links are aliases for other members and may not leave the archive. Nothing
+Links are aliases for other members and may not leave the archive. What is
+kept per member until the end is bounded while streaming: the number of
+members, the length of their names, and the metadata held in memory. Nothing
 reaches the metadata here: ``LoadResult`` lists what to record, and the caller
 commits it in one transaction, or calls ``remove`` to take out the blobs this
 load wrote.
@@ -61,7 +63,11 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
-MAX_MEMBERS = 100_000
+# What a load keeps per member (its name, digest and where its bytes are) lives
+# until the end of the archive, when the indexes can be read; these bound it.
+# A save of hundreds of images has a few thousand members, with short names.
+MAX_MEMBERS = 20_000
+MAX_MEMBER_NAME = 1024
 MAX_LINK_HOPS = 32
 
 
@@ -115,9 +121,20 @@ def _is_small(name: str) -> bool:
 
 
 class ArchiveLoader:
-    def __init__(self, store: BlobStore, tmp_dir: Path, *, max_metadata: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        tmp_dir: Path,
+        *,
+        max_metadata: int = 4 * 1024 * 1024,
+        max_members: int = MAX_MEMBERS,
+        max_buffered: int = 32 * 1024 * 1024,
+    ) -> None:
         self.store = store
-        self.max_metadata = max_metadata
+        self.max_metadata = max_metadata  # one metadata file
+        self.max_members = max_members
+        self.max_buffered = max_buffered  # all metadata files held in memory together
+        self._buffered = 0
         self.spool_dir = tmp_dir / f"load-{uuid.uuid4().hex}"
         self._entries: dict[str, _Content] = {}
         self._links: dict[str, str] = {}
@@ -133,10 +150,12 @@ class ArchiveLoader:
         count = 0
         while (member := await reader.next()) is not None:
             count += 1
-            if count > MAX_MEMBERS:
-                raise ArchiveInvalid(f"archive has more than {MAX_MEMBERS} members")
+            if count > self.max_members:
+                raise ArchiveInvalid(f"archive has more than {self.max_members} members")
             if member.kind == "dir":
                 continue
+            if len(member.name) > MAX_MEMBER_NAME or len(member.target or "") > MAX_MEMBER_NAME:
+                raise ArchiveInvalid(f"member {member.name[:100]!r}: name or link longer than {MAX_MEMBER_NAME}")
             if member.name in self._entries or member.name in self._links:
                 raise ArchiveInvalid(f"member {member.name!r} appears twice")
             if member.kind in ("symlink", "hardlink"):
@@ -186,6 +205,9 @@ class ArchiveLoader:
     async def _buffer_member(self, name: str, size: int, reader: TarReader) -> _Content:
         if size > self.max_metadata:
             raise ArchiveInvalid(f"{name} is {size} bytes, too large for image metadata ({self.max_metadata})")
+        self._buffered += size
+        if self._buffered > self.max_buffered:
+            raise ArchiveInvalid(f"the archive's metadata files add up to more than {self.max_buffered} bytes")
         parts = [chunk async for chunk in reader.data()]
         data = b"".join(parts)
         return _Content(Digest.of(data), len(data), data=data)
