@@ -10,7 +10,7 @@ fill, a writer or the store.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,12 +81,12 @@ class FillingBlob:
         """Waits until headers may go out; the size when known. Raises if the fetch failed."""
         return await self._fill.opened()
 
-    def slices(self) -> AsyncIterator[SpoolSlice] | None:
+    def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
         """After ``opened``: spool slices as they land (for sendfile), or None when the
         blob is to be read with ``chunks`` (another replica stored it first)."""
         return self._fill.slices()
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         """Verified bytes as they land; the last one once the whole blob is verified.
         Raises (never ends cleanly) if the fetch fails."""
         return self._fill.chunks()

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import NamedTuple
 
 from storage.blobs import BlobStore, BlobWriter
@@ -106,17 +106,16 @@ class Fill:
         assert self.size is not None
         return self.size
 
-    def slices(self) -> AsyncIterator[SpoolSlice] | None:
+    def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
         """Spool bytes as they land, for sendfile; None when the blob is read from the store."""
         return None if self._elsewhere else self._slices()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The blob's bytes as they land; raises if the fill fails."""
         await self.opened()
         if self._elsewhere:
-            async with contextlib.aclosing(self._store.read(self.digest)) as stored:
-                async for chunk in stored:
-                    yield chunk
+            async for chunk in self._store.read(self.digest):
+                yield chunk
             return
         async with contextlib.aclosing(self._slices()) as slices:
             async for fd, offset, length, _ in slices:
@@ -128,7 +127,7 @@ class Fill:
                     offset += len(chunk)
                     yield chunk
 
-    async def _slices(self) -> AsyncIterator[SpoolSlice]:
+    async def _slices(self) -> AsyncGenerator[SpoolSlice, None]:
         """The last byte comes only once the blob is verified (not committed: see
         ``committed``); once verified, a failed commit does not cut readers.
         ``fd`` stays open while anything holds this fill."""

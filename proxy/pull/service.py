@@ -208,10 +208,10 @@ class PullThrough:
         if row is None and self.shared is not None:
             # Another replica on this store knows the tag: adopt its record, with
             # the time it was last confirmed upstream (the tag TTL runs from there).
-            found = await self.shared.tag(route, tag)
-            if found is not None and found.checked_at is not None:
-                await self._record_manifest(repo_id, found.digest, found.media_type, found.data, tag=tag)
-                await self.metadata.confirm_tag(repo_id, tag, when=found.checked_at)
+            adopted = await self.shared.tag(route, tag)
+            if adopted is not None and adopted.checked_at is not None:
+                await self._record_manifest(repo_id, adopted.digest, adopted.media_type, adopted.data, tag=tag)
+                await self.metadata.confirm_tag(repo_id, tag, when=adopted.checked_at)
                 self._tag_changed(repo_id, tag)
                 row = await self._tag_row(repo_id, tag)
         if row is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import NoReturn
 from urllib.parse import urlencode
 
@@ -131,7 +131,7 @@ async def _stream(request: web.Request, headers: dict[str, str], size: int | Non
 
 
 async def _send_slices(
-    request: web.Request, headers: dict[str, str], size: int | None, slices: AsyncIterator[SpoolSlice]
+    request: web.Request, headers: dict[str, str], size: int | None, slices: AsyncGenerator[SpoolSlice, None]
 ) -> web.StreamResponse:
     """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
     the held-back last byte, once the digest is verified, through aiohttp."""
@@ -141,7 +141,7 @@ async def _send_slices(
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     assert request.transport is not None
-    sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
+    sender = filesend.FileSender(request.transport)
     try:
         try:
             async with contextlib.aclosing(slices) as landed:

@@ -1,0 +1,148 @@
+"""BlobStore and BlobWriter on the filesystem backend: only verified bytes are ever committed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from storage import paths
+from storage.backends.filesystem import FilesystemBackend
+from storage.blobs import FLUSH_BYTES, BlobStore
+from storage.errors import DigestMismatch, SizeMismatch
+from storage.oci.digest import Digest
+
+BIG = os.urandom(3 * FLUSH_BYTES + 12345)  # several batches, through the worker thread
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> BlobStore:
+    blobs = BlobStore(FilesystemBackend(tmp_path))
+    await blobs.start()
+    return blobs
+
+
+def spool_files(tmp_path: Path) -> list[Path]:
+    return list(paths.tmp_dir(tmp_path).iterdir())
+
+
+async def read_all(store: BlobStore, digest: Digest) -> bytes:
+    return b"".join([chunk async for chunk in store.read(digest)])
+
+
+async def test_a_verified_blob_is_committed_under_its_digest(store, tmp_path):
+    digest = digest_of(BIG)
+    writer = await store.writer(digest, len(BIG))
+    for start in range(0, len(BIG), 100_000):
+        await writer.write(BIG[start:start + 100_000])
+    assert await writer.finish() == len(BIG)
+    assert await store.stat(digest) == len(BIG)
+    assert await read_all(store, digest) == BIG
+    assert spool_files(tmp_path) == []
+
+
+async def test_a_blob_of_unknown_size_is_committed_once_its_digest_matches(store):
+    small = b"config"
+    assert await store.put_stream(digest_of(small), _chunks([b"con", b"fig"])) == len(small)
+    assert await store.read_small(digest_of(small)) == small
+
+
+async def test_a_digest_mismatch_is_never_committed(store, tmp_path):
+    digest = digest_of(BIG)
+    wrong = BIG[:-1] + bytes([BIG[-1] ^ 0xFF])
+    writer = await store.writer(digest, len(wrong))
+    await writer.write(wrong)
+    with pytest.raises(DigestMismatch):
+        await writer.verify()
+    assert writer.aborted and not writer.verified
+    assert await store.stat(digest) is None
+    assert spool_files(tmp_path) == []
+
+
+async def test_more_bytes_than_expected_are_refused_at_once(store, tmp_path):
+    writer = await store.writer(digest_of(b"abc"), 2)
+    with pytest.raises(SizeMismatch):
+        await writer.write(b"abc")
+    await writer.abort()
+    assert spool_files(tmp_path) == []
+
+
+async def test_fewer_bytes_than_expected_fail_verification(store, tmp_path):
+    digest = digest_of(b"abc")
+    writer = await store.writer(digest, 4)
+    await writer.write(b"abc")
+    with pytest.raises(SizeMismatch):
+        await writer.verify()
+    assert await store.stat(digest) is None
+    assert spool_files(tmp_path) == []
+
+
+async def test_commit_before_verify_is_refused(store):
+    writer = await store.writer(digest_of(b"abc"), 3)
+    await writer.write(b"abc")
+    with pytest.raises(RuntimeError):
+        await writer.commit()
+    await writer.abort()
+
+
+async def test_abort_leaves_nothing_behind(store, tmp_path):
+    digest = digest_of(BIG)
+    writer = await store.writer(digest, len(BIG))
+    await writer.write(BIG[: 2 * FLUSH_BYTES])  # a batch may still be in the thread
+    await writer.abort()
+    assert writer.aborted
+    assert await store.stat(digest) is None
+    assert spool_files(tmp_path) == []
+
+
+async def test_verified_bytes_are_readable_from_the_spool_before_the_commit(store):
+    digest = digest_of(BIG)
+    writer = await store.writer(digest, len(BIG))
+    await writer.write(BIG)
+    await writer.verify()
+    assert writer.flushed == len(BIG)
+    assert writer.spool_path.read_bytes() == BIG
+    assert await store.stat(digest) is None  # not visible before the commit
+    await writer.commit()
+    assert await store.stat(digest) == len(BIG)
+
+
+async def test_a_spool_reader_wakes_when_bytes_land_and_when_the_blob_is_verified(store):
+    digest = digest_of(BIG)
+    writer = await store.writer(digest, len(BIG))
+    seen: list[tuple[int, bool]] = []
+
+    async def reader() -> None:
+        while not writer.verified:
+            await writer.moved()
+            seen.append((writer.flushed, writer.verified))
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0)  # the reader is waiting before any byte lands
+    await writer.write(BIG)
+    await writer.finish()
+    await asyncio.wait_for(task, 10)
+    assert seen[0][0] > 0, "woken by landed bytes"
+    assert seen[-1] == (len(BIG), True)
+    assert [flushed for flushed, _ in seen] == sorted(flushed for flushed, _ in seen)
+
+
+async def test_a_spool_reader_wakes_when_the_writer_aborts(store):
+    writer = await store.writer(digest_of(b"abc"), 3)
+    waiting = asyncio.create_task(writer.moved())
+    await asyncio.sleep(0)
+    await writer.abort()
+    await asyncio.wait_for(waiting, 10)
+    assert writer.aborted and writer.flushed == 0
+
+
+async def _chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
+    for part in parts:
+        yield part

@@ -1,0 +1,219 @@
+"""The fill protocol: one upstream fetch into the store, read by every client as it grows.
+
+A controllable upstream body (chunks pushed by the test) feeds ``Fills``; clients
+read through the blob answer (``proxy.pull.answers.FillingBlob``), as the /v2
+handlers and admin pull do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from config.settings import UpstreamSettings
+from proxy.errors import UpstreamUnavailable
+from proxy.metrics.events import Events
+from proxy.pull.answers import FillingBlob
+from proxy.pull.fills import Fills
+from proxy.pull.links import Links
+from proxy.pull.routing import Route
+from proxy.upstream.responses import BlobStream
+from storage import paths
+from storage.backends.filesystem import FilesystemBackend
+from storage.blobs import FLUSH_BYTES, BlobStore
+from storage.errors import DigestMismatch
+from storage.oci.digest import Digest
+
+ROUTE = Route(UpstreamSettings(name="fake.test", url="http://fake.test", default=True), "team/app")
+BLOB = os.urandom(2 * FLUSH_BYTES + 4321)
+DIGEST = Digest.parse("sha256:" + hashlib.sha256(BLOB).hexdigest())
+END = b""  # pushed to end the upstream body
+
+
+class PushedUpstream:
+    """An upstream whose blob body is what the test pushes, when it pushes it."""
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.body: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.opened = 0
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
+        self.opened += 1
+        yield BlobStream(self.size, self._chunks())
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while (item := await self.body.get()) != END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def push(self, *items: bytes | BaseException) -> None:
+        for item in items:
+            self.body.put_nowait(item)
+
+
+class Index:
+    """The two index calls a fill makes."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[int | None, str, int]] = []
+
+    async def link(self, repository_id: int, digest: str) -> tuple[bool, int | None]:
+        return False, None
+
+    async def record_blob(self, repository_id: int | None, digest: str, size: int) -> None:
+        self.recorded.append((repository_id, digest, size))
+
+
+class Reader:
+    """A client reading a fill's bytes, counting them as they come."""
+
+    def __init__(self, answer: FillingBlob) -> None:
+        self.received = bytearray()
+        self._grew = asyncio.Event()
+        self.task = asyncio.create_task(self._read(answer))
+
+    async def _read(self, answer: FillingBlob) -> bytes:
+        await answer.opened()
+        async for chunk in answer.chunks():
+            self.received += chunk
+            self._grew.set()
+        return bytes(self.received)
+
+    async def has(self, count: int) -> None:
+        async with asyncio.timeout(10):  # a guard against a hang, not a pace
+            while len(self.received) < count:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> BlobStore:
+    blobs = BlobStore(FilesystemBackend(tmp_path))
+    await blobs.start()
+    return blobs
+
+
+def make_fills(store: BlobStore, index: Index | None = None) -> Fills:
+    return Fills(store, index or Index(), Events(), Links(), timeout=60)  # type: ignore[arg-type]
+
+
+async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once_verified(store):
+    upstream = PushedUpstream(len(BLOB))
+    index = Index()
+    fills = make_fills(store, index)
+    fill = fills.start(DIGEST, ROUTE, upstream, repo_id=7)  # type: ignore[arg-type]
+    first, follower = Reader(FillingBlob(fill, "miss")), Reader(FillingBlob(fill, "coalesced"))
+    upstream.push(BLOB[:FLUSH_BYTES])
+    await first.has(FLUSH_BYTES - 1)
+    await follower.has(FLUSH_BYTES - 1)
+    upstream.push(BLOB[FLUSH_BYTES:])  # every byte is in, none verified yet
+    await first.has(len(BLOB) - 1)
+    await follower.has(len(BLOB) - 1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(first.received) == len(follower.received) == len(BLOB) - 1, "the last byte waits for the digest"
+    assert not first.task.done() and not follower.task.done()
+    upstream.push(END)
+    assert await first.task == BLOB
+    assert await follower.task == BLOB
+    assert await FillingBlob(fill, "miss").stored() == len(BLOB)
+    assert index.recorded == [(7, str(DIGEST), len(BLOB))]
+    assert await store.stat(DIGEST) == len(BLOB)
+    assert upstream.opened == 1
+    assert fills.get(DIGEST) is None and len(fills) == 0
+
+
+async def test_spool_slices_hold_back_the_last_byte_until_verified(store):
+    upstream = PushedUpstream(len(BLOB))
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss")
+    upstream.push(BLOB, END)
+    assert await answer.opened() == len(BLOB)
+    slices = answer.slices()
+    assert slices is not None
+    got = [piece async for piece in slices]
+    assert sum(piece.length for piece in got) == len(BLOB)
+    assert [piece.last for piece in got] == [False] * (len(got) - 1) + [True]
+    assert b"".join(os.pread(p.fd, p.length, p.offset) for p in got) == BLOB
+
+
+async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tmp_path):
+    wrong = BLOB[:-1] + bytes([BLOB[-1] ^ 0xFF])
+    upstream = PushedUpstream(len(wrong))
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    readers = [Reader(FillingBlob(fill, "miss")) for _ in range(3)]
+    upstream.push(wrong[:FLUSH_BYTES])
+    await readers[0].has(FLUSH_BYTES - 1)
+    upstream.push(wrong[FLUSH_BYTES:], END)
+    for reader in readers:
+        with pytest.raises(DigestMismatch):
+            await reader.task
+        assert len(reader.received) < len(wrong), "never the clean end of a wrong body"
+    with pytest.raises(DigestMismatch):
+        await FillingBlob(fill, "miss").stored()
+    assert await store.stat(DIGEST) is None
+    assert list(paths.tmp_dir(tmp_path).iterdir()) == []
+
+
+async def test_an_upstream_failure_mid_body_fails_every_reader(store):
+    upstream = PushedUpstream(len(BLOB))
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    readers = [Reader(FillingBlob(fill, "miss")) for _ in range(2)]
+    upstream.push(BLOB[:FLUSH_BYTES])
+    await readers[1].has(FLUSH_BYTES - 1)
+    upstream.push(UpstreamUnavailable("connection reset"))
+    for reader in readers:
+        with pytest.raises(UpstreamUnavailable):
+            await reader.task
+    assert await store.stat(DIGEST) is None
+
+
+async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
+    upstream = PushedUpstream(None)  # no Content-Length: the size is known only at the end
+    fills = make_fills(store)
+    fill = fills.start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    upstream.push(BLOB[:1000], BLOB[1000:], END)
+    assert await FillingBlob(fill, "miss").stored() == len(BLOB)
+    assert fills.get(DIGEST) is None
+    late = FillingBlob(fill, "coalesced")  # a request that found the fill just before it ended
+    assert b"".join([chunk async for chunk in late.chunks()]) == BLOB
+    slices = late.slices()
+    assert slices is not None
+    assert b"".join([os.pread(p.fd, p.length, p.offset) async for p in slices]) == BLOB
+
+
+async def test_a_blob_another_replica_stored_first_is_read_from_the_store(store):
+    await store.put(DIGEST, BLOB)
+    upstream = PushedUpstream(len(BLOB))
+    index = Index()
+    fill = make_fills(store, index).start(DIGEST, ROUTE, upstream, repo_id=3)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss")
+    assert await answer.opened() == len(BLOB)
+    assert answer.slices() is None, "no spool file to send from"
+    assert b"".join([chunk async for chunk in answer.chunks()]) == BLOB
+    assert await answer.stored() == len(BLOB)
+    assert upstream.opened == 0
+    assert index.recorded == [(3, str(DIGEST), len(BLOB))]
+
+
+async def test_a_fill_that_fails_before_any_byte_fails_its_readers_at_open(store):
+    upstream = PushedUpstream(len(BLOB))
+
+    @contextlib.asynccontextmanager
+    async def refused(repository: str, digest: str) -> AsyncIterator[BlobStream]:
+        raise UpstreamUnavailable("connection refused")
+        yield  # pragma: no cover
+
+    upstream.open_blob = refused  # type: ignore[method-assign]
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamUnavailable):
+        await FillingBlob(fill, "miss").opened()
