@@ -48,9 +48,9 @@ class BlobWriter:
         self._inflight: asyncio.Future[None] | None = None
         self.received = 0
         self.flushed = 0  # bytes readable in the spool file
-        # Resolved (and dropped) when the spool grows, is verified or is aborted;
-        # made only while someone waits, so a fill nobody reads pays nothing.
-        self._moved: asyncio.Future[None] | None = None
+        # Readers waiting for the spool to grow, be verified or be aborted; one
+        # future each, so a reader that goes away cancels only its own wait.
+        self._waiters: list[asyncio.Future[None]] = []
         self._done = False
         self.verified = False  # size and digest checked: the spool file is the blob
         self.aborted = False
@@ -104,9 +104,11 @@ class BlobWriter:
         self._wake()
 
     def _wake(self) -> None:
-        moved, self._moved = self._moved, None
-        if moved is not None and not moved.done():
-            moved.set_result(None)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def moved(self) -> None:
         """Returns once the spool file grows, or the blob is verified or aborted.
@@ -116,9 +118,9 @@ class BlobWriter:
         no change is missed). Wakes when the bytes land, not when they are
         handed to the thread.
         """
-        if self._moved is None:
-            self._moved = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._moved)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     async def _wait_inflight(self) -> None:
         future, self._inflight = self._inflight, None
