@@ -147,13 +147,22 @@ PATH_PIECES = st.sampled_from(
     ["a", "z", "0", "9", ".", "..", "-", "_", "__", "/", "//", ":", "@", "%2f", "%2e", "%2e%2e", "%00", "~", "A",
      "team", "app", "library", "fake.test", "blobs", "manifests", "tags", "list", "é", "\u2028", "sha256:"]
 )  # fmt: skip
-NAMES = st.lists(PATH_PIECES, min_size=1, max_size=12).map("".join) | st.text(min_size=1, max_size=300)
+# What "$" in a validator used to let through: a final newline; and other whitespace and controls.
+TAILS = st.sampled_from(["", "\n", "\r", "\r\n", " ", "\t", "\x00", "\x0b", "\x0c", "\x1b", "\x7f", "\x85", "\u2028"])
+
+
+def with_tail(text: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.builds(str.__add__, text, TAILS)
+
+
+NAMES = with_tail(st.lists(PATH_PIECES, min_size=1, max_size=12).map("".join) | st.text(min_size=1, max_size=300))
 HEX = st.text(alphabet="0123456789abcdefABCDEF", min_size=0, max_size=140)
 DIGESTS = st.one_of(
     st.builds(lambda a, h: f"{a}:{h}", st.sampled_from(["sha256", "sha512", "md5", "SHA256", "", "sha256+b64"]), HEX),
+    with_tail(st.just("sha256:" + "a" * 63)),  # the right length once a one-character tail is added
     st.text(max_size=200),
 )
-REFERENCES = st.one_of(DIGESTS, st.text(max_size=200), st.just("1"))
+REFERENCES = with_tail(st.one_of(DIGESTS, st.text(max_size=200), st.just("1")))
 
 
 def _quote(text: str) -> str:
@@ -243,7 +252,7 @@ def test_any_accept_header_on_manifests(running, accepts, reference):
     assert_sane(status, headers, body, accepts)
 
 
-QUERY_VALUES = st.text(max_size=100)
+QUERY_VALUES = with_tail(st.text(max_size=100) | st.sampled_from(["fake.test", "FAKE.TEST", "docker.io"]))
 
 
 @EXAMPLES
@@ -257,16 +266,27 @@ def test_any_query_parameters(running, n, last, ns, where):
     assert_sane(status, headers, body, target)
 
 
+IMAGE_NAMES = with_tail(st.sampled_from(["team/app:1", "team/app", "fake.test/team/app:1", "team/app@sha256:"]))
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50) | IMAGE_NAMES,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4),
     max_leaves=12,
 )
+
+
+def deeply_nested(levels: int, key: str) -> bytes:
+    """JSON nested far past any parser's recursion limit, at the top or under a field."""
+    inner = "[" * levels + "]" * levels
+    return (f'{{"{key}": {inner}}}' if key else inner).encode()
+
+
+DEEP_BODIES = st.builds(deeply_nested, st.integers(60, 50_000), st.sampled_from(["", "images", "filter", "x"]))
 ADMIN_KEYS = st.sampled_from(["image", "images", "reference", "ref", "term", "limit", "force", "prune", "all",
                               "dry_run", "filter", "format", "upstream", "prefix", "tag", "digest"])  # fmt: skip
 ADMIN_BODIES = st.one_of(
     st.dictionaries(ADMIN_KEYS, JSON_VALUES, max_size=5).map(lambda d: json.dumps(d).encode()),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    DEEP_BODIES,
     st.binary(max_size=300),
 )
 
@@ -293,6 +313,19 @@ def test_any_admin_payload(running, data, body, query):
     if status >= 400:
         errors = json.loads(response)["errors"]
         assert errors and isinstance(errors[0]["code"], str), response[:300]
+
+
+def test_deeply_nested_admin_bodies_are_refused_on_every_post_route(running):
+    """50,000 levels once raised RecursionError in the JSON parser: a 500."""
+    posts = [p for m, p in running.admin_routes if m == "POST" and "{" not in p and p != "/admin/load"]
+    assert "/admin/pull" in posts, running.admin_routes
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    for path in posts:
+        for key in ("", "images"):
+            status, response_headers, body = running.request("POST", path, headers, deeply_nested(50_000, key))
+            assert_sane(status, response_headers, body, (path, key))  # routes that ignore the body may say 200
+            if path == "/admin/pull":
+                assert status == 400, (key, status, body[:300])
 
 
 def test_admin_body_over_the_limit_is_refused(running):
