@@ -50,10 +50,10 @@ async def evicted_after(lifecycle: Lifecycle, passes: int) -> list[str]:
 
 
 async def image_rows(server) -> list[str]:
-    async with server.app[METADATA].db.execute(
-        "SELECT r.name FROM images i JOIN repositories r ON r.id = i.repository_id ORDER BY r.name"
-    ) as cur:
-        return [row[0] for row in await cur.fetchall()]
+    """The repository of every image row, sorted."""
+    metadata = server.app[METADATA]
+    names = await metadata.repository_names()
+    return sorted(names[row.key.repository_id][1] for row in await metadata.collect.images())
 
 
 def budget_for_two(lc: LifecycleImages) -> dict:
@@ -167,7 +167,7 @@ async def test_images_not_pulled_for_expire_unused_after_are_evicted(lc, make_pr
     await pull(server, "lc/b", tmp_path / "b")
     metadata = server.app[METADATA]
     await metadata.flush()
-    await metadata.transaction(
+    await metadata._db.transaction(
         [("UPDATE images SET last_pulled = last_pulled - 2 * 86400 WHERE manifest = ?", (lc.images["lc/a"].digest,))]
     )
     report = await lifecycle.gc()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+
 import pytest
 
 from storage.errors import StoreFull
+from storage.index.consistency import TagRef
 from storage.index.metadata import Metadata
+from storage.index.replicas import Reconciliation, TagUpdate
+from storage.index.rows import BlobRow, ImageKey
+from storage.oci.manifests import OCI_MANIFEST, parse_manifest
 
 
 async def test_a_full_metadata_database_is_store_full_and_keeps_what_was_committed(tmp_path):
@@ -13,16 +21,17 @@ async def test_a_full_metadata_database_is_store_full_and_keeps_what_was_committ
     await metadata.open()
     try:
         await metadata.record_blob(None, "sha256:" + "a" * 64, 10)
-        async with metadata.db.execute("PRAGMA page_count") as cur:
+        connection = metadata._db.connection
+        async with connection.execute("PRAGMA page_count") as cur:
             pages = (await cur.fetchone())[0]
         # A database that cannot grow behaves like a full disk (SQLITE_FULL).
-        await metadata.db.execute(f"PRAGMA max_page_count = {pages}")
+        await connection.execute(f"PRAGMA max_page_count = {pages}")
         with pytest.raises(StoreFull):
             for i in range(2000):
                 await metadata.record_blob(None, f"sha256:{i:064x}", 1)
         assert await metadata.blob_size("sha256:" + "a" * 64) == 10
-        assert not metadata.db.in_transaction
-        await metadata.db.execute(f"PRAGMA max_page_count = {pages * 100}")
+        assert not connection.in_transaction
+        await connection.execute(f"PRAGMA max_page_count = {pages * 100}")
         await metadata.record_blob(None, "sha256:" + "b" * 64, 5)
         assert await metadata.blob_size("sha256:" + "b" * 64) == 5
     finally:
@@ -40,7 +49,7 @@ async def test_a_transaction_cancelled_during_its_commit_stays_cancelled_and_com
     slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) SELECT count(*) FROM n"
 
     async def write() -> None:
-        async with metadata.writing() as db:
+        async with metadata._db.writing() as db:
             await db.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
             pending.append(asyncio.ensure_future(db.execute(slow)))
             for _ in range(3):  # the slow query reaches the connection's queue first
@@ -55,10 +64,150 @@ async def test_a_transaction_cancelled_during_its_commit_stays_cancelled_and_com
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.gather(*pending)
-        assert not metadata.db.in_transaction
-        async with metadata.db.execute("SELECT value FROM meta WHERE key = 'k'") as cur:
-            assert await cur.fetchone() == ("v",)
-        async with metadata.writing() as db:  # the connection is usable
+        assert not metadata._db.connection.in_transaction
+        assert await metadata._db.one("SELECT value FROM meta WHERE key = 'k'") == ("v",)
+        async with metadata._db.writing() as db:  # the connection is usable
             await db.execute("DELETE FROM meta WHERE key = 'k'")
     finally:
         await metadata.close()
+
+
+def _digest(name: str) -> str:
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+
+async def _record_image(metadata: Metadata, repository_id: int, config: str, layers: list[str], tag: str) -> str:
+    """An image manifest referencing blobs named by ``config`` and ``layers``; its blob rows too."""
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _digest(config), "size": 10},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _digest(layer), "size": 100}
+            for layer in layers
+        ],
+    }
+    data = json.dumps(document).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    for blob, size in [(config, 10)] + [(layer, 100) for layer in layers]:
+        await metadata.record_blob(repository_id, _digest(blob), size)
+    await metadata.record_manifest(repository_id, digest, len(data), parse_manifest(data, OCI_MANIFEST), tag=tag)
+    return digest
+
+
+@pytest.fixture
+async def metadata(tmp_path):
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    yield metadata
+    await metadata.close()
+
+
+async def test_removing_an_image_drops_its_tags_and_only_the_rows_no_other_image_reaches(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    old = await _record_image(metadata, repo, "config-1", ["shared", "own-1"], "1")
+    new = await _record_image(metadata, repo, "config-2", ["shared", "own-2"], "2")
+
+    dropped = await metadata.collect.remove_images([ImageKey(repo, old), ImageKey(repo, "sha256:" + "0" * 64)])
+
+    assert dropped.images == [ImageKey(repo, old)], "a key with no row is not reported as removed"
+    assert {row.digest for row in dropped.blobs} == {old, _digest("config-1"), _digest("own-1")}
+    assert dropped.manifests == 1
+    assert await metadata.tags(repo) == ["2"]
+    assert await metadata.blob_size(_digest("shared")) == 100
+    assert await metadata.blob_size(_digest("own-1")) is None
+    assert await metadata.link(repo, _digest("own-1")) == (False, None)
+    reach = await metadata.collect.reachable(new)
+    assert reach[0] == new and set(reach) == {new, _digest("config-2"), _digest("own-2"), _digest("shared")}
+
+
+async def test_a_sweep_drops_unreachable_rows_older_than_the_cutoff_except_busy_ones(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    for name in ("stray", "leased"):
+        await metadata.record_blob(None, _digest(name), 5)
+
+    assert (await metadata.collect.drop_unreachable(time.time() - 3600, lambda digest: False)).blobs == []
+    dropped = await metadata.collect.drop_unreachable(time.time() + 1, lambda digest: digest == _digest("leased"))
+
+    assert [row.digest for row in dropped.blobs] == [_digest("stray")]
+    assert await metadata.blob_size(_digest("stray")) is None
+    assert await metadata.blob_size(_digest("leased")) == 5
+    assert await metadata.blob_size(_digest("layer")) == 100, "an image reaches it"
+    assert await metadata.has_image(repo, image)
+
+
+async def test_deferred_blob_rows_are_restored_and_an_existing_row_wins(metadata):
+    await metadata.record_blob(None, _digest("kept"), 7)
+    await metadata.restore_blobs([BlobRow(_digest("kept"), 99, 0.0, 0.0), BlobRow(_digest("back"), 3, 0.0, 0.0)])
+    assert await metadata.blob_sizes() == {_digest("kept"): 7, _digest("back"): 3}
+
+
+async def test_pinning_marks_one_image_row_and_the_summary_counts_it(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    await metadata.repository_id("up.test", "empty")
+
+    assert await metadata.set_pinned(ImageKey(repo, image), True)
+    assert not await metadata.set_pinned(ImageKey(repo, "sha256:" + "0" * 64), True)
+    assert await metadata.is_pinned(repo, image)
+    summary = await metadata.summary()
+    assert (summary.images, summary.pinned, summary.repositories, summary.blobs) == (1, 1, 1, 3)
+    assert summary.size == await metadata.stored_bytes() == 110 + (await metadata.manifest(image)).size
+    assert await metadata.set_pinned(ImageKey(repo, image), False)
+    assert (await metadata.summary()).pinned == 0
+
+
+async def test_reconciling_with_replica_records_drops_images_and_moves_tags_in_one_transaction(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    gone = await _record_image(metadata, repo, "config-1", ["layer-1"], "old")
+    kept = await _record_image(metadata, repo, "config-2", ["layer-2"], "stays")
+    assert await _record_image(metadata, repo, "config-2", ["layer-2"], "dropped") == kept
+
+    await metadata.replicas.reconcile(
+        Reconciliation(
+            drop_images=[ImageKey(repo, gone)],
+            set_tags=[TagUpdate(repo, "moved", kept, 100.0, 200.0)],
+            drop_tags=[(repo, "dropped")],
+        )
+    )
+
+    assert [image.key for image in await metadata.replicas.images()] == [ImageKey(repo, kept)]
+    tags = {tag.tag: tag for tag in await metadata.replicas.tags()}
+    assert sorted(tags) == ["moved", "stays"]
+    assert (tags["moved"].manifest, tags["moved"].checked_at, tags["moved"].updated_at) == (kept, 100.0, 200.0)
+    assert tags["moved"].upstream == "up.test" and tags["moved"].repository == "team/app"
+    assert await metadata.replicas.references(gone) is not None, "the manifest row stays: that is the GC's"
+    assert await metadata.replicas.references("sha256:" + "0" * 64) is None
+
+
+async def test_forgetting_blobs_gone_from_the_bucket_keeps_a_manifest_an_image_still_names(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    assert await metadata.replicas.forget_blobs([image, _digest("layer")]) == 0
+    assert await metadata.manifest(image) is not None
+    assert await metadata.blob_size(_digest("layer")) is None
+    assert await metadata.link(repo, _digest("layer")) == (False, None)
+
+
+async def test_consistency_finds_tags_without_an_image_and_repairs_drop_rows(metadata):
+    repo = await metadata.repository_id("up.test", "team/app")
+    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    await metadata._db.transaction(
+        [("INSERT INTO tags (repository_id, tag, manifest, checked_at, updated_at) VALUES (?, 'lost', ?, 0, 0)",
+          (repo, "sha256:" + "0" * 64))]
+    )  # fmt: skip
+
+    assert await metadata.consistency.integrity_errors() == []
+    assert await metadata.consistency.images_without_manifest() == []
+    assert await metadata.consistency.tags_without_image() == [TagRef(repo, "lost", "sha256:" + "0" * 64)]
+    assert await metadata.consistency.manifest_digests() == {image}
+    assert await metadata.consistency.referenced_digests() == {_digest("config"), _digest("layer")}
+    assert await metadata.consistency.images_of(image) == [ImageKey(repo, image)]
+
+    await metadata.consistency.drop_images([ImageKey(repo, image)])
+    await metadata.consistency.forget_blob(image)
+    assert await metadata.tags(repo) == ["lost"]
+    assert await metadata.consistency.images_of(image) == []
+    assert await metadata.manifest(image) is None and await metadata.blob_size(image) is None
+    assert await metadata.consistency.referenced_digests() == set(), "references go with their manifest"

@@ -207,6 +207,7 @@ async def test_range_on_cached_blob(fake, proxy):
 
 async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, tmp_path):
     from proxy.resources import METADATA
+    from storage.index.rows import ImageKey
 
     app = create_app(settings_for(fake, tmp_path / "d", tag_ttl=0))
     proxy = await aiohttp_client(app)
@@ -219,7 +220,7 @@ async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, 
     assert (await proxy.get("/v2/team/app/manifests/1")).status == 200
     metadata = app[METADATA]
     repo = await metadata.repository_id("fake.test", "team/app")
-    await metadata.db.execute("UPDATE images SET pinned = 1 WHERE repository_id = ?", (repo,))
+    assert await metadata.set_pinned(ImageKey(repo, digest), True)
     del fake.manifests[("team/app", "1")]
     r = await proxy.get("/v2/team/app/manifests/1")
     assert r.status == 200

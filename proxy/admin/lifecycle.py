@@ -18,7 +18,7 @@ from proxy.errors import AdminInvalid
 from proxy.resources import EVENTS, LIFECYCLE, METADATA, ROUTER
 from storage.errors import RegcacheError
 from storage.index.listing import list_images
-from storage.lifecycle.gc import ImageKey
+from storage.index.rows import ImageKey
 
 
 async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
@@ -93,9 +93,7 @@ async def stats(request: web.Request) -> web.Response:
     metadata = request.config_dict[METADATA]
     await metadata.flush()
     answer = await request.config_dict[LIFECYCLE].stats()
-    async with metadata.db.execute("SELECT COALESCE(SUM(pull_count), 0) FROM images") as cur:
-        row = await cur.fetchone()
-    answer["pulls"] = row[0] if row else 0
+    answer["pulls"] = await metadata.pull_count()
     answer["hit_ratio"], answer["requests"] = _hit_ratio(request.config_dict[EVENTS])
     return web.json_response(answer)
 

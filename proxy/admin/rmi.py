@@ -31,7 +31,7 @@ from storage.blobs import BlobStore
 from storage.errors import RegcacheError
 from storage.index.listing import CachedImage, list_images
 from storage.index.metadata import Metadata
-from storage.lifecycle.gc import ImageKey
+from storage.index.rows import ImageKey
 from storage.lifecycle.service import Lifecycle
 from storage.oci.digest import Digest
 
@@ -40,22 +40,6 @@ log = logging.getLogger("regcache.admin.rmi")
 
 def _short(digest: str) -> str:
     return digest.partition(":")[2][:12]
-
-
-async def _rows(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
-    async with metadata.db.execute(sql, args) as cur:
-        return list(await cur.fetchall())
-
-
-async def _reachable(metadata: Metadata, digest: str) -> list[str]:
-    """The manifest and everything it references, in order: blobs that may go with it."""
-    rows = await _rows(
-        metadata,
-        "WITH RECURSIVE reach(digest) AS (SELECT ? UNION SELECT r.child FROM manifest_references r "
-        "JOIN reach ON r.manifest = reach.digest WHERE r.kind != 'subject') SELECT digest FROM reach",
-        (digest,),
-    )
-    return [r[0] for r in rows]
 
 
 class Remover:
@@ -98,7 +82,8 @@ class Remover:
 
     async def _untag(self, ref: Ref) -> None:
         repo_id = await self.metadata.repository_id(ref.upstream, ref.repository, create=False)
-        await self.metadata.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo_id, ref.tag))])
+        if repo_id is not None and ref.tag is not None:
+            await self.metadata.untag(repo_id, ref.tag)
         shared = self.store.backend.shared
         if shared is not None and ref.tag is not None:
             await shared.delete_tag(ref.upstream, ref.repository, ref.tag)
@@ -106,7 +91,8 @@ class Remover:
     async def _drop(self, image: CachedImage, untag: list[Ref], repos: list[tuple[str, str]], force: bool) -> list[str]:
         """Take the image (with an index's platform images) out of ``repos``; delete what nothing else uses."""
         remaining = [r for r in image.repositories if r not in repos]
-        candidates = [] if remaining else await _reachable(self.metadata, image.digest)
+        # The manifest and everything it references: the blobs that may go with it.
+        candidates = [] if remaining else await self.metadata.collect.reachable(image.digest)
         for upstream, repository in repos:
             repo_id = await self.metadata.repository_id(upstream, repository, create=False)
             if repo_id is None:
@@ -137,7 +123,7 @@ async def rmi(request: web.Request) -> web.Response:
         except RegcacheError as exc:
             results.append({"image": name, "error": exc.message})
     # Cached manifests and links may name what is gone (the lifecycle forgets after a removal).
-    await request.config_dict[PULLTHROUGH].store_changed()
+    request.config_dict[PULLTHROUGH].forget()
     if remover.freed_blobs:
         request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
     request[LOG]["result"] = f"{sum('lines' in r for r in results)} removed"

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid
-from storage.index.metadata import Metadata
+from storage.index.database import Database
 from storage.oci.digest import Digest
 from storage.oci.jsonlimits import loads
 from storage.oci.manifests import INDEX_TYPES
+
+if TYPE_CHECKING:
+    from storage.index.metadata import Metadata
 
 log = logging.getLogger("regcache.listing")
 
@@ -66,42 +70,79 @@ class CachedImage:
         return bool(self.parents) and not self.tags
 
 
-async def _rows(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
-    async with metadata.db.execute(sql, args) as cur:
-        return list(await cur.fetchall())
+@dataclass(frozen=True, slots=True)
+class ImageInRepository:
+    """One image row with its repository and its manifest's details."""
+
+    upstream: str
+    repository: str
+    digest: str
+    first_pulled: float
+    last_pulled: float
+    pulls: int
+    pinned: bool
+    media_type: str
+    config_digest: str | None
+    content_size: int | None
+    created: str | None
+    platform: str | None
+
+
+class ListingQueries:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def images(self) -> list[ImageInRepository]:
+        rows = await self._db.all(
+            "SELECT r.upstream, r.name, i.manifest, i.first_pulled, i.last_pulled, i.pull_count, i.pinned, "
+            "m.media_type, m.config_digest, m.content_size, m.created, m.platform "
+            "FROM images i JOIN repositories r ON r.id = i.repository_id JOIN manifests m ON m.digest = i.manifest "
+            "ORDER BY r.upstream, r.name",
+        )
+        return [
+            ImageInRepository(upstream, name, digest, first, last, pulls, bool(pinned), *manifest)
+            for upstream, name, digest, first, last, pulls, pinned, *manifest in rows
+        ]
+
+    async def tags(self) -> list[tuple[RepoTag, str]]:
+        """Every tag with the manifest it points at."""
+        rows = await self._db.all(
+            "SELECT r.upstream, r.name, t.tag, t.manifest FROM tags t JOIN repositories r ON r.id = t.repository_id "
+            "ORDER BY r.upstream, r.name, t.tag",
+        )
+        return [(RepoTag(upstream, name, tag), digest) for upstream, name, tag, digest in rows]
+
+    async def index_children(self) -> list[tuple[str, str, str | None]]:
+        """(index, child manifest, its platform)."""
+        return await self._db.all("SELECT manifest, child, platform FROM manifest_references WHERE kind = 'manifest'")
+
+    async def child_blobs(self) -> list[tuple[str, str, int | None]]:
+        """(child manifest of an index, config or layer, its descriptor's size)."""
+        return await self._db.all(
+            "SELECT manifest, child, size FROM manifest_references WHERE kind IN ('config', 'layer') "
+            "AND manifest IN (SELECT child FROM manifest_references WHERE kind = 'manifest')",
+        )
 
 
 async def list_images(metadata: Metadata, store: BlobStore | None = None) -> list[CachedImage]:
     """Every image in the cache with its tags, sizes and access statistics."""
     images: dict[str, CachedImage] = {}
-    rows = await _rows(
-        metadata,
-        "SELECT r.upstream, r.name, i.manifest, i.first_pulled, i.last_pulled, i.pull_count, i.pinned, "
-        "m.media_type, m.config_digest, m.content_size, m.created, m.platform "
-        "FROM images i JOIN repositories r ON r.id = i.repository_id JOIN manifests m ON m.digest = i.manifest "
-        "ORDER BY r.upstream, r.name",
-    )
-    for upstream, name, digest, first, last, pulls, pinned, media_type, config, content, created, platform in rows:
-        image = images.get(digest)
+    for row in await metadata.listing.images():
+        image = images.get(row.digest)
         if image is None:
-            image = images[digest] = CachedImage(
-                digest, media_type, config, created, content or 0, platform, first_pulled=first
-            )
-        image.repositories.append((upstream, name))
-        image.first_pulled = min(image.first_pulled, first)
-        image.last_pulled = max(image.last_pulled, last)
-        image.pulls += pulls
-        image.pinned = image.pinned or bool(pinned)
-    for upstream, name, tag, digest in await _rows(
-        metadata,
-        "SELECT r.upstream, r.name, t.tag, t.manifest FROM tags t JOIN repositories r ON r.id = t.repository_id "
-        "ORDER BY r.upstream, r.name, t.tag",
-    ):
+            image = images[row.digest] = CachedImage(
+                row.digest, row.media_type, row.config_digest, row.created, row.content_size or 0, row.platform,
+                first_pulled=row.first_pulled,
+            )  # fmt: skip
+        image.repositories.append((row.upstream, row.repository))
+        image.first_pulled = min(image.first_pulled, row.first_pulled)
+        image.last_pulled = max(image.last_pulled, row.last_pulled)
+        image.pulls += row.pulls
+        image.pinned = image.pinned or row.pinned
+    for tag, digest in await metadata.listing.tags():
         if digest in images:
-            images[digest].tags.append(RepoTag(upstream, name, tag))
-    for parent, child, platform in await _rows(
-        metadata, "SELECT manifest, child, platform FROM manifest_references WHERE kind = 'manifest'"
-    ):
+            images[digest].tags.append(tag)
+    for parent, child, platform in await metadata.listing.index_children():
         if parent in images:
             images[parent].children.append((child, platform))
             if child in images:
@@ -143,11 +184,7 @@ async def _index_details(metadata: Metadata, images: dict[str, CachedImage]) -> 
     if not indexes:
         return
     blob_sizes: dict[str, dict[str, int]] = {}
-    for manifest, child, size in await _rows(
-        metadata,
-        "SELECT manifest, child, size FROM manifest_references WHERE kind IN ('config', 'layer') "
-        "AND manifest IN (SELECT child FROM manifest_references WHERE kind = 'manifest')",
-    ):
+    for manifest, child, size in await metadata.listing.child_blobs():
         blob_sizes.setdefault(manifest, {})[child] = max(size or 0, 0)
     for index in indexes:
         distinct: dict[str, int] = {}

@@ -9,20 +9,18 @@ and manifest writes commit immediately.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
-
-from storage.errors import StoreFull
-from storage.index.schema import migrate
+from storage.index.collect import CollectQueries
+from storage.index.consistency import ConsistencyQueries
+from storage.index.database import Database, Statement
+from storage.index.listing import ListingQueries
+from storage.index.replicas import ReplicaQueries
+from storage.index.rows import BlobRow, ImageKey, StoreSummary
 from storage.oci.manifests import ParsedManifest
 
 
@@ -42,113 +40,65 @@ class ManifestRow:
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db = Database(path)
         self._repo_ids: dict[tuple[str, str], int] = {}
         self._pulls: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0])
         self._blob_access: dict[str, float] = {}
-        self._write_lock = asyncio.Lock()
-        self.observe = None  # optional callable(operation, seconds) for metrics
+        # What GC, replica sync and fsck read and change, each by name.
+        self.collect = CollectQueries(self._db)
+        self.replicas = ReplicaQueries(self._db)
+        self.consistency = ConsistencyQueries(self._db)
+        self.listing = ListingQueries(self._db)
 
     @property
-    def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "metadata is not open"
-        return self._db
+    def observe(self) -> Callable[[str, float], None] | None:
+        """Optional callable(operation, seconds) for metrics."""
+        return self._db.observe
+
+    @observe.setter
+    def observe(self, observe: Callable[[str, float], None] | None) -> None:
+        self._db.observe = observe
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=FULL")
-        await self.db.execute("PRAGMA foreign_keys=ON")
-        await self.db.execute("PRAGMA busy_timeout=10000")
-        await migrate(self.db)
+        await self._db.open()
 
     async def close(self) -> None:
-        if self._db is not None:
+        if self._db.is_open:
             await self.flush()
             await self._db.close()
-            self._db = None
-
-    async def _one(self, sql: str, args: tuple = ()) -> tuple | None:
-        started = time.perf_counter()
-        async with self.db.execute(sql, args) as cur:
-            row = await cur.fetchone()
-        if self.observe:
-            self.observe("read", time.perf_counter() - started)
-        return row
-
-    async def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
-        started = time.perf_counter()
-        async with self.db.execute(sql, args) as cur:
-            rows = list(await cur.fetchall())
-        if self.observe:
-            self.observe("read", time.perf_counter() - started)
-        return rows
-
-    async def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        started = time.perf_counter()
-        async with self.writing() as db:
-            # Each call is a trip to the connection's thread and back: consecutive
-            # rows of one statement go in one executemany (a manifest's ~2 per layer).
-            for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):
-                rows = [args for _, args in group]
-                if len(rows) == 1:
-                    await db.execute(sql, rows[0])
-                else:
-                    await db.executemany(sql, rows)
-        if self.observe:
-            self.observe("write", time.perf_counter() - started)
-
-    async def transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        await self._transaction(statements)
-
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction that may read as it goes (GC decides and deletes in one).
-
-        One connection serves every task, so transactions take turns.
-        """
-        async with self._write_lock:
-            # Cancelled while BEGIN waits in the connection's queue, it still runs
-            # after: roll it back then, or the connection stays in a transaction.
-            begin = asyncio.ensure_future(self.db.execute("BEGIN IMMEDIATE"))
-            try:
-                await asyncio.shield(begin)
-            except asyncio.CancelledError:
-                await asyncio.wait([begin])
-                if not begin.cancelled() and begin.exception() is None and self.db.in_transaction:
-                    await self.db.execute("ROLLBACK")
-                raise
-            try:
-                yield self.db
-                # Cancelled while COMMIT waits or runs, it still runs after: let it
-                # end first, or the ROLLBACK below would run after it and fail,
-                # hiding the cancellation (a stopping task would then go on).
-                commit = asyncio.ensure_future(self.db.execute("COMMIT"))
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError:
-                    await asyncio.wait([commit])
-                    raise
-            except BaseException as exc:
-                # SQLite may already have rolled back (a full disk does that).
-                if self.db.in_transaction:
-                    await self.db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-                    raise StoreFull("no space left for the metadata database") from exc
-                raise
 
     async def ping(self) -> bool:
         """Readiness: the database answers a query."""
-        return await self._one("SELECT 1") == (1,)
+        return await self._db.one("SELECT 1") == (1,)
 
     async def totals(self) -> tuple[int, int, int, int]:
         """(bytes of blobs, blobs, images, repositories), for the store gauges."""
-        blobs = await self._one("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs")
-        images = await self._one("SELECT COUNT(*) FROM images")
-        repositories = await self._one("SELECT COUNT(*) FROM repositories")
+        blobs = await self._db.one("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM blobs")
+        images = await self._db.one("SELECT COUNT(*) FROM images")
+        repositories = await self._db.one("SELECT COUNT(*) FROM repositories")
         assert blobs is not None and images is not None and repositories is not None
         return int(blobs[0]), int(blobs[1]), int(images[0]), int(repositories[0])
+
+    async def stored_bytes(self) -> int:
+        """Bytes of committed blobs: what the size budget is measured against."""
+        row = await self._db.one("SELECT COALESCE(SUM(size), 0) FROM blobs")
+        return int(row[0]) if row else 0
+
+    async def summary(self) -> StoreSummary:
+        """The store as ``stats`` shows it: only repositories that hold an image count."""
+        row = await self._db.one(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs), (SELECT COUNT(*) FROM blobs), "
+            "(SELECT COUNT(*) FROM images), (SELECT COUNT(*) FROM images WHERE pinned != 0), "
+            "(SELECT COUNT(*) FROM repositories WHERE EXISTS "
+            "(SELECT 1 FROM images i WHERE i.repository_id = repositories.id))",
+        )
+        assert row is not None
+        return StoreSummary(*row)
+
+    async def pull_count(self) -> int:
+        """Pulls of every cached image, as far as they were flushed."""
+        row = await self._db.one("SELECT COALESCE(SUM(pull_count), 0) FROM images")
+        return row[0] if row else 0
 
     # Repositories -------------------------------------------------------
 
@@ -156,48 +106,56 @@ class Metadata:
         key = (upstream, name)
         if key in self._repo_ids:
             return self._repo_ids[key]
-        row = await self._one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
+        row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
         if row is None:
             if not create:
                 return None
-            await self._transaction(
+            await self._db.transaction(
                 [("INSERT OR IGNORE INTO repositories (upstream, name, created_at) VALUES (?, ?, ?)",
                   (upstream, name, time.time()))]
             )  # fmt: skip
-            row = await self._one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
+            row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
             assert row is not None
-        self._repo_ids[key] = row[0]
-        return row[0]
+        repository_id: int = row[0]
+        self._repo_ids[key] = repository_id
+        return repository_id
 
     async def catalog(self) -> list[tuple[str, str]]:
         """(upstream, name) of every repository that holds at least one image."""
-        rows = await self._all(
+        rows = await self._db.all(
             "SELECT r.upstream, r.name FROM repositories r "
             "WHERE EXISTS (SELECT 1 FROM images i WHERE i.repository_id = r.id) ORDER BY r.upstream, r.name"
         )
         return [(u, name) for u, name in rows]
 
+    async def repository_names(self) -> dict[int, tuple[str, str]]:
+        """Every repository's (upstream, name) by id, to name removed images."""
+        return {row[0]: (row[1], row[2]) for row in await self._db.all("SELECT id, upstream, name FROM repositories")}
+
     # Tags ---------------------------------------------------------------
 
     async def tag(self, repository_id: int, tag: str) -> TagRow | None:
-        row = await self._one("SELECT manifest, checked_at FROM tags WHERE repository_id = ? AND tag = ?",
-                              (repository_id, tag))  # fmt: skip
+        row = await self._db.one("SELECT manifest, checked_at FROM tags WHERE repository_id = ? AND tag = ?",
+                                 (repository_id, tag))  # fmt: skip
         return TagRow(row[0], row[1]) if row else None
 
     async def tags(self, repository_id: int) -> list[str]:
-        return [r[0] for r in await self._all("SELECT tag FROM tags WHERE repository_id = ? ORDER BY tag",
-                                              (repository_id,))]  # fmt: skip
+        return [r[0] for r in await self._db.all("SELECT tag FROM tags WHERE repository_id = ? ORDER BY tag",
+                                                (repository_id,))]  # fmt: skip
 
     async def confirm_tag(self, repository_id: int, tag: str, when: float | None = None) -> None:
-        await self._transaction(
+        await self._db.transaction(
             [("UPDATE tags SET checked_at = ? WHERE repository_id = ? AND tag = ?",
               (when or time.time(), repository_id, tag))]
         )  # fmt: skip
 
+    async def untag(self, repository_id: int, tag: str) -> None:
+        await self._db.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repository_id, tag))])
+
     # Manifests ----------------------------------------------------------
 
     async def manifest(self, digest: str) -> ManifestRow | None:
-        row = await self._one("SELECT digest, media_type, size FROM manifests WHERE digest = ?", (digest,))
+        row = await self._db.one("SELECT digest, media_type, size FROM manifests WHERE digest = ?", (digest,))
         return ManifestRow(*row) if row else None
 
     async def record_manifest(
@@ -210,9 +168,9 @@ class Metadata:
         pinned: bool = False,
     ) -> None:
         """Store a manifest's rows, its image in the repository, links to what it references, and the tag."""
-        await self._transaction(self.manifest_statements(repository_id, digest, size, parsed, tag, pinned))
+        await self._db.transaction(self._manifest_statements(repository_id, digest, size, parsed, tag, pinned))
 
-    def manifest_statements(
+    def _manifest_statements(
         self,
         repository_id: int,
         digest: str,
@@ -220,12 +178,12 @@ class Metadata:
         parsed: ParsedManifest,
         tag: str | None = None,
         pinned: bool = False,
-    ) -> list[tuple[str, tuple]]:
-        """The statements of ``record_manifest``, for callers that commit several manifests at once."""
+    ) -> list[Statement]:
+        """The statements of ``record_manifest``, for a load that commits several manifests at once."""
         now = time.time()
         config = parsed.config
         content = None if parsed.is_index else sum(d.size for d in parsed.references if d.kind != "subject")
-        statements: list[tuple[str, tuple]] = [
+        statements: list[Statement] = [
             ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
              "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now)),
             ("INSERT INTO manifests (digest, media_type, size, config_digest, content_size, fetched_at) "
@@ -237,7 +195,7 @@ class Metadata:
             ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
              "ON CONFLICT DO NOTHING", (repository_id, digest, size, now)),
         ]  # fmt: skip
-        # References first, then links: each kind in one run (see _transaction).
+        # References first, then links: each kind in one run (see Database.transaction).
         statements += [
             (
                 "INSERT INTO manifest_references (manifest, child, kind, media_type, size, platform) "
@@ -274,45 +232,64 @@ class Metadata:
     ) -> None:
         """A load: blob rows and pinned (repository, manifest, size, parsed, tag) images, all or nothing."""
         now = time.time()
-        statements: list[tuple[str, tuple]] = [
+        statements: list[Statement] = [
             ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
              "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now))
             for digest, size in blobs.items()
         ]  # fmt: skip
         for repository_id, digest, size, parsed, tag in manifests:
-            statements += self.manifest_statements(repository_id, digest, size, parsed, tag, pinned=True)
-        await self._transaction(statements)
+            statements += self._manifest_statements(repository_id, digest, size, parsed, tag, pinned=True)
+        await self._db.transaction(statements)
 
     async def set_manifest_details(self, digest: str, created: str | None, platform: str | None) -> None:
-        await self._transaction(
+        await self._db.transaction(
             [("UPDATE manifests SET created = COALESCE(?, created), platform = COALESCE(?, platform) "
               "WHERE digest = ?", (created, platform, digest))]
         )  # fmt: skip
 
     async def is_pinned(self, repository_id: int, digest: str) -> bool:
-        row = await self._one("SELECT pinned FROM images WHERE repository_id = ? AND manifest = ?",
-                              (repository_id, digest))  # fmt: skip
+        row = await self._db.one("SELECT pinned FROM images WHERE repository_id = ? AND manifest = ?",
+                                 (repository_id, digest))  # fmt: skip
         return bool(row and row[0])
 
     async def has_image(self, repository_id: int, digest: str) -> bool:
-        return await self._one("SELECT 1 FROM images WHERE repository_id = ? AND manifest = ?",
-                               (repository_id, digest)) is not None  # fmt: skip
+        return await self._db.one("SELECT 1 FROM images WHERE repository_id = ? AND manifest = ?",
+                                  (repository_id, digest)) is not None  # fmt: skip
+
+    async def set_pinned(self, key: ImageKey, pinned: bool) -> bool:
+        """Mark one image row; False when there is no such row."""
+        async with self._db.writing() as db:
+            cur = await db.execute(
+                "UPDATE images SET pinned = ? WHERE repository_id = ? AND manifest = ?",
+                (int(pinned), key.repository_id, key.manifest),
+            )
+            return cur.rowcount > 0
 
     # Blobs --------------------------------------------------------------
 
     async def link(self, repository_id: int, digest: str) -> tuple[bool, int | None]:
         """Whether the repository may see the blob, and the size a descriptor gave it."""
-        row = await self._one("SELECT size FROM repository_blobs WHERE repository_id = ? AND digest = ?",
-                              (repository_id, digest))  # fmt: skip
+        row = await self._db.one("SELECT size FROM repository_blobs WHERE repository_id = ? AND digest = ?",
+                                 (repository_id, digest))  # fmt: skip
         return (True, row[0]) if row else (False, None)
 
     async def blob_size(self, digest: str) -> int | None:
-        row = await self._one("SELECT size FROM blobs WHERE digest = ?", (digest,))
+        row = await self._db.one("SELECT size FROM blobs WHERE digest = ?", (digest,))
         return row[0] if row else None
+
+    async def blob_sizes(self) -> dict[str, int]:
+        return dict(await self._db.all("SELECT digest, size FROM blobs"))
+
+    async def restore_blobs(self, blobs: list[BlobRow]) -> None:
+        """Blob rows put back (a deletion deferred by a lease) or adopted (fsck); a row already there wins."""
+        await self._db.transaction(
+            [("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
+              "ON CONFLICT(digest) DO NOTHING", (b.digest, b.size, b.created_at, b.last_access)) for b in blobs]
+        )  # fmt: skip
 
     async def record_blob(self, repository_id: int | None, digest: str, size: int) -> None:
         now = time.time()
-        statements: list[tuple[str, tuple]] = [
+        statements: list[Statement] = [
             ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
              "ON CONFLICT(digest) DO UPDATE SET size = excluded.size", (digest, size, now, now)),
         ]  # fmt: skip
@@ -321,10 +298,10 @@ class Metadata:
                 ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT DO UPDATE SET size = excluded.size", (repository_id, digest, size, now))
             )  # fmt: skip
-        await self._transaction(statements)
+        await self._db.transaction(statements)
 
     async def link_blob(self, repository_id: int, digest: str, size: int | None) -> None:
-        await self._transaction(
+        await self._db.transaction(
             [("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
               "ON CONFLICT DO NOTHING", (repository_id, digest, size, time.time()))]
         )  # fmt: skip
@@ -345,7 +322,7 @@ class Metadata:
             return
         pulls, self._pulls = self._pulls, defaultdict(lambda: [0.0, 0])
         blobs, self._blob_access = self._blob_access, {}
-        statements: list[tuple[str, tuple]] = [
+        statements: list[Statement] = [
             ("UPDATE images SET last_pulled = MAX(last_pulled, ?), pull_count = pull_count + ? "
              "WHERE repository_id = ? AND manifest = ?", (when, int(n), repo, manifest))
             for (repo, manifest), (when, n) in pulls.items()
@@ -354,4 +331,4 @@ class Metadata:
             ("UPDATE blobs SET last_access = MAX(last_access, ?) WHERE digest = ?", (when, digest))
             for digest, when in blobs.items()
         ]
-        await self._transaction(statements)
+        await self._db.transaction(statements)

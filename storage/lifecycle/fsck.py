@@ -34,7 +34,6 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from storage import paths
 from storage.backends.base import BlobBackend
 from storage.backends.filesystem import walk_strays
 from storage.index.metadata import Metadata
+from storage.index.rows import BlobRow
 from storage.oci.digest import Digest
 
 LOCK_FILE = "regcache.lock"
@@ -199,41 +199,33 @@ class Checker:
     # SQLite ----------------------------------------------------------------
 
     async def _integrity(self) -> None:
-        rows = await _fetch(self.metadata, "PRAGMA integrity_check")
-        messages = [r[0] for r in rows if r[0] != "ok"]
-        for message in messages[:20]:
+        for message in (await self.metadata.consistency.integrity_errors())[:20]:
             self.report.add("database", "metadata.db", message)
 
     async def _dangling_rows(self) -> None:
-        images = await _fetch(
-            self.metadata,
-            "SELECT repository_id, manifest FROM images WHERE manifest NOT IN (SELECT digest FROM manifests)",
-        )
-        for repo, manifest in images:
-            problem = self.report.add("dangling_image", manifest, f"image row in repository {repo} has no manifest row")
+        for key in await self.metadata.consistency.images_without_manifest():
+            problem = self.report.add(
+                "dangling_image", key.manifest, f"image row in repository {key.repository_id} has no manifest row"
+            )
             if self.repair:
-                await self._drop_images([(repo, manifest)])
+                await self.metadata.consistency.drop_images([key])
                 problem.action = "image removed"
-        tags = await _fetch(
-            self.metadata,
-            "SELECT t.repository_id, t.tag, t.manifest FROM tags t WHERE NOT EXISTS "
-            "(SELECT 1 FROM images i WHERE i.repository_id = t.repository_id AND i.manifest = t.manifest)",
-        )
-        for repo, tag, manifest in tags:
-            problem = self.report.add("dangling_tag", f"{repo}:{tag}", f"tag points at {manifest}, not an image")
+        for tag in await self.metadata.consistency.tags_without_image():
+            problem = self.report.add(
+                "dangling_tag", f"{tag.repository_id}:{tag.tag}", f"tag points at {tag.manifest}, not an image"
+            )
             if self.repair:
-                await self.metadata.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo, tag))])
+                await self.metadata.untag(tag.repository_id, tag.tag)
                 problem.action = "tag removed"
 
     # Blob rows against blob files --------------------------------------------
 
     async def _blobs(self) -> None:
         files = {str(d): size async for d, size in self.backend.list()}
-        rows = dict(await _fetch(self.metadata, "SELECT digest, size FROM blobs"))
+        rows = await self.metadata.blob_sizes()
         self.report.blobs, self.report.rows = len(files), len(rows)
-        manifests = {r[0] for r in await _fetch(self.metadata, "SELECT digest FROM manifests")}
-        referenced = {r[0] for r in await _fetch(self.metadata, "SELECT child FROM manifest_references")}
-        referenced |= manifests
+        manifests = await self.metadata.consistency.manifest_digests()
+        referenced = await self.metadata.consistency.referenced_digests() | manifests
         hashed: dict[str, bool] = {}
         if self.verify:
             hashed = await self._hash_all(sorted(files))
@@ -271,10 +263,7 @@ class Checker:
             if not self.repair:
                 continue
             if digest in referenced:
-                await self.metadata.transaction(
-                    [("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
-                      "ON CONFLICT(digest) DO NOTHING", (digest, files[digest], time.time(), time.time()))]
-                )  # fmt: skip
+                await self.metadata.restore_blobs([BlobRow(digest, files[digest], time.time(), time.time())])
                 problem.action = "adopted (a manifest references it)"
             else:
                 await self._delete_file(digest)
@@ -326,25 +315,10 @@ class Checker:
 
     async def _forget_blob(self, digest: str) -> str:
         """Drop a blob's row; a manifest without bytes takes its images with it."""
-        images = await _fetch(self.metadata, "SELECT repository_id, manifest FROM images WHERE manifest = ?", (digest,))
-        await self._drop_images(images)
-        await self.metadata.transaction(
-            [
-                ("DELETE FROM manifests WHERE digest = ?", (digest,)),
-                ("DELETE FROM blobs WHERE digest = ?", (digest,)),
-            ]
-        )
+        images = await self.metadata.consistency.images_of(digest)
+        await self.metadata.consistency.drop_images(images)
+        await self.metadata.consistency.forget_blob(digest)
         return f"row removed with {len(images)} image(s)" if images else "row removed"
-
-    async def _drop_images(self, images: Iterable[tuple[int, str]]) -> None:
-        statements: list[tuple[str, tuple]] = []
-        for repo, manifest in images:
-            statements += [
-                ("DELETE FROM tags WHERE repository_id = ? AND manifest = ?", (repo, manifest)),
-                ("DELETE FROM images WHERE repository_id = ? AND manifest = ?", (repo, manifest)),
-            ]
-        if statements:
-            await self.metadata.transaction(statements)
 
 
 async def fsck(root: Path, backend: BlobBackend, *, repair: bool = False, fast: bool = False) -> FsckReport:
@@ -375,11 +349,6 @@ async def fsck(root: Path, backend: BlobBackend, *, repair: bool = False, fast: 
 async def recover(root: Path, metadata: Metadata, backend: BlobBackend) -> FsckReport:
     """Startup recovery, run only by a server alone on its store: fast, repairing, temp files removed."""
     return await Checker(root, metadata, backend, repair=True, verify=False).run(integrity=False, temp=True)
-
-
-async def _fetch(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
-    async with metadata.db.execute(sql, args) as cur:
-        return list(await cur.fetchall())
 
 
 def _remove(path: Path) -> None:

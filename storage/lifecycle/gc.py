@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -33,18 +32,11 @@ from typing import TYPE_CHECKING
 from storage.blobs import BlobStore
 from storage.errors import DigestInvalid
 from storage.index.metadata import Metadata
+from storage.index.rows import BlobRow, ImageKey
 from storage.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from storage.replicas.gc import ReplicaCollector
-
-# The live set: every digest reachable from an image row.
-LIVE_CTE = """
-live(digest) AS (
-    SELECT manifest FROM images
-    UNION
-    SELECT r.child FROM manifest_references r JOIN live l ON r.manifest = l.digest WHERE r.kind != 'subject'
-)"""
+    from storage.replicas.gc import SharedCollector
 
 
 class Lease:
@@ -108,14 +100,6 @@ class InUse:
         return len(self._leases)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageKey:
-    """An image row: a manifest as present in a repository."""
-
-    repository_id: int
-    manifest: str
-
-
 @dataclass(slots=True)
 class Unit:
     """What eviction removes at once: an image and, for an index, its platform
@@ -148,12 +132,11 @@ class Removal:
 
 
 async def load_units(metadata: Metadata) -> list[Unit]:
-    rows = await _all(metadata, "SELECT repository_id, manifest, last_pulled, pinned FROM images")
+    rows = await metadata.collect.images()
     children: dict[str, list[str]] = defaultdict(list)
-    index_children = "SELECT manifest, child FROM manifest_references WHERE kind = 'manifest'"
-    for parent, child in await _all(metadata, index_children):
+    for parent, child in await metadata.collect.index_children():
         children[parent].append(child)
-    by_key = {ImageKey(r, m): (last, bool(pinned)) for r, m, last, pinned in rows}
+    by_key = {row.key: (row.last_pulled, row.pinned) for row in rows}
     is_child = {
         ImageKey(key.repository_id, child)
         for key in by_key
@@ -192,10 +175,9 @@ async def plan_eviction(metadata: Metadata, units: list[Unit], total: int, targe
     row, so a layer shared with an image that stays frees nothing.
     """
     edges: dict[str, list[str]] = defaultdict(list)
-    references = "SELECT manifest, child FROM manifest_references WHERE kind != 'subject'"
-    for parent, child in await _all(metadata, references):
+    for parent, child in await metadata.collect.references():
         edges[parent].append(child)
-    sizes = dict(await _all(metadata, "SELECT digest, size FROM blobs"))
+    sizes = await metadata.blob_sizes()
     memo: dict[str, frozenset[str]] = {}
 
     def closure(manifest: str) -> frozenset[str]:
@@ -240,7 +222,7 @@ class Collector:
     """
 
     def __init__(
-        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: ReplicaCollector | None = None
+        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: SharedCollector | None = None
     ) -> None:
         self.metadata = metadata
         self.store = store
@@ -252,31 +234,11 @@ class Collector:
         keys = list(keys)
         if not keys:
             return Removal()
-        async with self.metadata.writing() as db:
-            removed = []
-            for key in keys:
-                args = (key.repository_id, key.manifest)
-                await db.execute("DELETE FROM tags WHERE repository_id = ? AND manifest = ?", args)
-                cur = await db.execute("DELETE FROM images WHERE repository_id = ? AND manifest = ?", args)
-                if cur.rowcount:
-                    removed.append(key)
-            gone = sorted({k.manifest for k in removed})
-            doomed = await _fetch(
-                db,
-                "WITH RECURSIVE gone(digest) AS ("
-                " SELECT value FROM json_each(?)"
-                " UNION SELECT r.child FROM manifest_references r JOIN gone g ON r.manifest = g.digest"
-                " WHERE r.kind != 'subject'),"
-                f"{LIVE_CTE} "
-                "SELECT g.digest, b.size, b.created_at, b.last_access FROM gone g LEFT JOIN blobs b USING (digest) "
-                "WHERE g.digest NOT IN (SELECT digest FROM live)",
-                (_json_list(gone),),
-            )
-            result = await self._drop(db, doomed)
-        result.images = removed
+        dropped = await self.metadata.collect.remove_images(keys)
+        result = Removal(images=dropped.images, manifests=dropped.manifests)
         if self.shared is not None:
-            return await self.shared.release(removed, doomed, result)
-        return await self._unlink(result, doomed)
+            return await self.shared.release(dropped.images, dropped.blobs, result)
+        return await self._unlink(result, dropped.blobs)
 
     async def sweep(self, grace: float) -> Removal:
         """Remove blobs and manifests nothing live reaches, created more than ``grace`` seconds ago.
@@ -287,50 +249,20 @@ class Collector:
         """
         if self.shared is not None:
             return await self.shared.sweep(grace)
-        cutoff = time.time() - grace
-        async with self.metadata.writing() as db:
-            doomed = await _fetch(
-                db,
-                f"WITH RECURSIVE {LIVE_CTE} "
-                "SELECT digest, size, created_at, last_access FROM blobs "
-                "WHERE created_at < ? AND digest NOT IN (SELECT digest FROM live)",
-                (cutoff,),
-            )
-            doomed += [
-                (digest, None, None, None)
-                for (digest,) in await _fetch(
-                    db,
-                    f"WITH RECURSIVE {LIVE_CTE} "
-                    "SELECT m.digest FROM manifests m WHERE m.fetched_at < ? "
-                    "AND m.digest NOT IN (SELECT digest FROM live) "
-                    "AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.digest = m.digest)",
-                    (cutoff,),
-                )
-            ]
-            doomed = [row for row in doomed if not self.in_use.busy(row[0])]
-            result = await self._drop(db, doomed)
-        return await self._unlink(result, doomed)
+        dropped = await self.metadata.collect.drop_unreachable(time.time() - grace, self.in_use.busy)
+        return await self._unlink(Removal(manifests=dropped.manifests), dropped.blobs)
 
-    async def _drop(self, db, doomed: list[tuple]) -> Removal:  # type: ignore[no-untyped-def]
-        digests = [(row[0],) for row in doomed]
-        cur = await db.executemany("DELETE FROM manifests WHERE digest = ?", digests)
-        manifests = max(cur.rowcount, 0)
-        await db.executemany("DELETE FROM blobs WHERE digest = ?", digests)
-        # Links to content that is gone would let a later fill skip the upstream's say-so.
-        await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", digests)
-        return Removal(manifests=manifests)
-
-    async def _unlink(self, result: Removal, doomed: list[tuple]) -> Removal:
+    async def _unlink(self, result: Removal, doomed: list[BlobRow]) -> Removal:
         restore = []
-        for digest_text, size, created_at, last_access in doomed:
-            if size is None:
+        for row in doomed:
+            if row.size is None:
                 continue  # a row without bytes
             try:
-                digest = Digest.parse(digest_text)
+                digest = Digest.parse(row.digest)
             except DigestInvalid:
                 continue
-            if self.in_use.busy(digest_text):
-                restore.append((digest_text, size, created_at, last_access))
+            if self.in_use.busy(row.digest):
+                restore.append(row)
                 continue
             path = self.store.local_path(digest)
             if path is not None:
@@ -342,24 +274,8 @@ class Collector:
             elif not await self.store.delete(digest):
                 continue
             result.blobs += 1
-            result.bytes += size
+            result.bytes += row.size
         if restore:
-            await self.metadata.transaction(
-                [("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
-                  "ON CONFLICT(digest) DO NOTHING", row) for row in restore]
-            )  # fmt: skip
+            await self.metadata.restore_blobs(restore)
             result.deferred += len(restore)
         return result
-
-
-def _json_list(items: list[str]) -> str:
-    return json.dumps(items)
-
-
-async def _fetch(db, sql: str, args: tuple = ()) -> list[tuple]:  # type: ignore[no-untyped-def]
-    async with db.execute(sql, args) as cur:
-        return list(await cur.fetchall())
-
-
-async def _all(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
-    return await _fetch(metadata.db, sql, args)

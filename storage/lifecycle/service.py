@@ -30,11 +30,12 @@ from pathlib import Path
 
 from config.settings import StorageSettings
 from storage.blobs import BlobStore
-from storage.errors import ImagePinned, StoreUnavailable
+from storage.errors import ImagePinned
 from storage.index.metadata import Metadata
-from storage.lifecycle.gc import Collector, ImageKey, InUse, Removal, load_units, plan_eviction
-from storage.replicas.gc import ReplicaCollector
-from storage.replicas.sync import ReplicaSync
+from storage.index.rows import ImageKey
+from storage.lifecycle.gc import Collector, InUse, Removal, load_units, plan_eviction
+from storage.replicas.gc import SharedCollector
+from storage.replicas.sync import SharedSync
 
 log = logging.getLogger("regcache.lifecycle")
 
@@ -84,11 +85,11 @@ class Lifecycle:
         self.in_use = in_use if in_use is not None else InUse()
         # A store shared by replicas: GC over every replica's records, and this index kept in line with them.
         index = store.backend.shared
-        self.shared: ReplicaSync | None = None
+        self.shared: SharedSync | None = None
         shared_collector = None
         if index is not None:
-            shared_collector = ReplicaCollector(metadata, store, self.in_use, index, settings.gc_grace)
-            self.shared = ReplicaSync(metadata, store, index)
+            shared_collector = SharedCollector(metadata, store, self.in_use, index, settings.gc_grace)
+            self.shared = SharedSync(metadata, store, index)
         self.collector = Collector(metadata, store, self.in_use, shared_collector)
         self.data_dir = data_dir
         self.forget = forget  # drop the pull path's in-memory caches after a removal
@@ -208,7 +209,7 @@ class Lifecycle:
             return
         try:
             changed = (await self.shared.sync()).changed
-        except StoreUnavailable as exc:  # the bucket cannot answer: the local index answers meanwhile
+        except Exception as exc:  # botocore's errors, the store's: the local index answers meanwhile
             log.warning("could not read the shared records; answering from this replica's index: %s", exc)
             return
         if changed and self.forget is not None:
@@ -309,29 +310,16 @@ class Lifecycle:
         return await self._set_pinned(key, False)
 
     async def _set_pinned(self, key: ImageKey, pinned: bool) -> bool:
-        async with self.metadata.writing() as db:
-            cur = await db.execute(
-                "UPDATE images SET pinned = ? WHERE repository_id = ? AND manifest = ?",
-                (int(pinned), key.repository_id, key.manifest),
-            )
-            return cur.rowcount > 0
+        return await self.metadata.set_pinned(key, pinned)
 
     async def stats(self) -> dict:
-        row = await _one(
-            self.metadata,
-            "SELECT (SELECT COALESCE(SUM(size), 0) FROM blobs), (SELECT COUNT(*) FROM blobs), "
-            "(SELECT COUNT(*) FROM images), (SELECT COUNT(*) FROM images WHERE pinned != 0), "
-            "(SELECT COUNT(*) FROM repositories WHERE EXISTS "
-            "(SELECT 1 FROM images i WHERE i.repository_id = repositories.id))",
-        )
-        assert row is not None
-        size, blobs, images, pinned, repositories = row
+        summary = await self.metadata.summary()
         out: dict = {
-            "size": size,
-            "blobs": blobs,
-            "images": images,
-            "pinned": pinned,
-            "repositories": repositories,
+            "size": summary.size,
+            "blobs": summary.blobs,
+            "images": summary.images,
+            "pinned": summary.pinned,
+            "repositories": summary.repositories,
             "max_size": self.settings.max_size,
             "high_watermark": self.settings.high_watermark,
             "low_watermark": self.settings.low_watermark,
@@ -352,21 +340,10 @@ class Lifecycle:
         return budget is not None and self.size > budget * self.settings.high_watermark
 
     async def _stored_bytes(self) -> int:
-        row = await _one(self.metadata, "SELECT COALESCE(SUM(size), 0) FROM blobs")
-        return int(row[0]) if row else 0
+        return await self.metadata.stored_bytes()
 
     async def _names(self, keys: list[ImageKey]) -> list[RemovedImage]:
         if not keys:
             return []
-        names = {r[0]: (r[1], r[2]) for r in await _all(self.metadata, "SELECT id, upstream, name FROM repositories")}
+        names = await self.metadata.repository_names()
         return [RemovedImage(*names.get(k.repository_id, ("?", "?")), k.manifest) for k in keys]
-
-
-async def _one(metadata: Metadata, sql: str, args: tuple = ()) -> tuple | None:
-    async with metadata.db.execute(sql, args) as cur:
-        return await cur.fetchone()
-
-
-async def _all(metadata: Metadata, sql: str, args: tuple = ()) -> list[tuple]:
-    async with metadata.db.execute(sql, args) as cur:
-        return list(await cur.fetchall())

@@ -2,7 +2,7 @@
 
 On a shared bucket no replica's SQLite knows every image, so the rule "a blob
 nothing live reaches may go" is evaluated over the bucket's image records
-(``ReplicaIndex.images``), the shared truth: the live set is every recorded
+(``SharedIndex.images``), the shared truth: the live set is every recorded
 manifest and the closure of what it references (config, layers, an index's
 child manifests; never ``subject``), with manifests read from the bucket where
 this replica has no rows for them (manifests are immutable, so local rows and
@@ -10,7 +10,7 @@ an in-memory memo answer for the bucket's bytes).
 
 What keeps a sweep from deleting what another replica needs:
 
-- one replica sweeps at a time: the ``leases/gc`` lease (``storage.backends.s3.leases``), renewed
+- one replica sweeps at a time: the ``leases/gc`` lease (``s3_leases``), renewed
   while the sweep runs and taken over only after its holder stops renewing;
 - an object younger than ``gc_grace`` (by its LastModified, on the store's
   clock) is never deleted: it may be a fill whose manifest is about to be
@@ -38,11 +38,12 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from storage.backends.base import ReplicaIndex
+from storage.backends.base import SharedIndex
 from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid, RegcacheError
 from storage.index.metadata import Metadata
-from storage.lifecycle.gc import ImageKey, InUse, Removal
+from storage.index.rows import BlobRow, ImageKey
+from storage.lifecycle.gc import InUse, Removal
 from storage.oci.digest import Digest
 from storage.oci.manifests import parse_manifest
 
@@ -58,8 +59,8 @@ class Candidate:
     size: int
 
 
-class ReplicaCollector:
-    def __init__(self, metadata: Metadata, store: BlobStore, in_use: InUse, index: ReplicaIndex, grace: float) -> None:
+class SharedCollector:
+    def __init__(self, metadata: Metadata, store: BlobStore, in_use: InUse, index: SharedIndex, grace: float) -> None:
         self.metadata = metadata
         self.grace = grace  # for rmi and eviction; a sweep is given its own
         self.store = store
@@ -90,16 +91,8 @@ class ReplicaCollector:
         known = self._references.get(manifest)
         if known is not None:
             return known
-        async with self.metadata.db.execute(
-            "SELECT EXISTS (SELECT 1 FROM manifests WHERE digest = ?)", (manifest,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row and row[0]:
-            async with self.metadata.db.execute(
-                "SELECT child, kind FROM manifest_references WHERE manifest = ? AND kind != 'subject'", (manifest,)
-            ) as cur:
-                found = tuple((child, kind == "manifest") for child, kind in await cur.fetchall())
-        else:
+        found = await self.metadata.replicas.references(manifest)
+        if found is None:
             found = await self._children_from_store(manifest)
             if found is None:
                 return ()  # not readable now: nothing to memo
@@ -144,17 +137,17 @@ class ReplicaCollector:
         finally:
             await lease.release()
 
-    async def release(self, removed: list[ImageKey], doomed: list[tuple], result: Removal) -> Removal:
+    async def release(self, removed: list[ImageKey], doomed: list[BlobRow], result: Removal) -> Removal:
         """After ``Collector.remove`` dropped local rows: forget the image records, then delete
         the blobs no other replica's image reaches (older than ``grace``; the rest waits for a sweep)."""
-        names = await self._names(removed)
+        names = await self.metadata.repository_names() if removed else {}
         for key in removed:
             upstream, repository = names.get(key.repository_id, (None, None))
             if upstream is None or repository is None:
                 continue
             await self.index.delete_image(upstream, repository, key.manifest)
         # Rows without a size too: an adopted image has rows for its manifest only.
-        sized = sorted({row[0] for row in doomed})
+        sized = sorted({row.digest for row in doomed})
         if not sized:
             return result
         lease = await self.store.backend.acquire_sweep_lease()
@@ -201,27 +194,7 @@ class ReplicaCollector:
                 removal.blobs += 1
                 removal.bytes += candidate.size
         if deleted:
-            removal.manifests += await self._forget_rows(deleted)
+            removal.manifests += await self.metadata.replicas.forget_blobs(deleted)
             for digest in deleted:
                 self._references.pop(digest, None)
         return removal
-
-    async def _forget_rows(self, digests: list[str]) -> int:
-        """This replica's rows of what is gone from the bucket; the count of manifest rows."""
-        args = [(d,) for d in digests]
-        async with self.metadata.writing() as db:
-            # An image row still naming it (recorded here, not yet published) keeps the row; its
-            # next pull finds the bytes gone and fetches them again.
-            cur = await db.executemany(
-                "DELETE FROM manifests WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM images WHERE manifest = ?1)",
-                args,
-            )
-            await db.executemany("DELETE FROM blobs WHERE digest = ?", args)
-            await db.executemany("DELETE FROM repository_blobs WHERE digest = ?", args)
-        return max(cur.rowcount, 0)
-
-    async def _names(self, keys: list[ImageKey]) -> dict[int, tuple[str, str]]:
-        if not keys:
-            return {}
-        async with self.metadata.db.execute("SELECT id, upstream, name FROM repositories") as cur:
-            return {row[0]: (row[1], row[2]) for row in await cur.fetchall()}

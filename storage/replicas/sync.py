@@ -1,10 +1,10 @@
 """Bringing one replica's SQLite index in line with the bucket's shared records.
 
 Replicas record images and tags in their own SQLite and publish them to the
-bucket (``ReplicaIndex``); the pull path adopts a record on a local miss. What
+bucket (``SharedIndex``); the pull path adopts a record on a local miss. What
 the pull path cannot see is a record that *appeared* for a name this replica
 never asked for, or one that another replica *removed* (``rmi``, eviction).
-``ReplicaSync.sync`` settles both before ``images``, ``rmi``, ``save`` and
+``SharedSync.sync`` settles both before ``images``, ``rmi``, ``save`` and
 every lifecycle pass, so these give the same answer on every replica:
 
 - an image record this replica lacks is adopted: its manifest is read from the
@@ -25,10 +25,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-from storage.backends.base import ReplicaIndex
+from storage.backends.base import SharedIndex
 from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid, NameInvalid, RegcacheError
 from storage.index.metadata import Metadata
+from storage.index.replicas import Reconciliation, TagUpdate
 from storage.oci.digest import Digest
 from storage.oci.manifests import parse_manifest
 from storage.oci.reference import validate_name, validate_tag
@@ -50,8 +51,8 @@ class SyncResult:
         return bool(self.adopted or self.dropped or self.tags)
 
 
-class ReplicaSync:
-    def __init__(self, metadata: Metadata, store: BlobStore, index: ReplicaIndex) -> None:
+class SharedSync:
+    def __init__(self, metadata: Metadata, store: BlobStore, index: SharedIndex) -> None:
         self.metadata = metadata
         self.store = store
         self.index = index
@@ -60,20 +61,8 @@ class ReplicaSync:
         result = SyncResult()
         # The local snapshot comes first: a row recorded after it is not judged by this listing.
         started = time.time()
-        local = {
-            (u, r, m): (repo_id, first)
-            for repo_id, u, r, m, first in await self._rows(
-                "SELECT i.repository_id, p.upstream, p.name, i.manifest, i.first_pulled "
-                "FROM images i JOIN repositories p ON p.id = i.repository_id"
-            )
-        }
-        local_tags = {
-            (u, r, t): (repo_id, m, checked, updated)
-            for repo_id, u, r, t, m, checked, updated in await self._rows(
-                "SELECT t.repository_id, p.upstream, p.name, t.tag, t.manifest, t.checked_at, t.updated_at "
-                "FROM tags t JOIN repositories p ON p.id = t.repository_id"
-            )
-        }
+        local = {(i.upstream, i.repository, i.key.manifest): i for i in await self.metadata.replicas.images()}
+        local_tags = {(t.upstream, t.repository, t.tag): t for t in await self.metadata.replicas.tags()}
         shared = {key async for key in self.index.images()}
         shared_tags = {(u, r, t): (m, checked) async for u, r, t, m, checked in self.index.tags()}
 
@@ -82,39 +71,31 @@ class ReplicaSync:
             if await self._adopt(*key):
                 result.adopted += 1
                 present.add(key)
-        statements: list[tuple[str, tuple]] = []
-        for (upstream, repository, manifest), (repo_id, first) in local.items():
+        changes = Reconciliation([], [], [])
+        for (upstream, repository, manifest), image in local.items():
             if (upstream, repository, manifest) in shared:
                 continue
-            if self.index.seen(upstream, repository, manifest) or first < started - UNPUBLISHED_AGE:
-                statements += [
-                    ("DELETE FROM tags WHERE repository_id = ? AND manifest = ?", (repo_id, manifest)),
-                    ("DELETE FROM images WHERE repository_id = ? AND manifest = ?", (repo_id, manifest)),
-                ]
+            if self.index.seen(upstream, repository, manifest) or image.first_pulled < started - UNPUBLISHED_AGE:
+                changes.drop_images.append(image.key)
                 present.discard((upstream, repository, manifest))
                 result.dropped += 1
         for (upstream, repository, tag), (manifest, checked) in shared_tags.items():
             if (upstream, repository, manifest) not in present or not _valid_tag(tag):
                 continue
             mine = local_tags.get((upstream, repository, tag))
-            if mine is not None and (mine[1] == manifest or mine[2] > checked):
+            if mine is not None and (mine.manifest == manifest or mine.checked_at > checked):
                 continue
             repo_id = await self.metadata.repository_id(upstream, repository)
-            statements.append(
-                ("INSERT INTO tags (repository_id, tag, manifest, checked_at, updated_at) VALUES (?, ?, ?, ?, ?) "
-                 "ON CONFLICT(repository_id, tag) DO UPDATE SET manifest = excluded.manifest, "
-                 "checked_at = excluded.checked_at, updated_at = excluded.updated_at",
-                 (repo_id, tag, manifest, checked, started))
-            )  # fmt: skip
+            assert repo_id is not None
+            changes.set_tags.append(TagUpdate(repo_id, tag, manifest, checked, started))
             result.tags += 1
-        for (upstream, repository, tag), (repo_id, _, _, updated) in local_tags.items():
+        for (upstream, repository, tag), local_tag in local_tags.items():
             if (upstream, repository, tag) in shared_tags:
                 continue
-            if self.index.seen(upstream, repository, tag) or updated < started - UNPUBLISHED_AGE:
-                statements.append(("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo_id, tag)))
+            if self.index.seen(upstream, repository, tag) or local_tag.updated_at < started - UNPUBLISHED_AGE:
+                changes.drop_tags.append((local_tag.repository_id, tag))
                 result.tags += 1
-        if statements:
-            await self.metadata.transaction(statements)
+        await self.metadata.replicas.reconcile(changes)
         if result.changed:
             log.info("shared records: adopted %d image(s), dropped %d removed elsewhere, %d tag change(s)",
                      result.adopted, result.dropped, result.tags)  # fmt: skip
@@ -144,10 +125,6 @@ class ReplicaSync:
         assert repo_id is not None
         await self.metadata.record_manifest(repo_id, manifest, len(data), parsed)
         return True
-
-    async def _rows(self, sql: str) -> list[tuple]:
-        async with self.metadata.db.execute(sql) as cur:
-            return list(await cur.fetchall())
 
 
 def _valid_tag(tag: str) -> bool:

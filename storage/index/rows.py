@@ -1,0 +1,43 @@
+"""Values the index hands out and takes back: image keys, blob rows, the store's summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage.index.database import Statement
+
+
+@dataclass(frozen=True, slots=True)
+class ImageKey:
+    """An image row: a manifest as present in a repository."""
+
+    repository_id: int
+    manifest: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    """A blob as the ``blobs`` table has it; a digest nothing but a manifest row names has no size."""
+
+    digest: str
+    size: int | None
+    created_at: float | None
+    last_access: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSummary:
+    size: int  # bytes of blobs
+    blobs: int
+    images: int
+    pinned: int
+    repositories: int  # those that hold an image
+
+
+def image_removal(key: ImageKey) -> list[Statement]:
+    """An image row goes with its tags in that repository: a tag must name an image."""
+    args = (key.repository_id, key.manifest)
+    return [
+        ("DELETE FROM tags WHERE repository_id = ? AND manifest = ?", args),
+        ("DELETE FROM images WHERE repository_id = ? AND manifest = ?", args),
+    ]
