@@ -12,6 +12,7 @@ import json
 import math
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.errors import (
     AdminConflict,
@@ -117,7 +118,7 @@ def error_response(error: RegcacheError) -> web.Response:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegcacheError as error:
