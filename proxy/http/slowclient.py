@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import IO, Any
+import os
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from proxy.http import filesend
 
 log = logging.getLogger("regcache.slowclient")
 
-# Small enough that a client reading a few KiB/s still makes each deadline.
-SENDFILE_SLICE = 1024 * 1024
+# Bytes per read when the body goes through aiohttp (TLS): small enough that a
+# client reading a few KiB/s still makes each deadline.
+READ_SLICE = 1024 * 1024
 
 
 class StalledClient(ConnectionResetError):
@@ -42,44 +42,27 @@ async def write(request: web.BaseRequest, response: web.StreamResponse, chunk: b
         raise cut(request, timeout) from None
 
 
-class GuardedFileResponse(web.FileResponse):
-    """``FileResponse`` (sendfile, Range, conditionals) with a deadline per slice."""
-
-    def __init__(self, *args: Any, stall_timeout: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._stall_timeout = stall_timeout
-
-    async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int) -> AbstractStreamWriter:
-        # Overrides aiohttp's own loop: headers, then the body from a pool
-        # thread (proxy.filesend); under TLS one loop.sendfile call (which falls
-        # back to read/write) per slice.
-        writer = await web.StreamResponse.prepare(self, request)
-        assert writer is not None
-        if filesend.possible(request.transport):
-            sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
-            try:
-                await sender.send(fobj.fileno(), offset, count, self._stall_timeout)
-            except filesend.Stalled:
-                raise cut(request, self._stall_timeout) from None
-            finally:
-                sender.close()
-            await web.StreamResponse.write_eof(self)
-            return writer
-        loop = asyncio.get_running_loop()
-        while count > 0:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("connection lost")
-            size = min(count, SENDFILE_SLICE)
-            try:
-                async with asyncio.timeout(self._stall_timeout):
-                    try:
-                        await loop.sendfile(transport, fobj, offset, size)
-                    except NotImplementedError:  # uvloop has no loop.sendfile
-                        await self._sendfile_fallback(writer, fobj, offset, size)
-            except TimeoutError:
-                raise cut(request, self._stall_timeout) from None
-            offset += size
-            count -= size
-        await web.StreamResponse.write_eof(self)
-        return writer
+async def send_file(
+    request: web.BaseRequest, response: web.StreamResponse, fd: int, offset: int, count: int, timeout: float
+) -> None:
+    """``count`` bytes of the open file ``fd`` from ``offset`` as the body of the prepared ``response``."""
+    if filesend.possible(request.transport):
+        # Plain TCP: sendfile or pread/write on a pool thread, straight to the socket.
+        sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
+        try:
+            await sender.send(fd, offset, count, timeout)
+        except filesend.Stalled:
+            raise cut(request, timeout) from None
+        finally:
+            sender.close()
+        return
+    # TLS: the bytes must pass through the transport to be encrypted; the file is
+    # read on a pool thread, as asyncio's own sendfile fallback does.
+    loop = asyncio.get_running_loop()
+    while count > 0:
+        chunk = await loop.run_in_executor(None, os.pread, fd, min(count, READ_SLICE), offset)
+        if not chunk:
+            raise OSError("file shorter than its announced size")
+        await write(request, response, chunk, timeout)
+        offset += len(chunk)
+        count -= len(chunk)

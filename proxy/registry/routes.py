@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proxy.errors import PaginationInvalid, Unsupported
 from proxy.http import filesend, slowclient
+from proxy.http.blobfile import BlobFileResponse
 from proxy.http.context import BLOB_LEASE, ERROR, LOG
 from proxy.http.errors import API_HEADERS as API_VERSION
 from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
@@ -95,10 +96,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
     answer = await pullthrough.blob(route, digest)
     if isinstance(answer, LocalBlob):
         request[LOG]["result"] = "hit"
-        headers["Accept-Ranges"] = "bytes"
         request[BLOB_LEASE] = answer.lease
         stall = request.app[SETTINGS].limits.client_timeout
-        return slowclient.GuardedFileResponse(answer.path, headers=headers, stall_timeout=stall)
+        return BlobFileResponse(answer.path, etag=str(digest), headers=headers, stall_timeout=stall)
     if isinstance(answer, StoredBlob):
         request[LOG]["result"] = "hit"
         if answer.redirect is not None:
@@ -206,7 +206,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 async def _release_blob_lease(request: web.Request, response: web.StreamResponse) -> None:
-    # FileResponse opens the file before it prepares: from here on GC may unlink it.
+    # BlobFileResponse opens the file before it prepares: from here on GC may unlink it.
     lease = request.get(BLOB_LEASE)
     if lease is not None:
         lease.release()
