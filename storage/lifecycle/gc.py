@@ -36,7 +36,7 @@ from storage.index.rows import BlobRow, ImageKey
 from storage.oci.digest import Digest
 
 if TYPE_CHECKING:
-    from storage.replicas.gc import SharedCollector
+    from storage.replicas.gc import ReplicaCollector
 
 
 class Lease:
@@ -222,7 +222,7 @@ class Collector:
     """
 
     def __init__(
-        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: SharedCollector | None = None
+        self, metadata: Metadata, store: BlobStore, in_use: InUse, shared: ReplicaCollector | None = None
     ) -> None:
         self.metadata = metadata
         self.store = store

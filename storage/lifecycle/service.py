@@ -30,12 +30,12 @@ from pathlib import Path
 
 from config.settings import StorageSettings
 from storage.blobs import BlobStore
-from storage.errors import ImagePinned
+from storage.errors import ImagePinned, StoreUnavailable
 from storage.index.metadata import Metadata
 from storage.index.rows import ImageKey
 from storage.lifecycle.gc import Collector, InUse, Removal, load_units, plan_eviction
-from storage.replicas.gc import SharedCollector
-from storage.replicas.sync import SharedSync
+from storage.replicas.gc import ReplicaCollector
+from storage.replicas.sync import ReplicaSync
 
 log = logging.getLogger("regcache.lifecycle")
 
@@ -85,11 +85,11 @@ class Lifecycle:
         self.in_use = in_use if in_use is not None else InUse()
         # A store shared by replicas: GC over every replica's records, and this index kept in line with them.
         index = store.backend.shared
-        self.shared: SharedSync | None = None
+        self.shared: ReplicaSync | None = None
         shared_collector = None
         if index is not None:
-            shared_collector = SharedCollector(metadata, store, self.in_use, index, settings.gc_grace)
-            self.shared = SharedSync(metadata, store, index)
+            shared_collector = ReplicaCollector(metadata, store, self.in_use, index, settings.gc_grace)
+            self.shared = ReplicaSync(metadata, store, index)
         self.collector = Collector(metadata, store, self.in_use, shared_collector)
         self.data_dir = data_dir
         self.forget = forget  # drop the pull path's in-memory caches after a removal
@@ -209,7 +209,7 @@ class Lifecycle:
             return
         try:
             changed = (await self.shared.sync()).changed
-        except Exception as exc:  # botocore's errors, the store's: the local index answers meanwhile
+        except StoreUnavailable as exc:  # the bucket cannot answer: the local index answers meanwhile
             log.warning("could not read the shared records; answering from this replica's index: %s", exc)
             return
         if changed and self.forget is not None:

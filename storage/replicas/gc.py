@@ -2,7 +2,7 @@
 
 On a shared bucket no replica's SQLite knows every image, so the rule "a blob
 nothing live reaches may go" is evaluated over the bucket's image records
-(``SharedIndex.images``), the shared truth: the live set is every recorded
+(``ReplicaIndex.images``), the shared truth: the live set is every recorded
 manifest and the closure of what it references (config, layers, an index's
 child manifests; never ``subject``), with manifests read from the bucket where
 this replica has no rows for them (manifests are immutable, so local rows and
@@ -10,7 +10,7 @@ an in-memory memo answer for the bucket's bytes).
 
 What keeps a sweep from deleting what another replica needs:
 
-- one replica sweeps at a time: the ``leases/gc`` lease (``s3_leases``), renewed
+- one replica sweeps at a time: the ``leases/gc`` lease (``storage.backends.s3.leases``), renewed
   while the sweep runs and taken over only after its holder stops renewing;
 - an object younger than ``gc_grace`` (by its LastModified, on the store's
   clock) is never deleted: it may be a fill whose manifest is about to be
@@ -38,7 +38,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from storage.backends.base import SharedIndex
+from storage.backends.base import ReplicaIndex
 from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid, RegcacheError
 from storage.index.metadata import Metadata
@@ -59,8 +59,8 @@ class Candidate:
     size: int
 
 
-class SharedCollector:
-    def __init__(self, metadata: Metadata, store: BlobStore, in_use: InUse, index: SharedIndex, grace: float) -> None:
+class ReplicaCollector:
+    def __init__(self, metadata: Metadata, store: BlobStore, in_use: InUse, index: ReplicaIndex, grace: float) -> None:
         self.metadata = metadata
         self.grace = grace  # for rmi and eviction; a sweep is given its own
         self.store = store

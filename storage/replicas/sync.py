@@ -1,10 +1,10 @@
 """Bringing one replica's SQLite index in line with the bucket's shared records.
 
 Replicas record images and tags in their own SQLite and publish them to the
-bucket (``SharedIndex``); the pull path adopts a record on a local miss. What
+bucket (``ReplicaIndex``); the pull path adopts a record on a local miss. What
 the pull path cannot see is a record that *appeared* for a name this replica
 never asked for, or one that another replica *removed* (``rmi``, eviction).
-``SharedSync.sync`` settles both before ``images``, ``rmi``, ``save`` and
+``ReplicaSync.sync`` settles both before ``images``, ``rmi``, ``save`` and
 every lifecycle pass, so these give the same answer on every replica:
 
 - an image record this replica lacks is adopted: its manifest is read from the
@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from storage.backends.base import SharedIndex
+from storage.backends.base import ReplicaIndex
 from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid, NameInvalid, RegcacheError
 from storage.index.metadata import Metadata
@@ -51,8 +51,8 @@ class SyncResult:
         return bool(self.adopted or self.dropped or self.tags)
 
 
-class SharedSync:
-    def __init__(self, metadata: Metadata, store: BlobStore, index: SharedIndex) -> None:
+class ReplicaSync:
+    def __init__(self, metadata: Metadata, store: BlobStore, index: ReplicaIndex) -> None:
         self.metadata = metadata
         self.store = store
         self.index = index
