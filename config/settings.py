@@ -10,12 +10,22 @@ message that names the key.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from config.units import parse_duration, parse_size
 
@@ -214,8 +224,14 @@ class LimitSettings(_Model):
     drain_delay: Duration = Field(default=0.0, description="on SIGTERM, /readyz says 503 this long before closing")
 
 
+def _check_listen(listen: str) -> str:
+    _split_listen(listen)
+    return listen
+
+
 class Settings(_Model):
-    listen: str = "0.0.0.0:5000"
+    # Checked on the field, not the model, so that the error names the key.
+    listen: Annotated[str, AfterValidator(_check_listen)] = "0.0.0.0:5000"
     data_dir: Path = Path("./data")
     upstreams: list[UpstreamSettings] = Field(
         default_factory=lambda: [UpstreamSettings(name=DOCKER_HUB, url=DOCKER_HUB_URL, default=True)]
@@ -230,7 +246,6 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        _split_listen(self.listen)
         if not self.upstreams:
             raise ValueError("upstreams: at least one upstream is needed")
         defaults = [u for u in self.upstreams if u.default]
@@ -256,7 +271,7 @@ class Settings(_Model):
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
-        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -299,9 +314,10 @@ def _merge(base: Any, over: Any) -> Any:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{key}: {message}")
+        # A model's own check has no location; its message names the keys it is about.
+        lines.append(f"{key}: {message}" if key else message)
     return "; ".join(lines)
 
 
@@ -334,11 +350,28 @@ def load_settings(
         raise ConfigError(_describe(exc)) from None
 
 
-def upstream_from_url(url: str) -> UpstreamSettings:
-    """``--upstream URL``: the default upstream, named after its host."""
-    host = urlsplit(url).netloc
-    name = DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
+# A registry as image names spell it: a host (DNS labels) with an optional port.
+_REGISTRY_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?$")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def upstreams_from_flags(values: list[str]) -> list[UpstreamSettings]:
+    """``--upstream [NAME=]URL``, repeatable: the upstreams in that order, the first the default."""
+    return [_upstream_from_flag(value, default=index == 0) for index, value in enumerate(values)]
+
+
+def _upstream_from_flag(value: str, *, default: bool) -> UpstreamSettings:
+    # NAME= comes before the scheme; an "=" after it belongs to the URL.
+    if "=" in value and not _URL_SCHEME.match(value):
+        name, _, url = value.partition("=")
+        if not _REGISTRY_NAME.match(name):
+            raise ConfigError(f"--upstream {value!r}: NAME must be a registry host such as docker.io or mirror:5000")
+    else:
+        # Named after its host, so that clients name it as they name the registry it serves.
+        url = value
+        host = urlsplit(url).netloc
+        name = DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
     try:
-        return UpstreamSettings(name=name, url=url, default=True)
+        return UpstreamSettings(name=name, url=url, default=default)
     except ValidationError as exc:
-        raise ConfigError(f"--upstream: {_describe(exc)}") from None
+        raise ConfigError(f"--upstream {value!r}: {_describe(exc)}") from None

@@ -19,7 +19,7 @@ log = logging.getLogger("regcache")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from config.settings import load_settings, upstream_from_url
+    from config.settings import load_settings, upstreams_from_flags
 
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
@@ -27,7 +27,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
     if getattr(args, "upstream", None):
-        overrides["upstreams"] = [upstream_from_url(args.upstream).model_dump(exclude_defaults=True)]
+        upstreams = upstreams_from_flags(args.upstream)
+        overrides["upstreams"] = [upstream.model_dump(exclude_defaults=True) for upstream in upstreams]
     return load_settings(args.config, overrides=overrides)
 
 
@@ -51,6 +52,33 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def package_version() -> str:
+    """The installed package's version; from a source tree that is not installed, its pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regcache")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, tomllib.TOMLDecodeError, KeyError):
+            return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked: the other verbs start without reading package metadata."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"regcache {package_version()}")
+        parser.exit()
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", type=Path, help="YAML settings file")
     parser.add_argument("--data-dir", type=Path, help="where blobs and metadata live (default ./data)")
@@ -58,11 +86,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regcache", description="A pull-through caching proxy for registries")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     verbs = parser.add_subparsers(dest="verb", required=True)
     p = verbs.add_parser("serve", help="run the proxy")
     _add_config_flags(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
-    p.add_argument("--upstream", help="default upstream registry URL (default https://registry-1.docker.io)")
+    p.add_argument(
+        "--upstream",
+        action="append",
+        metavar="[NAME=]URL",
+        help="an upstream registry, named NAME (default: the URL's host); repeat for more, the first "
+        "is the default; replaces the configured upstreams (default: Docker Hub)",
+    )
     from proxy.cli import archive
 
     archive.add_parsers(verbs)
@@ -102,8 +137,9 @@ def fsck(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is not None:  # verbs that carry their own runner (save, load)
-        return args.handler(args)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is not None:  # verbs that carry their own runner (save, load)
+        return handler(args)
     if args.verb == "serve":
         from config.settings import ConfigError
         from proxy.http.accesslog import configure_logging
@@ -130,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb in admin_verbs.VERBS:
         return admin_verbs.run(args)
-    parser.error(f"unknown verb {args.verb}")
-    return 2
+    parser.error(f"unknown verb {args.verb}")  # exits with status 2
 
 
 if __name__ == "__main__":
