@@ -17,7 +17,10 @@ import sys
 import tarfile
 import tomllib
 from fnmatch import fnmatch
+from importlib.metadata import version
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 from proxy.cli.main import build_parser
 from tests.test_helm import pod_spec, render
@@ -63,7 +66,11 @@ def test_the_image_build_context_holds_an_installable_package(tmp_path: Path) ->
                     shutil.copy2(file, context / relative)
     assert not list(context.rglob("__pycache__"))
     # An sdist needs what a wheel needs from the tree (metadata, readme, every package) and no
-    # `wheel` package, which this interpreter's setuptools would want for bdist_wheel.
+    # `wheel` package, which this interpreter's setuptools would want for bdist_wheel. It is built
+    # with that setuptools, so that one must be what the build asks for (`pip install -e .[test]`).
+    (required,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    requirement = Requirement(required)
+    assert requirement.specifier.contains(version(requirement.name)), f"the build needs {requirement}"
     build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     built = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=context,
                            capture_output=True, text=True)  # fmt: skip
