@@ -19,8 +19,25 @@ DEBIAN_PACKAGES=(
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${DEBIAN_PACKAGES[@]}" >/dev/null
+# A fresh machine often runs apt already (apt-daily, cloud-init): wait for it
+# rather than fail. apt-get waits for the dpkg lock itself; `update` takes the
+# package lists' lock, which that timeout does not cover (apt 2.6), so it is
+# retried while the lock is held and fails at once on any other error.
+APT_LOCK_TIMEOUT=600
+apt_update() {
+  local deadline=$((SECONDS + APT_LOCK_TIMEOUT)) output
+  until output=$($SUDO env LC_ALL=C apt-get update -qq 2>&1); do
+    if [[ $output != *"Could not get lock"* ]] || ((SECONDS >= deadline)); then
+      printf '%s\n' "$output" >&2
+      return 1
+    fi
+    sleep 2
+  done
+  [[ -z $output ]] || printf '%s\n' "$output" >&2
+}
+apt_update
+$SUDO apt-get -o DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT install -y -qq --no-install-recommends \
+  "${DEBIAN_PACKAGES[@]}" >/dev/null
 
 VENV="${REGCACHE_TEST_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
