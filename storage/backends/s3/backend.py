@@ -79,7 +79,7 @@ class S3Upload(Upload):
         self._written = 0
         self._submitted = 0  # bytes handed to part uploads
         self._parts: list[concurrent.futures.Future[dict[str, Any]]] = []
-        self._upload_id: asyncio.Future[str] | None = None
+        self._upload_id: asyncio.Task[str] | None = None
         self._closed = False
 
     # Called from a worker thread (BlobWriter hashes and writes off the loop), or
@@ -96,18 +96,18 @@ class S3Upload(Upload):
         self._submitted += length
         self._parts.append(asyncio.run_coroutine_threadsafe(self._upload_part(number, offset, length), self._loop))
 
+    async def _create_multipart(self) -> str:
+        with translated(self._key):
+            created = await self._client.api.create_multipart_upload(
+                Bucket=self._client.bucket, Key=self._key, ContentType="application/octet-stream"
+            )
+        return str(created["UploadId"])
+
     async def _multipart_id(self) -> str:
         if self._upload_id is None:
-            self._upload_id = self._loop.create_future()
-            try:
-                with translated(self._key):
-                    created = await self._client.api.create_multipart_upload(
-                        Bucket=self._client.bucket, Key=self._key, ContentType="application/octet-stream"
-                    )
-            except BaseException as exc:
-                self._upload_id.set_exception(exc)
-                raise
-            self._upload_id.set_result(created["UploadId"])
+            # A task of its own, not part of the first part's: abort cancels the parts, and a
+            # create cancelled mid-request leaves an upload in the store whose id nobody learns.
+            self._upload_id = asyncio.ensure_future(self._create_multipart())
         return await asyncio.shield(self._upload_id)
 
     async def _upload_part(self, number: int, offset: int, length: int) -> dict[str, Any]:
