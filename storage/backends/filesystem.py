@@ -19,7 +19,7 @@ from pathlib import Path
 
 from storage import paths
 from storage.backends.base import BlobBackend, Upload
-from storage.errors import BlobUnknown, StoreFull
+from storage.errors import BlobUnknown, StoreFull, StoreUnavailable
 from storage.oci.digest import Digest
 
 READ_CHUNK = 1024 * 1024
@@ -111,7 +111,7 @@ class FilesystemBackend(BlobBackend):
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull("no space left on the store's filesystem") from exc
-            raise
+            raise StoreUnavailable(f"cannot start an upload under {self.root}: {exc}") from exc
 
     async def delete(self, digest: Digest) -> bool:
         try:
