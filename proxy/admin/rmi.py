@@ -66,8 +66,11 @@ class Remover:
             return await self._drop(image, refs, sorted(repos), force)
         if ref.tag is not None:
             lines = [f"Untagged: {ref}"]
-            still_tagged = [r for r in refs if r.tag and r != ref and r.repository == ref.repository
-                            and r.upstream == ref.upstream]  # fmt: skip
+            still_tagged = [
+                r
+                for r in refs
+                if r.tag and r != ref and r.repository == ref.repository and r.upstream == ref.upstream
+            ]
             if still_tagged:
                 await self._untag(ref)
                 return lines
@@ -123,7 +126,7 @@ async def rmi(request: web.Request) -> web.Response:
         except RegcacheError as exc:
             results.append({"image": name, "error": exc.message})
     # Cached manifests and links may name what is gone (the lifecycle forgets after a removal).
-    request.config_dict[PULLTHROUGH].forget()
+    await request.config_dict[PULLTHROUGH].store_changed()
     if remover.freed_blobs:
         request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
     request[LOG]["result"] = f"{sum('lines' in r for r in results)} removed"
