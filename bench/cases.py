@@ -166,7 +166,7 @@ def cold_blob(b: Bench) -> list[Row]:
             hashing, rate(hashing), note="throughput vs a limit of this machine"),
         Row(case, cold.throughput, rate(cold.throughput), "writing a new file of this size (page cache)",
             writing, rate(writing), note="throughput vs a limit of this machine"),
-    ]  # fmt: skip
+    ]
 
 
 def _sha256_rate(size: int) -> float:

@@ -126,7 +126,7 @@ async def recovery(app: web.Application) -> AsyncIterator[None]:
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, events, pullthrough = app[SETTINGS], app[EVENTS], app[PULLTHROUGH]
     service = Lifecycle(settings.storage, app[METADATA], app[STORE], pullthrough.in_use,
-                        data_dir=settings.data_dir, forget=pullthrough.forget)  # fmt: skip
+                        data_dir=settings.data_dir, forget=pullthrough.forget)
     service.on_report = lambda report: _report_gc(events, report)
     try:
         await service.start()

@@ -55,7 +55,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         host, port = settings.host_port
         ssl_context = tls.context if tls is not None else None
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port,
-                           ssl_context=ssl_context)  # fmt: skip
+                           ssl_context=ssl_context)
         await site.start()
         metrics_runner = await _start_metrics(app, settings, reuse_port)
         scheme = "https" if tls is not None else "http"

@@ -8,7 +8,7 @@ was asked for; otherwise the upload is aborted and nothing is visible.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 
 from storage.backends.base import BlobBackend, Upload
@@ -251,7 +251,7 @@ class BlobStore:
     async def read_small(self, digest: Digest) -> bytes:
         return await self.backend.read_small(digest)
 
-    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         return self.backend.read(digest, offset, length)
 
     async def delete(self, digest: Digest) -> bool:

@@ -41,14 +41,14 @@ def make_image(repository_layers: list[bytes], config: bytes | None = None) -> t
     for layer in repository_layers:
         blobs[digest_of(layer)] = layer
         layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(layer),
-                       "size": len(layer)})  # fmt: skip
+                       "size": len(layer)})
     manifest = json.dumps({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
                    "size": len(config)},
         "layers": layers,
-    }).encode()  # fmt: skip
+    }).encode()
     return manifest, blobs
 
 
@@ -97,11 +97,11 @@ class FakeUpstream:
         name = request.match_info.get("name", "")
         challenge = f'Bearer realm="{realm}",service="fake",scope="repository:{name}:pull"'
         return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]}, status=401,
-                                 headers={"WWW-Authenticate": challenge})  # fmt: skip
+                                 headers={"WWW-Authenticate": challenge})
 
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests.append({"scope": request.query.get("scope", ""),
-                                    "authorization": request.headers.get("Authorization", "")})  # fmt: skip
+                                    "authorization": request.headers.get("Authorization", "")})
         if self.basic is not None:
             expected = "Basic " + base64.b64encode(f"{self.basic[0]}:{self.basic[1]}".encode()).decode()
             if request.headers.get("Authorization") != expected:
@@ -127,7 +127,7 @@ class FakeUpstream:
         fault = self._fault("manifest")
         if fault is not None and fault.kind == "status":
             return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status,
-                                     headers=fault.headers)  # fmt: skip
+                                     headers=fault.headers)
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(fault.delay)
         found = self.manifests.get((request.match_info["name"], request.match_info["reference"]))
@@ -167,7 +167,7 @@ class FakeUpstream:
         fault = self._fault(digest)
         if fault is not None and fault.kind == "status":
             return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status,
-                                     headers=fault.headers)  # fmt: skip
+                                     headers=fault.headers)
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = len(data)
         await response.prepare(request)

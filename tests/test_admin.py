@@ -80,7 +80,7 @@ def cli(
         if token is not None:
             env["REGCACHE_ADMIN_TOKEN"] = token
         done = subprocess.run([sys.executable, "-m", "proxy.cli", *argv],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     else:
         from proxy.cli.main import main
 

@@ -119,7 +119,7 @@ def regcache_cli(server: RegcacheServer, *args: str) -> subprocess.CompletedProc
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", verb, "--server", server.url, *rest],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
 
 
 def both(dockerd: Dockerd, regcache: RegcacheServer, *args: str) -> tuple[str, str]:

@@ -21,7 +21,7 @@ from proxy.cli.progress import show_pull
     ("size", "shown"),
     [(0, "0B"), (999, "999B"), (1000, "1kB"), (1234, "1.23kB"), (999_499, "999kB"), (999_500, "1e+03kB"),
      (5_600_000, "5.6MB"), (72_800_000, "72.8MB"), (1_234_567_890, "1.23GB")],
-)  # fmt: skip
+)
 def test_sizes_are_go_units_with_three_digits(size, shown):
     assert human_size(size) == shown
 
@@ -31,7 +31,7 @@ def test_sizes_are_go_units_with_three_digits(size, shown):
     [(0.5, "Less than a second"), (1, "1 second"), (59, "59 seconds"), (60, "About a minute"),
      (3599, "59 minutes"), (3600, "About an hour"), (47 * 3600, "47 hours"), (48 * 3600, "2 days"),
      (14 * 86400, "2 weeks"), (61 * 86400, "2 months"), (800 * 86400, "2 years")],
-)  # fmt: skip
+)
 def test_durations_are_go_units(seconds, shown):
     assert human_duration(seconds) == shown
 
@@ -59,14 +59,14 @@ def test_templates_render_fields_json_and_tables():
     ("pattern", "name", "matches"),
     [("*x:*", "box:1", True), ("*x:*", "cmp/x:1", False), ("*/x:*", "cmp/x:1", True), ("cmp/?", "cmp/x", True),
      ("cmp/[a-x]", "cmp/x", True), ("cmp/[^x]", "cmp/x", False), ("a\\*", "a*", True), ("a\\*", "ab", False)],
-)  # fmt: skip
+)
 def test_reference_globs_are_go_path_match(pattern, name, matches):
     assert bool(glob_regex(pattern).fullmatch(name)) is matches
 
 
 def test_rows_follow_docker_for_tags_digests_and_dangling():
     image = {"Id": "sha256:" + "a" * 64, "RepoTags": ["x:1", "x:2"], "RepoDigests": ["x@sha256:" + "d" * 64],
-             "Created": 0, "Size": 1}  # fmt: skip
+             "Created": 0, "Size": 1}
     plain = [(r["Repository"], r["Tag"], r["Digest"]) for r in image_rows([image], digests=False, no_trunc=False)]
     assert plain == [("x", "1", "<none>"), ("x", "2", "<none>")]
     with_digests = image_rows([image], digests=True, no_trunc=False)

@@ -110,7 +110,7 @@ async def test_skopeo_reads_the_save_as_docker_archive_and_oci_archive_with_the_
         await blocking(skopeo.copy, f"{transport}:{archive}", f"oci:{dest}:x", preserve_digests=False)
         configs[transport] = json.loads(
             await blocking(skopeo.inspect, f"oci:{dest}:x", raw=True)
-        )["config"]["digest"]  # fmt: skip
+        )["config"]["digest"]
         config = json.loads(await blocking(skopeo.inspect, f"{transport}:{archive}", config=True, raw=True))
         diff_ids = config["rootfs"]["diff_ids"]
         assert len(diff_ids) == len(image.item.layers)
@@ -145,7 +145,7 @@ async def test_skopeo_docker_archive_loads_into_regcache_and_pulls_through_it(
     image = seeded[ALPHA]
     archive = tmp_path / "skopeo.tar"
     await blocking(skopeo.copy, image.docker_ref(upstream.host), f"docker-archive:{archive}:example/skopeo:1",
-                   preserve_digests=False, all_images=False)  # fmt: skip
+                   preserve_digests=False, all_images=False)
     capsys.readouterr()
     assert await regcache(offline, "load", "-i", str(archive), "--repository-prefix", "air") == 0
     assert capsys.readouterr().out.strip() == "Loaded image: air/example/skopeo:1"

@@ -34,7 +34,7 @@ EXPECTED_ROWS = (
 
 def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
     argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
-            "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]  # fmt: skip
+            "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.rpartition("| case | regcache |")[2]

@@ -35,7 +35,7 @@ async def client(request: pytest.FixtureRequest, aiohttp_client: Any, tmp_path: 
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return BlobFileResponse(path, etag=DIGEST, headers={"Content-Type": "application/octet-stream"},
-                                stall_timeout=5.0)  # fmt: skip
+                                stall_timeout=5.0)
 
     app = web.Application()
     app.router.add_get("/blob", handler)
@@ -57,7 +57,7 @@ async def test_whole_blob_with_digest_etag_and_length(client) -> None:  # type: 
     ("value", "start", "end"),
     [("bytes=10-19", 10, 20), ("bytes=0-", 0, len(BLOB)), ("bytes=-5", len(BLOB) - 5, len(BLOB)),
      ("bytes=-99999999", 0, len(BLOB)), (f"bytes=5-{len(BLOB) * 2}", 5, len(BLOB))],
-)  # fmt: skip
+)
 async def test_one_range_is_a_206_with_its_content_range(client, value: str, start: int, end: int) -> None:  # type: ignore[no-untyped-def]
     r = await client.get("/blob", headers={"Range": value})
     assert r.status == 206
@@ -110,7 +110,7 @@ async def test_failed_precondition_is_a_412(client, headers: dict[str, str]) -> 
     ("if_range", "status"),
     [(ETAG, 206), (LATER, 206), (f"W/{ETAG}", 200), ('"sha256:other"', 200),
      (formatdate(0, usegmt=True), 200), ("not a validator", 200)],
-)  # fmt: skip
+)
 async def test_if_range_applies_the_range_only_for_this_blob(client, if_range: str, status: int) -> None:  # type: ignore[no-untyped-def]
     r = await client.get("/blob", headers={"Range": "bytes=10-19", "If-Range": if_range})
     assert r.status == status

@@ -79,10 +79,10 @@ def test_bare_upstream_url_is_named_after_its_host(tmp_path: Path) -> None:
 
 def test_repeated_upstreams_are_all_routed_and_the_first_is_the_default(tmp_path: Path) -> None:
     settings = serve_settings(tmp_path, "--upstream", f"docker.io={MIRROR}", "--upstream", "https://ghcr.io",
-                              "--upstream", "local:5000=http://127.0.0.1:5002")  # fmt: skip
+                              "--upstream", "local:5000=http://127.0.0.1:5002")
     assert [(u.name, u.default) for u in settings.upstreams] == [
         ("docker.io", True), ("ghcr.io", False), ("local:5000", False),
-    ]  # fmt: skip
+    ]
     router = router_for(settings)
     assert router.resolve("org/app", ns="ghcr.io").upstream.base_url == "https://ghcr.io"
     assert router.resolve("ghcr.io/org/app").repository == "org/app"

@@ -66,7 +66,7 @@ def test_registry_hosts_as_clients_spell_them_still_parse():
 def _docker_archive(repo_tag: str) -> bytes:
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
     files = {"c.json": config, "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": [repo_tag],
-                                                             "Layers": []}]).encode()}  # fmt: skip
+                                                             "Layers": []}]).encode()}
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         for name, data in files.items():

@@ -60,7 +60,7 @@ def upstreams(upstream) -> list[dict]:
 
 def fsck(data: Path) -> tuple[int, dict]:
     proc = subprocess.run([sys.executable, "-m", "proxy.cli", "fsck", "--data-dir", str(data), "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.startswith("{") else {"stderr": proc.stderr}
 
 

@@ -80,7 +80,7 @@ def regcache(work: Path, hub: Registry, ghcr: Registry, black_hole: int, seeded)
         {"name": "ghcr.io", "url": ghcr.url, "retries": 1},
         {"name": "quay.io", "url": f"http://127.0.0.1:{black_hole}", "retries": 0,
          "connect_timeout": UNREACHABLE_TIMEOUT, "read_timeout": UNREACHABLE_TIMEOUT},
-    ]  # fmt: skip
+    ]
     server = RegcacheServer(work / "regcache", upstreams).start()
     yield server
     server.stop()
@@ -277,7 +277,7 @@ def test_podman_pulls_through_mirror_entries(podman, regcache, hub, seeded):
     assert podman.image_id("docker.io/library/busybox:latest") == busybox.item.config_digest.removeprefix("sha256:")
     assert _served(regcache, "/v2/library/busybox/manifests/latest")[-1]["status"] == 200
     assert ("HEAD", "/v2/library/busybox/manifests/latest") in _from_regcache(hub) or (
-        "GET", "/v2/library/busybox/manifests/latest") in _from_regcache(hub)  # fmt: skip
+        "GET", "/v2/library/busybox/manifests/latest") in _from_regcache(hub)
 
 
 def test_same_blob_via_two_upstreams_is_fetched_and_stored_once(podman, regcache, hub, ghcr, seeded):

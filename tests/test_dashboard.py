@@ -32,7 +32,7 @@ def test_dashboard_queries_only_exported_metrics():
     unknown = used - exported_series()
     assert not unknown, f"dashboard uses metrics regcache does not export: {sorted(unknown)}"
     for essential in ("registry_proxy_hits_total", "regcache_upstream_errors_total", "regcache_store_bytes",
-                      "regcache_served_bytes_total", "regcache_upstream_request_duration_seconds_bucket"):  # fmt: skip
+                      "regcache_served_bytes_total", "regcache_upstream_request_duration_seconds_bucket"):
         assert essential in used, essential
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -36,7 +36,7 @@ def small_fs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
+                          capture_output=True, check=False)
     yield mount, done.returncode == 0
     if done.returncode == 0:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -104,7 +104,7 @@ async def test_disk_full_fill_fails_cleanly_hits_continue_and_eviction_makes_roo
 
 
 async def test_disk_full_in_the_middle_of_a_write_aborts_the_client_and_leaves_nothing(lc, upstream, tmp_path,
-                                                                                       monkeypatch):  # fmt: skip
+                                                                                       monkeypatch):
     """Without a size known up front (no reservation) the error can only come mid-stream."""
     server = await start(upstream, tmp_path / "data")
     base = f"http://127.0.0.1:{server.port}"

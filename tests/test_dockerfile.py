@@ -73,13 +73,13 @@ def test_the_image_build_context_holds_an_installable_package(tmp_path: Path) ->
     assert requirement.specifier.contains(version(requirement.name)), f"the build needs {requirement}"
     build = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     built = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=context,
-                           capture_output=True, text=True)  # fmt: skip
+                           capture_output=True, text=True)
     assert built.returncode == 0, built.stdout + built.stderr
     with tarfile.open(tmp_path / "dist" / built.stdout.split()[-1]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert "README.md" in names and "proxy/cli/main.py" in names
     packages = [init.parent.relative_to(ROOT).as_posix() for top in ("config", "proxy", "storage")
-                for init in (ROOT / top).rglob("__init__.py")]  # fmt: skip
+                for init in (ROOT / top).rglob("__init__.py")]
     assert len(packages) > 10
     for package in packages:
         assert f"{package}/__init__.py" in names

@@ -50,7 +50,7 @@ def fsck(data: Path, *flags: str) -> tuple[int, dict]:
     proc = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "fsck", "--data-dir", str(data), "--json", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    )
     report = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {"stderr": proc.stderr}
     return proc.returncode, report
 
@@ -90,7 +90,7 @@ async def test_fsck_finds_and_repairs_altered_missing_orphan_and_dangling(lc, up
         # b's own layer loses its row: the file is an orphan that b's manifest references.
         db.execute("DELETE FROM blobs WHERE digest = ?", (lc.own_layer("lc/b"),))
         db.execute("INSERT INTO tags (repository_id, tag, manifest, checked_at, updated_at) "
-                   "SELECT repository_id, 'ghost', ?, 0, 0 FROM images LIMIT 1", (dangling,))  # fmt: skip
+                   "SELECT repository_id, 'ghost', ?, 0, 0 FROM images LIMIT 1", (dangling,))
 
     code, report = await asyncio.to_thread(fsck, data)
     assert code == 4 and not report["consistent"]

@@ -128,7 +128,7 @@ def check_monitoring_object(obj: dict[str, Any], docs: list[dict[str, Any]]) -> 
             if d["kind"] == "Service"
             and spec["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
             and all(e["key"] not in d["metadata"]["labels"] for e in spec["selector"]["matchExpressions"])
-        ]  # fmt: skip
+        ]
         # Exactly the client Service: the headless one would scrape every pod twice.
         assert [s["metadata"]["name"] for s in selected] == [f"{RELEASE}-regcache"]
         ports = {p["name"] for p in selected[0]["spec"]["ports"]}
@@ -534,7 +534,7 @@ def start_pod(docs: list[dict[str, Any]], kind: str, root: Path, env: dict[str, 
     environment.update(env, REGCACHE_LIMITS__DRAIN_DELAY="0")
     with (root / "regcache.log").open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "proxy.cli", *args, "--listen", f"127.0.0.1:{port}"],
-                                   cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                   cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(400):
         assert process.poll() is None, (root / "regcache.log").read_text()

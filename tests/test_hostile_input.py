@@ -146,7 +146,7 @@ def assert_nothing_outside_data_dir(running: Running) -> None:
 PATH_PIECES = st.sampled_from(
     ["a", "z", "0", "9", ".", "..", "-", "_", "__", "/", "//", ":", "@", "%2f", "%2e", "%2e%2e", "%00", "~", "A",
      "team", "app", "library", "fake.test", "blobs", "manifests", "tags", "list", "é", "\u2028", "sha256:"]
-)  # fmt: skip
+)
 # What "$" in a validator used to let through: a final newline; and other whitespace and controls.
 TAILS = st.sampled_from(["", "\n", "\r", "\r\n", " ", "\t", "\x00", "\x0b", "\x0c", "\x1b", "\x7f", "\x85", "\u2028"])
 
@@ -232,7 +232,7 @@ MEDIA = st.sampled_from(
     ["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
      "application/vnd.docker.distribution.manifest.v2+json", "*/*", "application/*", "text/html", "", ";q=0",
      "application/vnd.oci.image.manifest.v1+json;q=0", "a" * 300, ",,,", "application/json; charset=utf-8"]
-)  # fmt: skip
+)
 ACCEPTS = st.lists(st.one_of(MEDIA, st.text(max_size=80).filter(_header_safe)), max_size=8)
 
 
@@ -282,7 +282,7 @@ def deeply_nested(levels: int, key: str) -> bytes:
 
 DEEP_BODIES = st.builds(deeply_nested, st.integers(60, 50_000), st.sampled_from(["", "images", "filter", "x"]))
 ADMIN_KEYS = st.sampled_from(["image", "images", "reference", "ref", "term", "limit", "force", "prune", "all",
-                              "dry_run", "filter", "format", "upstream", "prefix", "tag", "digest"])  # fmt: skip
+                              "dry_run", "filter", "format", "upstream", "prefix", "tag", "digest"])
 ADMIN_BODIES = st.one_of(
     st.dictionaries(ADMIN_KEYS, JSON_VALUES, max_size=5).map(lambda d: json.dumps(d).encode()),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),

@@ -219,12 +219,12 @@ async def test_gc_running_during_pulls_never_breaks_one(lc, make_proxy, tmp_path
     collector = asyncio.create_task(collect())
     try:
         await asyncio.gather(client(["lc/a", "lc/b", "lc/c"]), client(["lc/c", "lc/a", "lc/b"]),
-                             client(["lc/b", "lc/c", "lc/a"]))  # fmt: skip
+                             client(["lc/b", "lc/c", "lc/a"]))
     finally:
         stop.set()
         passes = await collector
     assert passes > 1
     assert any(r.images for r in lifecycle.history), "eviction ran while the clients pulled"
     report = await Checker(tmp_path / "data", server.app[METADATA], server.app[STORE].backend,
-                           repair=False, verify=True).run()  # fmt: skip
+                           repair=False, verify=True).run()
     assert report.problems == []

@@ -33,7 +33,7 @@ async def test_upstream_manifest_over_4_mib_is_refused_and_not_stored(fake, aioh
     proxy = await start_proxy(aiohttp_server, aiohttp_client, settings_for(fake, tmp_path / "d"))
     padding = "x" * (4 * 1024 * 1024)
     huge = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": [],
-                       "annotations": {"pad": padding}}).encode()  # fmt: skip
+                       "annotations": {"pad": padding}}).encode()
     fake.manifests[("team/app", "big")] = (OCI_MANIFEST, huge)
     r = await proxy.get("/v2/team/app/manifests/big")
     assert r.status == 413

@@ -196,7 +196,7 @@ async def test_consistency_finds_tags_without_an_image_and_repairs_drop_rows(met
     await metadata._db.transaction(
         [("INSERT INTO tags (repository_id, tag, manifest, checked_at, updated_at) VALUES (?, 'lost', ?, 0, 0)",
           (repo, "sha256:" + "0" * 64))]
-    )  # fmt: skip
+    )
 
     assert await metadata.consistency.integrity_errors() == []
     assert await metadata.consistency.images_without_manifest() == []

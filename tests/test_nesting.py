@@ -106,7 +106,7 @@ async def test_archive_whose_oci_index_blob_nests_deep_is_archive_invalid(tmp_pa
     index = b'{"schemaVersion": 2, "mediaType": "' + OCI_INDEX.encode() + b'", "manifests": ' + nested(1500) + b"}"
     digest = hashlib.sha256(index).hexdigest()
     top = {"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": f"sha256:{digest}",
-                                              "size": len(index)}]}  # fmt: skip
+                                              "size": len(index)}]}
     archive = _tar({f"blobs/sha256/{digest}": index, "index.json": json.dumps(top).encode()})
     with pytest.raises(ArchiveInvalid, match="deeper"):
         await _load(tmp_path, archive)

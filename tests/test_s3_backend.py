@@ -126,7 +126,7 @@ async def test_expired_lease_of_a_dead_holder_is_taken_over(fake, rgw, bucket, r
     digest = digest_of(SMALL)
     # A replica that died mid-fill left its lease behind and renews it no more.
     rgw.client().put_object(Bucket=bucket, Key=f"leases/{digest}",
-                            Body=json.dumps({"owner": "dead/1", "token": "x", "ttl": 1}).encode())  # fmt: skip
+                            Body=json.dumps({"owner": "dead/1", "token": "x", "ttl": 1}).encode())
     (proxy,) = await replicas(1, lease_ttl=1)
     assert await get_blob(proxy, "team/app", digest) == SMALL
     assert fake.count("GET", f"/blobs/{digest}") == 1

@@ -109,7 +109,7 @@ def add_index(fake: FakeUpstream, repository: str, tag: str, platforms: dict[str
         for blob_digest, data in blobs.items():
             fake.blobs[(repository, blob_digest)] = data
         children.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest),
-                         "platform": {"architecture": arch, "os": "linux"}})  # fmt: skip
+                         "platform": {"architecture": arch, "os": "linux"}})
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}).encode()
     fake.manifests[(repository, tag)] = (OCI_INDEX, index)
     fake.manifests[(repository, digest_of(index))] = (OCI_INDEX, index)

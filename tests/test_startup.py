@@ -98,7 +98,7 @@ def sessions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[aiohttp.ClientSes
 
 
 def _assert_all_given_back(data: Path, step: str, sessions: list[aiohttp.ClientSession],
-                           tasks_before: set[asyncio.Task[Any]]) -> None:  # fmt: skip
+                           tasks_before: set[asyncio.Task[Any]]) -> None:
     lock = StoreLock(data)
     lock.acquire(exclusive=True)  # raises StoreBusy if the failed server still holds it
     lock.release()

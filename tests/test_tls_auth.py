@@ -144,7 +144,7 @@ def test_static_token_is_accepted_as_bearer_and_as_basic_password(secure_proxy, 
     skopeo.inspect(
         skopeo.docker_ref(secure_proxy.host, REPO, "1"), tls_verify=True, cert_dir=proxy_tls.ca_dir,
         creds=("token", TOKEN),
-    )  # fmt: skip
+    )
 
 
 async def test_upstream_ca_is_required_unless_insecure(tls_upstream, upstream_ca, aiohttp_client, tmp_path):
@@ -152,7 +152,7 @@ async def test_upstream_ca_is_required_unless_insecure(tls_upstream, upstream_ca
 
     async def status(**tls: object) -> tuple[int, str]:
         upstream = UpstreamSettings(name="secure.test", url=registry.url, default=True, retries=0,
-                                    username=UPSTREAM_USER, password=UPSTREAM_PASSWORD, **tls)  # fmt: skip
+                                    username=UPSTREAM_USER, password=UPSTREAM_PASSWORD, **tls)
         settings = Settings(data_dir=tmp_path / str(len(tls)) / str(sorted(tls)), upstreams=[upstream])
         client = await aiohttp_client(create_app(settings))
         r = await client.get(f"/v2/{REPO}/manifests/1", headers={"Accept": image.media_type})
@@ -181,7 +181,7 @@ def test_sighup_reloads_the_certificate(tmp_path):
     live_key.write_bytes(old.key.read_bytes())
     upstream = {"name": "none.test", "url": f"http://{HOST}:9", "default": True}
     server = ServedRegcache(tmp_path / "proxy", [upstream], scheme="https",
-                            settings={"tls": {"cert": str(live_cert), "key": str(live_key)}})  # fmt: skip
+                            settings={"tls": {"cert": str(live_cert), "key": str(live_key)}})
     with server:
         assert _served_certificate_issuer(server.port, old.ca_certificate)
         assert not _served_certificate_issuer(server.port, new.ca_certificate)

@@ -46,7 +46,7 @@ async def _authorization_sent(settings: UpstreamSettings, realm: str) -> str | N
 
 async def test_token_fetch_sends_credentials_only_to_the_own_host_or_a_listed_realm():
     base = {"name": "tenant-a.registry.example.com", "url": "https://tenant-a.registry.example.com",
-            "username": "robot", "password": SecretStr("pw")}  # fmt: skip
+            "username": "robot", "password": SecretStr("pw")}
     own = UpstreamSettings(**base)
     assert await _authorization_sent(own, "https://tenant-b.registry.example.com/token") is None
     assert await _authorization_sent(own, "https://tenant-a.registry.example.com/token") is not None

@@ -33,7 +33,7 @@ import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeGuard
 
 # One thread per blob body being sent; threads blocked in poll() cost little.
 _POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="regcache-send")
@@ -50,7 +50,8 @@ class Stalled(ConnectionError):
     """The client took no bytes for the stall timeout."""
 
 
-def possible(transport: asyncio.BaseTransport | None) -> bool:
+def possible(transport: asyncio.BaseTransport | None) -> TypeGuard[asyncio.WriteTransport]:
+    """Whether bytes may go straight to this connection's socket: plain TCP, still open."""
     if transport is None or transport.is_closing() or not hasattr(os, "sendfile"):
         return False
     if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:

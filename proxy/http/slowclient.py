@@ -48,7 +48,7 @@ async def send_file(
     """``count`` bytes of the open file ``fd`` from ``offset`` as the body of the prepared ``response``."""
     if filesend.possible(request.transport):
         # Plain TCP: sendfile or pread/write on a pool thread, straight to the socket.
-        sender = filesend.FileSender(request.transport)  # type: ignore[arg-type]
+        sender = filesend.FileSender(request.transport)
         try:
             await sender.send(fd, offset, count, timeout)
         except filesend.Stalled:

@@ -10,7 +10,7 @@ fill, a writer or the store.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +54,13 @@ class StoredBlob:
     digest: str
     size: int
     redirect: str | None
-    reader: Callable[[], AsyncIterator[bytes]] = field(compare=False)
+    reader: Callable[[], AsyncGenerator[bytes, None]] = field(compare=False)
 
     @property
     def result(self) -> str:
         return "hit"
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncGenerator[bytes, None]:
         return self.reader()
 
     async def stored(self) -> int:

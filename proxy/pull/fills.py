@@ -102,7 +102,7 @@ class Fills:
                 size = stream.size if stream.size is not None else expected
                 if expected is not None and stream.size is not None and stream.size != expected:
                     log.warning("upstream size %s for %s differs from its descriptor (%s)",
-                                stream.size, fill.digest, expected)  # fmt: skip
+                                stream.size, fill.digest, expected)
                 writer = await self.store.writer(fill.digest, size)
                 fill.attach(writer, size)
                 try:
@@ -119,7 +119,7 @@ class Fills:
                     if isinstance(exc, DigestMismatch | SizeMismatch):
                         self.events.digest_mismatch(route.upstream_name, "blob")
                         log.error("upstream blob %s of %s/%s failed verification: %s",
-                                  fill.digest, route.upstream_name, route.repository, exc)  # fmt: skip
+                                  fill.digest, route.upstream_name, route.repository, exc)
                     if isinstance(exc, StoreFull):
                         self.events.store_full()
                     raise

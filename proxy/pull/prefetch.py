@@ -69,7 +69,7 @@ class Prefetcher:
                     raise
                 except Exception as exc:  # the client's own GET will try again
                     log.info("prefetch of %s from %s/%s failed: %s",
-                             digest, route.upstream_name, route.repository, exc)  # fmt: skip
+                             digest, route.upstream_name, route.repository, exc)
 
         await asyncio.gather(*(worker() for _ in range(min(parallel, len(blobs)))))
 

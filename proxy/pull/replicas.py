@@ -45,7 +45,7 @@ class SharedNames:
                 await self.index.put_tag(route.upstream_name, route.repository, tag, digest, checked_at)
         except StoreUnavailable as exc:
             log.warning("could not publish %s/%s@%s to the replica records: %s",
-                        route.upstream_name, route.repository, digest, exc)  # fmt: skip
+                        route.upstream_name, route.repository, digest, exc)
 
     async def confirm_tag(self, route: Route, tag: str, digest: str, checked_at: float) -> None:
         try:
@@ -68,7 +68,7 @@ class SharedNames:
             return None
         except StoreUnavailable as exc:
             log.warning("replica records unreadable for %s/%s@%s: %s",
-                        route.upstream_name, route.repository, digest, exc)  # fmt: skip
+                        route.upstream_name, route.repository, digest, exc)
             return None
         if str(Digest.of(data)) != digest:
             log.error("stored manifest %s does not hash to its digest; ignoring it", digest)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -93,7 +93,7 @@ class PullThrough:
         self._tags_generation += 1
 
     async def store_changed(self, blobs: dict[str, int] | None = None,
-                            manifests: Sequence[RecordedManifest] = ()) -> None:  # fmt: skip
+                            manifests: Sequence[RecordedManifest] = ()) -> None:
         """The store changed outside a fill (load, rmi): record what was added (``blobs``
         by digest with their sizes, and pinned ``manifests``, in one transaction), tell
         the other replicas on this store, and drop what this process remembers."""
@@ -305,7 +305,7 @@ class PullThrough:
         if self.shared is not None:
             await self.shared.publish(route, digest, media_type, tag, time.time())
 
-    async def _confirm(self, route: Route, call) -> None:  # type: ignore[no-untyped-def]
+    async def _confirm(self, route: Route, call: Callable[[UpstreamClient], Awaitable[object]]) -> None:
         try:
             await call(self._client(route))
         except UpstreamNotFound:

@@ -113,7 +113,9 @@ async def blob(request: web.Request) -> web.StreamResponse:
     return await _stream(request, headers, size, answer.chunks())
 
 
-async def _stream(request: web.Request, headers: dict[str, str], size: int | None, chunks) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+async def _stream(
+    request: web.Request, headers: dict[str, str], size: int | None, chunks: AsyncGenerator[bytes, None]
+) -> web.StreamResponse:
     response = web.StreamResponse(headers=headers)
     if size is not None:
         response.content_length = size

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from storage.oci.digest import Digest
@@ -83,7 +83,7 @@ class BlobBackend(abc.ABC):
         """Remove a committed blob; False when it was not there."""
 
     @abc.abstractmethod
-    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         """Stream committed bytes."""
 
     @abc.abstractmethod

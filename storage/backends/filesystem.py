@@ -14,7 +14,7 @@ import contextlib
 import errno
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 from storage import paths
@@ -120,7 +120,7 @@ class FilesystemBackend(BlobBackend):
             return False
         return True
 
-    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         try:
             fd = os.open(paths.blob_path(self.root, digest), os.O_RDONLY)
         except FileNotFoundError:

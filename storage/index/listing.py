@@ -133,7 +133,7 @@ async def list_images(metadata: Metadata, store: BlobStore | None = None) -> lis
             image = images[row.digest] = CachedImage(
                 row.digest, row.media_type, row.config_digest, row.created, row.content_size or 0, row.platform,
                 first_pulled=row.first_pulled,
-            )  # fmt: skip
+            )
         image.repositories.append((row.upstream, row.repository))
         image.first_pulled = min(image.first_pulled, row.first_pulled)
         image.last_pulled = max(image.last_pulled, row.last_pulled)

@@ -113,7 +113,7 @@ class Metadata:
             await self._db.transaction(
                 [("INSERT OR IGNORE INTO repositories (upstream, name, created_at) VALUES (?, ?, ?)",
                   (upstream, name, time.time()))]
-            )  # fmt: skip
+            )
             row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
             assert row is not None
         repository_id: int = row[0]
@@ -136,18 +136,18 @@ class Metadata:
 
     async def tag(self, repository_id: int, tag: str) -> TagRow | None:
         row = await self._db.one("SELECT manifest, checked_at FROM tags WHERE repository_id = ? AND tag = ?",
-                                 (repository_id, tag))  # fmt: skip
+                                 (repository_id, tag))
         return TagRow(row[0], row[1]) if row else None
 
     async def tags(self, repository_id: int) -> list[str]:
         return [r[0] for r in await self._db.all("SELECT tag FROM tags WHERE repository_id = ? ORDER BY tag",
-                                                (repository_id,))]  # fmt: skip
+                                                (repository_id,))]
 
     async def confirm_tag(self, repository_id: int, tag: str, when: float | None = None) -> None:
         await self._db.transaction(
             [("UPDATE tags SET checked_at = ? WHERE repository_id = ? AND tag = ?",
               (when or time.time(), repository_id, tag))]
-        )  # fmt: skip
+        )
 
     async def untag(self, repository_id: int, tag: str) -> None:
         await self._db.transaction([("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repository_id, tag))])
@@ -194,7 +194,7 @@ class Metadata:
              "pinned = MAX(pinned, excluded.pinned)", (repository_id, digest, now, now, int(pinned))),
             ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
              "ON CONFLICT DO NOTHING", (repository_id, digest, size, now)),
-        ]  # fmt: skip
+        ]
         # References first, then links: each kind in one run (see Database.transaction).
         statements += [
             (
@@ -236,7 +236,7 @@ class Metadata:
             ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
              "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now))
             for digest, size in blobs.items()
-        ]  # fmt: skip
+        ]
         for repository_id, digest, size, parsed, tag in manifests:
             statements += self._manifest_statements(repository_id, digest, size, parsed, tag, pinned=True)
         await self._db.transaction(statements)
@@ -245,16 +245,16 @@ class Metadata:
         await self._db.transaction(
             [("UPDATE manifests SET created = COALESCE(?, created), platform = COALESCE(?, platform) "
               "WHERE digest = ?", (created, platform, digest))]
-        )  # fmt: skip
+        )
 
     async def is_pinned(self, repository_id: int, digest: str) -> bool:
         row = await self._db.one("SELECT pinned FROM images WHERE repository_id = ? AND manifest = ?",
-                                 (repository_id, digest))  # fmt: skip
+                                 (repository_id, digest))
         return bool(row and row[0])
 
     async def has_image(self, repository_id: int, digest: str) -> bool:
         return await self._db.one("SELECT 1 FROM images WHERE repository_id = ? AND manifest = ?",
-                                  (repository_id, digest)) is not None  # fmt: skip
+                                  (repository_id, digest)) is not None
 
     async def set_pinned(self, key: ImageKey, pinned: bool) -> bool:
         """Mark one image row; False when there is no such row."""
@@ -270,7 +270,7 @@ class Metadata:
     async def link(self, repository_id: int, digest: str) -> tuple[bool, int | None]:
         """Whether the repository may see the blob, and the size a descriptor gave it."""
         row = await self._db.one("SELECT size FROM repository_blobs WHERE repository_id = ? AND digest = ?",
-                                 (repository_id, digest))  # fmt: skip
+                                 (repository_id, digest))
         return (True, row[0]) if row else (False, None)
 
     async def blob_size(self, digest: str) -> int | None:
@@ -285,26 +285,26 @@ class Metadata:
         await self._db.transaction(
             [("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
               "ON CONFLICT(digest) DO NOTHING", (b.digest, b.size, b.created_at, b.last_access)) for b in blobs]
-        )  # fmt: skip
+        )
 
     async def record_blob(self, repository_id: int | None, digest: str, size: int) -> None:
         now = time.time()
         statements: list[Statement] = [
             ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
              "ON CONFLICT(digest) DO UPDATE SET size = excluded.size", (digest, size, now, now)),
-        ]  # fmt: skip
+        ]
         if repository_id is not None:
             statements.append(
                 ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT DO UPDATE SET size = excluded.size", (repository_id, digest, size, now))
-            )  # fmt: skip
+            )
         await self._db.transaction(statements)
 
     async def link_blob(self, repository_id: int, digest: str, size: int | None) -> None:
         await self._db.transaction(
             [("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
               "ON CONFLICT DO NOTHING", (repository_id, digest, size, time.time()))]
-        )  # fmt: skip
+        )
 
     # Access statistics, batched ------------------------------------------
 
@@ -326,7 +326,7 @@ class Metadata:
             ("UPDATE images SET last_pulled = MAX(last_pulled, ?), pull_count = pull_count + ? "
              "WHERE repository_id = ? AND manifest = ?", (when, int(n), repo, manifest))
             for (repo, manifest), (when, n) in pulls.items()
-        ]  # fmt: skip
+        ]
         statements += [
             ("UPDATE blobs SET last_access = MAX(last_access, ?) WHERE digest = ?", (when, digest))
             for digest, when in blobs.items()

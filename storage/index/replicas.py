@@ -80,7 +80,7 @@ class ReplicaQueries:
              "checked_at = excluded.checked_at, updated_at = excluded.updated_at",
              (t.repository_id, t.tag, t.manifest, t.checked_at, t.updated_at))
             for t in changes.set_tags
-        ]  # fmt: skip
+        ]
         statements += [
             ("DELETE FROM tags WHERE repository_id = ? AND tag = ?", (repo, tag)) for repo, tag in changes.drop_tags
         ]

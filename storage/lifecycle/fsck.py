@@ -147,7 +147,7 @@ class FsckReport:
 
     def render(self) -> str:
         lines = [f"{p.kind:15} {p.subject}: {p.detail}" + (f" -> {p.action}" if p.action else "")
-                 for p in self.problems]  # fmt: skip
+                 for p in self.problems]
         checked = f"{self.blobs} blob files, {self.rows} blob rows"
         if self.verified:
             checked += f", {self.bytes_verified} bytes hashed"

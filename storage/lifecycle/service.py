@@ -261,7 +261,7 @@ class Lifecycle:
                 "store %d -> %d bytes",
                 report.reason, len(report.images), report.blobs, report.bytes, report.manifests,
                 report.deferred, report.size_before, report.size_after,
-            )  # fmt: skip
+            )
 
     # Admin verbs -----------------------------------------------------------------
 

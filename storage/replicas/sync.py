@@ -98,7 +98,7 @@ class ReplicaSync:
         await self.metadata.replicas.reconcile(changes)
         if result.changed:
             log.info("shared records: adopted %d image(s), dropped %d removed elsewhere, %d tag change(s)",
-                     result.adopted, result.dropped, result.tags)  # fmt: skip
+                     result.adopted, result.dropped, result.tags)
         return result
 
     async def _adopt(self, upstream: str, repository: str, manifest: str) -> bool:

@@ -61,7 +61,7 @@ class CephRGW:
             (w / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self._config())
         self._run(["monmaptool", "--create", "--fsid", self.fsid, "--addv", "a",
-                   f"[v1:{HOST}:{self.mon_port}]", str(w / "monmap")])  # fmt: skip
+                   f"[v1:{HOST}:{self.mon_port}]", str(w / "monmap")])
         self._run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(w / "monmap")])
         self._spawn("mon", ["ceph-mon", "-c", str(self.conf), "-f", "-i", "a"])
         osd_uuid = str(uuid.uuid4())
@@ -74,7 +74,7 @@ class CephRGW:
         self._wait_rgw()
         self._run(["radosgw-admin", "-c", str(self.conf), "user", "create", "--uid=regcache-test",
                    "--display-name=regcache test", f"--access-key={self.access_key}",
-                   f"--secret-key={self.secret_key}"])  # fmt: skip
+                   f"--secret-key={self.secret_key}"])
         return self
 
     def stop(self) -> None:

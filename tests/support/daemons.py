@@ -295,7 +295,7 @@ class Dockerd(_Daemon):
                 "--pidfile", str(self.run_dir / "docker.pid"),
                 "-H", f"unix://{self.socket}",
             ]
-        )  # fmt: skip
+        )
         self._spawn(args, self._answers, 60)
         return self
 
@@ -394,7 +394,7 @@ class Containerd(_Daemon):
         self, reference: str, hosts_dir: Path, *extra: str, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         return self.ctr("images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", "native", *extra, reference,
-                        timeout=timeout)  # fmt: skip
+                        timeout=timeout)
 
     def remove_image(self, reference: str) -> None:
         """Forget the image and (after a synchronous GC) its content, so the next pull fetches it all."""
@@ -460,7 +460,7 @@ class Podman:
             "--tmpdir", str(self.run_dir / "tmp"),
             "--storage-driver", "vfs",
             "--cgroup-manager", "cgroupfs",
-        ]  # fmt: skip
+        ]
         return _run(self.netns.wrap([*base, *args]), timeout=timeout, env=env)
 
     def image_id(self, reference: str) -> str:

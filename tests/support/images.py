@@ -512,7 +512,7 @@ BUSYBOX_APPLETS = (
     "false", "find", "grep", "head", "hostname", "id", "ln", "ls", "md5sum", "mkdir", "mv",
     "printf", "ps", "pwd", "rm", "sed", "sh", "sha256sum", "sleep", "sort", "tail", "tar", "tee",
     "test", "touch", "tr", "true", "uname", "wc", "wget", "which", "xargs",
-)  # fmt: skip
+)
 
 
 def busybox_rootfs(busybox_path: str | os.PathLike[str] = "/bin/busybox") -> dict[str, Entry]:

@@ -40,7 +40,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,7 @@ class S3Backend(BlobBackend):
             await self.client.api.delete_object(Bucket=self.client.bucket, Key=key)
         return True
 
-    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncGenerator[bytes, None]:
         if length == 0:
             return
         extra = {}
