@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.regcache import RegcacheProcess
 from tests.support.registry import Registry
 from tests.support.seed import SeededImage, seed_upstream
@@ -91,7 +91,7 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 async def fake(aiohttp_server: Any) -> FakeUpstream:
-    """An in-process registry for faults a real one cannot produce (tests/fake_upstream.py)."""
+    """An in-process registry for faults a real one cannot produce (tests/support/fake_upstream.py)."""
     upstream = FakeUpstream()
     server = await aiohttp_server(upstream.app, host="127.0.0.1")
     upstream.base_url = str(server.make_url("")).rstrip("/")

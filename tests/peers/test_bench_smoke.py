@@ -1,0 +1,45 @@
+"""The benchmark must keep running: one tiny ``bench/run.py --quick`` pass prints every case.
+
+No figure is checked (timings on a shared machine prove nothing); what this
+catches is a bench that rotted: a peer that no longer starts, a case that
+raises, a table row that went missing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+EXPECTED_ROWS = (
+    "warm 1 MiB blob GET, 1 client",
+    "warm 1 MiB blob GET, 8 clients",
+    "cold 1 MiB blob GET (throughput)",
+    "cold 1 MiB blob GET (time to first byte)",
+    "32 concurrent cold clients, one blob: upstream fetches",
+    "32 concurrent cold clients, one blob: wall time",
+    "manifest GET by tag, cached",
+    "manifest HEAD by tag, cached",
+    "manifest GET by digest, cached",
+    "manifest HEAD by digest, cached",
+    "skopeo pull, 2 small layers, cold",
+    "skopeo pull, one 1 MiB layer, warm",
+    "save/load of a 1 MiB image",
+    "memory: peak RSS, 8 clients pulling 1 MiB, cold",
+    "memory: peak RSS, 8 clients pulling 1 MiB, warm",
+)
+
+
+def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
+    argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
+            "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout.rpartition("| case | regcache |")[2]
+    assert table, done.stdout[-3000:]
+    for row in EXPECTED_ROWS:
+        assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
+    # A case that raised is reported as "failed: ..." instead of its figures.
+    assert "failed:" not in table, table
