@@ -20,6 +20,7 @@ from aiohttp import web
 from config.settings import Settings
 from proxy.metrics.events import Events
 from proxy.metrics.prometheus import Metrics, StoreTotals, refresh_store_totals
+from proxy.pull.referrers import Referrers
 from proxy.pull.routing import Router
 from proxy.pull.service import PullThrough
 from proxy.upstream.client import UpstreamClient
@@ -42,6 +43,7 @@ STORE: web.AppKey[BlobStore] = web.AppKey("store")
 METADATA: web.AppKey[Metadata] = web.AppKey("metadata")
 UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams")
 PULLTHROUGH: web.AppKey[PullThrough] = web.AppKey("pullthrough")
+REFERRERS: web.AppKey[Referrers] = web.AppKey("referrers")
 LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 
 
@@ -107,6 +109,7 @@ async def pull_service(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         app[PULLTHROUGH] = pullthrough
+        app[REFERRERS] = Referrers(pullthrough)
         yield
     finally:
         await pullthrough.close()

@@ -40,7 +40,7 @@ from storage.oci.reference import ManifestReference
 log = logging.getLogger("regcache.pullthrough")
 
 # Upstream failures after which a stale tag is still served.
-_STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
+STALE_OK = (UpstreamUnavailable, UpstreamTooManyRequests, TimeoutError)
 # Tag rows kept in memory (a few dozen bytes each); past this the cache starts over.
 MAX_CACHED_TAGS = 100_000
 
@@ -139,7 +139,7 @@ class PullThrough:
             self.prefetcher.image(route, found.data, found.media_type)
         return found
 
-    async def _stored_manifest(self, digest: str) -> tuple[str, bytes] | None:
+    async def stored_manifest(self, digest: str) -> tuple[str, bytes] | None:
         cached = self.manifests.get(digest)
         if cached is not None:
             return cached
@@ -163,7 +163,7 @@ class PullThrough:
 
     async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
         repo_id = await self._repository(route)
-        stored = await self._stored_manifest(digest)
+        stored = await self.stored_manifest(digest)
         if stored is None and self.shared is not None:
             # Another replica on this store recorded it for this repository: adopt it.
             image = await self.shared.image(route, digest)
@@ -215,7 +215,7 @@ class PullThrough:
                 self._tag_changed(repo_id, tag)
                 row = await self._tag_row(repo_id, tag)
         if row is not None:
-            stored = await self._stored_manifest(row.manifest)
+            stored = await self.stored_manifest(row.manifest)
             if stored is not None:
                 media_type, data = stored
                 if time.time() - row.checked_at < route.upstream.tag_ttl:
@@ -236,9 +236,10 @@ class PullThrough:
         client = self._client(route)
         try:
             head = await client.head_manifest(route.repository, tag, UPSTREAM_ACCEPT)
-        except _STALE_OK as exc:
-            self.events.stale(route.upstream_name, _kind(exc))
-            log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag, _kind(exc))
+        except STALE_OK as exc:
+            self.events.stale(route.upstream_name, failure_kind(exc))
+            log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag,
+                        failure_kind(exc))
             return Manifest(digest, media_type, data, "stale")
         except UpstreamNotFound:
             # A loaded (pinned) image may exist only here: the cache is its source.
@@ -252,7 +253,7 @@ class PullThrough:
                 await self.shared.confirm_tag(route, tag, digest, time.time())
             return Manifest(digest, media_type, data, "revalidated")
         if head.digest is not None:
-            stored = await self._stored_manifest(head.digest)
+            stored = await self.stored_manifest(head.digest)
             if stored is not None and await self._linked(repo_id, head.digest):
                 await self._record_manifest(repo_id, head.digest, stored[0], stored[1], tag=tag)
                 await self._publish(route, head.digest, stored[0], tag)
@@ -394,11 +395,11 @@ class PullThrough:
             return tags, next_link is not None
         except UpstreamNotFound:
             raise NameUnknown(f"repository {route.repository} unknown to the upstream") from None
-        except (*_STALE_OK, UpstreamError) as exc:
+        except (*STALE_OK, UpstreamError) as exc:
             repo_id = await self.metadata.repository_id(route.upstream_name, route.repository, create=False)
             if repo_id is None:
                 raise
-            self.events.stale(route.upstream_name, _kind(exc))
+            self.events.stale(route.upstream_name, failure_kind(exc))
             known = await self.metadata.tags(repo_id)
             return page(known, n, last)
 
@@ -407,7 +408,7 @@ def _coalesced(found: Manifest) -> Manifest:
     return Manifest(found.digest, found.media_type, found.data, "coalesced")
 
 
-def _kind(exc: BaseException) -> str:
+def failure_kind(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return getattr(exc, "kind", "error")

@@ -23,11 +23,12 @@ from proxy.http.context import BLOB_LEASE, ERROR, LOG
 from proxy.http.errors import API_HEADERS as API_VERSION
 from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
 from proxy.pull.routing import Route
-from proxy.resources import METADATA, PULLTHROUGH, ROUTER, SETTINGS
+from proxy.resources import METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS
 from storage.errors import NameInvalid
 from storage.oci.digest import Digest
-from storage.oci.manifests import merge_accept
+from storage.oci.manifests import OCI_INDEX, merge_accept
 from storage.oci.reference import ManifestReference
+from storage.oci.referrers import FILTERS_HEADER, referrers_index
 
 log = logging.getLogger("regcache.registry")
 
@@ -35,6 +36,8 @@ OCTET_STREAM = "application/octet-stream"
 # Spool bytes up to this size go to a client from the loop (a page-cache read of
 # microseconds); larger ranges go to a pool thread (proxy.filesend).
 INLINE_RANGE = 64 * 1024
+# Entries per page of a referrers answer.
+REFERRERS_PAGE = 1000
 
 
 def _route(request: web.Request) -> Route:
@@ -192,6 +195,30 @@ async def tags(request: web.Request) -> web.Response:
     return web.json_response({"name": request.match_info["name"], "tags": found}, headers=headers)
 
 
+async def referrers(request: web.Request) -> web.Response:
+    """OCI 1.1 referrers: an image index of the manifests whose ``subject`` is the digest."""
+    route = _route(request)
+    subject = Digest.parse(request.match_info["digest"])
+    request[LOG]["digest"] = str(subject)
+    answer = await request.app[REFERRERS].answer(route, subject)
+    request[LOG]["result"] = answer.result
+    found = answer.referrers
+    headers = {**API_VERSION, "Content-Type": OCI_INDEX}
+    artifact_type = request.query.get("artifactType")
+    if artifact_type is not None:
+        found = [r for r in found if r.artifact_type == artifact_type]
+        headers[FILTERS_HEADER] = "artifactType"
+    n, last = _pagination(request)
+    # Pages of at most REFERRERS_PAGE entries, whatever n asks: the spec lets a registry page.
+    digests, more = page([r.digest for r in found], min(n or REFERRERS_PAGE, REFERRERS_PAGE), last)
+    by_digest = {r.digest: r for r in found}
+    if more and digests:
+        query = {k: v for k, v in request.query.items() if k in ("ns", "artifactType", "n")}
+        query["last"] = digests[-1]
+        headers["Link"] = f'</v2/{request.match_info["name"]}/referrers/{subject}?{urlencode(query)}>; rel="next"'
+    return web.Response(body=referrers_index(by_digest[d] for d in digests), headers=headers)
+
+
 async def catalog(request: web.Request) -> web.Response:
     n, last = _pagination(request)
     router = request.app[ROUTER]
@@ -222,6 +249,7 @@ def add_routes(app: web.Application) -> None:
     r.add_route("*", "/v2/{name:.+}/blobs/uploads/{rest:.*}", unsupported, name="upload")
     r.add_route("*", "/v2/{name:.+}/blobs/uploads", unsupported)
     r.add_get("/v2/{name:.+}/tags/list", tags, name="tags")
+    r.add_get("/v2/{name:.+}/referrers/{digest}", referrers, name="referrers")
     r.add_get("/v2/{name:.+}/manifests/{reference}", manifest, name="manifest")
     r.add_route("*", "/v2/{name:.+}/manifests/{reference}", unsupported)
     r.add_get("/v2/{name:.+}/blobs/{digest}", blob, name="blob")

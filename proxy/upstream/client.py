@@ -51,8 +51,11 @@ from proxy.upstream.responses import (
     retry_after,
     window,
 )
+from storage.errors import ManifestInvalid
 from storage.oci.digest import Digest, is_digest
+from storage.oci.manifests import OCI_INDEX
 from storage.oci.reference import validate_name, validate_tag
+from storage.oci.referrers import Referrer, referrers_in_index
 
 log = logging.getLogger("regcache.upstream")
 
@@ -70,6 +73,8 @@ RETRY_BUDGET = 3.0
 SHORT_RETRY_AFTER = 2.0
 MAX_TOKEN_BODY = 64 * 1024
 MAX_JSON_BODY = 8 * 1024 * 1024
+# Pages of a referrers answer followed; an image with more signatures than this is an attack.
+MAX_REFERRER_PAGES = 20
 DOCKER_HUB_INDEX = "https://index.docker.io"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
@@ -196,6 +201,37 @@ class UpstreamClient:
 
         async with self._slot():
             return await self._call("GET", url, "tags", _pull_scope(repository), read, ("application/json",))
+
+    async def referrers(self, repository: str, subject: str) -> list[Referrer]:
+        """The upstream's referrers of ``subject`` (OCI 1.1 API), every page up to a bound.
+
+        ``UpstreamNotFound`` means the upstream lacks the API (one that has it answers an
+        unknown subject with an empty index); the caller falls back to the tag schema.
+        """
+        url: URL | None = self._v2(repository, "referrers", str(Digest.parse(subject)))
+        found: list[Referrer] = []
+        for _ in range(MAX_REFERRER_PAGES):
+            if url is None:
+                break
+            page_url = url
+
+            async def read(resp: aiohttp.ClientResponse) -> tuple[list[Referrer], str | None]:
+                data = await read_limited(resp, MAX_JSON_BODY, self._too_big("referrers index"))
+                try:
+                    return referrers_in_index(data), link_next(resp.headers.get("Link", ""))
+                except ManifestInvalid as exc:
+                    raise UpstreamError(f"upstream {self.name}: {exc.message}", upstream=self.name) from None
+
+            async with self._slot():
+                listed, next_link = await self._call(
+                    "GET", page_url, "referrers", _pull_scope(repository), read, (OCI_INDEX,)
+                )
+            found += listed
+            # A next page elsewhere would get this upstream's credentials: only the same origin.
+            url = page_url.join(URL(next_link)) if next_link else None
+            if url is not None and not self._is_upstream(url):
+                break
+        return found
 
     async def search(self, term: str, limit: int) -> list[dict[str, Any]]:
         base = self._settings.search_url or (DOCKER_HUB_INDEX if self._settings.is_docker_hub else None)

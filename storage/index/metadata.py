@@ -19,8 +19,9 @@ from storage.index.collect import CollectQueries
 from storage.index.consistency import ConsistencyQueries
 from storage.index.database import Database, Statement
 from storage.index.listing import ListingQueries
+from storage.index.referrers import ReferrerQueries
 from storage.index.replicas import ReplicaQueries
-from storage.index.rows import BlobRow, ImageKey, StoreSummary
+from storage.index.rows import BlobRow, ImageKey, ManifestRow, StoreSummary
 from storage.oci.manifests import ParsedManifest
 
 
@@ -28,13 +29,6 @@ from storage.oci.manifests import ParsedManifest
 class TagRow:
     manifest: str
     checked_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestRow:
-    digest: str
-    media_type: str
-    size: int
 
 
 class Metadata:
@@ -49,6 +43,7 @@ class Metadata:
         self.replicas = ReplicaQueries(self._db)
         self.consistency = ConsistencyQueries(self._db)
         self.listing = ListingQueries(self._db)
+        self.referrers = ReferrerQueries(self._db)
 
     @property
     def observe(self) -> Callable[[str, float], None] | None:

@@ -16,6 +16,13 @@ class ImageKey:
 
 
 @dataclass(frozen=True, slots=True)
+class ManifestRow:
+    digest: str
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class BlobRow:
     """A blob as the ``blobs`` table has it; a digest nothing but a manifest row names has no size."""
 

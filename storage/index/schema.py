@@ -16,13 +16,16 @@ pull counts) and reference-counting GC are plain queries:
   pinning and eviction, carrying last pull time and pull count.
 - ``tags``: tag -> manifest per repository, with the time it was last
   confirmed against the upstream (for the tag TTL).
+- ``referrer_checks``: when the referrers of a subject in a repository were
+  last asked of the upstream (the same TTL as a tag). The referrers themselves
+  are manifests with a ``subject`` row in ``manifest_references``.
 """
 
 from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,7 +92,17 @@ CREATE TABLE IF NOT EXISTS tags (
 CREATE INDEX IF NOT EXISTS tags_manifest ON tags (manifest);
 """
 
-MIGRATIONS = {1: _V1}
+# Version 2: the referrers API (OCI 1.1) is answered from the cache within a TTL.
+_V2 = """
+CREATE TABLE IF NOT EXISTS referrer_checks (
+    repository_id INTEGER NOT NULL REFERENCES repositories(id) ON DELETE CASCADE,
+    subject TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (repository_id, subject)
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS = {1: _V1, 2: _V2}
 
 
 async def migrate(db: aiosqlite.Connection) -> None:

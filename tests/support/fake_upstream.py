@@ -2,7 +2,9 @@
 
 It serves manifests and blobs from memory and can corrupt, truncate, reset,
 fail with a status, rate-limit, challenge for a token or redirect to another
-host. It counts every request it gets.
+host. It counts every request it gets. With ``referrers_api`` it answers the
+OCI 1.1 referrers API from the manifests it holds that have a ``subject``
+(``artifactType`` filtering, pages of ``referrers_page`` entries).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 
 
 def digest_of(data: bytes) -> str:
@@ -63,12 +67,15 @@ class FakeUpstream:
         self.token_requests: list[dict[str, str]] = []
         self.basic: tuple[str, str] | None = None
         self.redirect_to: str | None = None  # base URL of a host blobs redirect to
+        self.referrers_api = False  # True: GET /v2/<name>/referrers/<digest> is answered
+        self.referrers_page: int | None = None  # entries per page of a referrers answer
         self.app = web.Application()
         self.app.router.add_get("/v2/", self._base)
         self.app.router.add_get("/token", self._token)
         self.app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
         self.app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         self.app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        self.app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         self.app.router.add_get("/cdn/{digest}", self._cdn)
         self.base_url = ""
 
@@ -81,6 +88,49 @@ class FakeUpstream:
             self.blobs[(repository, blob_digest)] = data
         self.tags.setdefault(repository, []).append(tag)
         return digest
+
+    def add_artifact(
+        self, repository: str, subject: str, artifact_type: str, payload: bytes,
+        annotations: dict[str, str] | None = None, tag: str | None = None,
+    ) -> str:
+        """An OCI 1.1 artifact (empty config, one layer) whose ``subject`` is ``subject``."""
+        subject_type, subject_data = self.manifests[(repository, subject)]
+        config = b"{}"
+        doc: dict = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": EMPTY_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [{"mediaType": "application/octet-stream", "digest": digest_of(payload), "size": len(payload)}],
+            "subject": {"mediaType": subject_type, "digest": subject, "size": len(subject_data)},
+        }
+        if annotations:
+            doc["annotations"] = annotations
+        manifest = json.dumps(doc).encode()
+        digest = digest_of(manifest)
+        self.manifests[(repository, digest)] = (OCI_MANIFEST, manifest)
+        if tag is not None:
+            self.manifests[(repository, tag)] = (OCI_MANIFEST, manifest)
+            self.tags.setdefault(repository, []).append(tag)
+        self.blobs[(repository, digest_of(config))] = config
+        self.blobs[(repository, digest_of(payload))] = payload
+        return digest
+
+    def referrers_of(self, repository: str, subject: str) -> list[dict]:
+        """The descriptors the referrers API lists for ``subject``, in digest order."""
+        out = []
+        for (repo, reference), (media_type, data) in sorted(self.manifests.items()):
+            if repo != repository or not reference.startswith("sha256:"):
+                continue
+            doc = json.loads(data)
+            if (doc.get("subject") or {}).get("digest") != subject:
+                continue
+            descriptor = {"mediaType": media_type, "digest": reference, "size": len(data),
+                          "artifactType": doc.get("artifactType") or doc["config"]["mediaType"]}
+            if doc.get("annotations"):
+                descriptor["annotations"] = doc["annotations"]
+            out.append(descriptor)
+        return out
 
     def count(self, method: str, path_part: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == method and path_part in p)
@@ -195,3 +245,26 @@ class FakeUpstream:
         if name not in self.tags:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]}, status=404)
         return web.json_response({"name": name, "tags": sorted(self.tags[name])})
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        self._record(request)
+        if not self.referrers_api:
+            return web.json_response({"errors": [{"code": "NOT_FOUND", "message": "no such route"}]}, status=404)
+        fault = self._fault("referrers")
+        if fault is not None and fault.kind == "status":
+            return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status)
+        name, subject = request.match_info["name"], request.match_info["digest"]
+        found = self.referrers_of(name, subject)
+        headers = {"Content-Type": OCI_INDEX}
+        wanted = request.query.get("artifactType")
+        if wanted is not None:
+            found = [d for d in found if d["artifactType"] == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        last = request.query.get("last")
+        if last is not None:
+            found = [d for d in found if d["digest"] > last]
+        if self.referrers_page is not None and len(found) > self.referrers_page:
+            found = found[: self.referrers_page]
+            headers["Link"] = f'</v2/{name}/referrers/{subject}?last={found[-1]["digest"]}>; rel="next"'
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return web.Response(body=json.dumps(body).encode(), headers=headers)
