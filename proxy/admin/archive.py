@@ -24,9 +24,10 @@ from aiohttp import web
 from proxy.admin.body import image_names
 from proxy.errors import AdminInvalid, RegistryUnknown, Unsupported
 from proxy.http.context import LOG
+from proxy.pull.referrers import Referrers
 from proxy.pull.routing import Route, Router
 from proxy.pull.service import PullThrough, RecordedManifest
-from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, SETTINGS, STORE
+from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS, STORE
 from storage import paths
 from storage.archive.load import ArchiveLoader, LoadedImage
 from storage.archive.save import ArchivePlan, DockerImage, SavedImage, write_archive
@@ -69,9 +70,10 @@ def archive_names(route: Route, tag: str | None, digest: str) -> tuple[str, str 
 class SavePlanner:
     """Resolves names, pulls through what is missing, and lays out the archive."""
 
-    def __init__(self, pullthrough: PullThrough, router: Router) -> None:
+    def __init__(self, pullthrough: PullThrough, router: Router, referrers: Referrers) -> None:
         self.pullthrough = pullthrough
         self.router = router
+        self.referrers = referrers
         self.plan = ArchivePlan()
         self._fetch = asyncio.Semaphore(FETCH_CONCURRENCY)
 
@@ -105,6 +107,22 @@ class SavePlanner:
         docker_image = dict(zip(included, images, strict=True)).get(docker_child) if docker_child else None
         full, docker_tag = archive_names(route, tag if not ref.digest else ref.tag, top.digest)
         self.plan.images.append(SavedImage(descriptor, full, docker_tag, docker_image))
+        await self._referrers(route, [top.digest, *included])
+
+    async def _referrers(self, route: Route, subjects: list[str]) -> None:
+        """Signatures, SBOMs and attestations of what is saved (and theirs: a signed SBOM), each as
+        an untagged entry of the same repository, so a load puts them where their subject lands."""
+        seen = set(subjects)
+        while subjects:
+            answer = await self.referrers.answer(route, Digest.parse(subjects.pop()))
+            for referrer in answer.referrers:
+                if referrer.digest in seen:
+                    continue
+                seen.add(referrer.digest)
+                subjects.append(referrer.digest)
+                await self._image(route, referrer.digest)
+                full, _ = archive_names(route, None, referrer.digest)
+                self.plan.images.append(SavedImage(referrer.descriptor(), full, None, None))
 
     async def _image(self, route: Route, digest: str) -> DockerImage | None:
         found = await self.pullthrough.manifest(route, ManifestReference(digest=Digest.parse(digest)), [], count=False)
@@ -139,7 +157,8 @@ async def save(request: web.Request) -> web.StreamResponse:
         if value is not None and (not isinstance(value, str) or value.count("/") not in (1, 2)):
             raise AdminInvalid(f"save: platform {value!r} is not os/arch[/variant]")
     await request.config_dict[LIFECYCLE].sync_shared()  # not an image another replica removed
-    planner = SavePlanner(request.config_dict[PULLTHROUGH], request.config_dict[ROUTER])
+    planner = SavePlanner(request.config_dict[PULLTHROUGH], request.config_dict[ROUTER],
+                          request.config_dict[REFERRERS])
     for name in names:
         await planner.add(name, platform, docker_platform)
     plan = planner.plan
