@@ -42,9 +42,13 @@ class StoreSummary:
 
 
 def image_removal(key: ImageKey) -> list[Statement]:
-    """An image row goes with its tags in that repository: a tag must name an image."""
+    """An image row goes with its tags in that repository: a tag must name an image. The
+    referrers check of the image, and of the subject it refers to, goes too: what the cache
+    holds for them changed, so the next referrers answer asks the upstream again."""
     args = (key.repository_id, key.manifest)
     return [
+        ("DELETE FROM referrer_checks WHERE repository_id = ? AND (subject = ? OR subject IN "
+         "(SELECT child FROM manifest_references WHERE manifest = ? AND kind = 'subject'))", (*args, key.manifest)),
         ("DELETE FROM tags WHERE repository_id = ? AND manifest = ?", args),
         ("DELETE FROM images WHERE repository_id = ? AND manifest = ?", args),
     ]

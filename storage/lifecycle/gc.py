@@ -104,7 +104,10 @@ class InUse:
 class Unit:
     """What eviction removes at once: an image and, for an index, its platform
     images in the same repository (clients pull the index by tag, then the
-    children by digest, which records them as images too)."""
+    children by digest, which records them as images too), with the referrers
+    of any of them in that repository (signatures, SBOMs, attestations and the
+    fallback tag's index): they live while their subject lives, a pin of the
+    subject covers them, and they go with it."""
 
     keys: list[ImageKey]
     last_pulled: float
@@ -136,6 +139,8 @@ async def load_units(metadata: Metadata) -> list[Unit]:
     children: dict[str, list[str]] = defaultdict(list)
     for parent, child in await metadata.collect.index_children():
         children[parent].append(child)
+    for subject, referrer in await metadata.collect.referrer_edges():
+        children[subject].append(referrer)
     by_key = {row.key: (row.last_pulled, row.pinned) for row in rows}
     is_child = {
         ImageKey(key.repository_id, child)
