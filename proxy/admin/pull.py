@@ -21,9 +21,10 @@ from proxy.admin.body import json_object
 from proxy.errors import AdminInvalid
 from proxy.http.context import ERROR, LOG
 from proxy.pull.answers import FillingBlob
+from proxy.pull.referrers import Referrers
 from proxy.pull.routing import Route
 from proxy.pull.service import PullThrough
-from proxy.resources import PULLTHROUGH, ROUTER
+from proxy.resources import PULLTHROUGH, REFERRERS, ROUTER
 from storage.errors import RegcacheError
 from storage.oci.digest import Digest
 from storage.oci.manifests import parse_manifest
@@ -99,18 +100,37 @@ class Puller:
             await self.emit({"status": "Pull complete", "id": progress_id})
 
 
-def _parse_request(body: Any) -> tuple[str, str | None, bool]:
+def _parse_request(body: Any) -> tuple[str, str | None, bool, bool]:
+    """(image, platform, all platforms, with referrers: on unless ``"referrers": false``)."""
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise AdminInvalid('expected {"image": "NAME[:TAG|@DIGEST]"}')
     platform = body.get("platform")
     if platform is not None and (not isinstance(platform, str) or platform.count("/") not in (1, 2)):
         raise AdminInvalid(f"invalid platform {platform!r}: expected os/arch[/variant]")
-    return body["image"], platform, bool(body.get("all_platforms"))
+    return body["image"], platform, bool(body.get("all_platforms")), body.get("referrers", True) is not False
+
+
+async def _pull_referrers(puller: Puller, referrers: Referrers, subjects: list[str]) -> None:
+    """Signatures, SBOMs and attestations of what was pulled (and theirs), with their blobs:
+    admission checks then pass from the cache alone."""
+    seen = set(subjects)
+    while subjects:
+        answer = await referrers.answer(puller.route, Digest.parse(subjects.pop()))
+        for referrer in answer.referrers:
+            if referrer.digest in seen:
+                continue
+            seen.add(referrer.digest)
+            subjects.append(referrer.digest)
+            await puller.emit({"status": f"Referrer {referrer.artifact_type or referrer.media_type}",
+                               "id": short(referrer.digest)})
+            _, data, media_type = await puller.manifest(ManifestReference(digest=Digest.parse(referrer.digest)))
+            if not parse_manifest(data, media_type).is_index:
+                await puller.image(data, media_type)
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
     body = await json_object(request)
-    text, wanted_platform, all_platforms = _parse_request(body)
+    text, wanted_platform, all_platforms, with_referrers = _parse_request(body)
     ref = ImageReference.parse(text)
     name = f"{ref.registry}/{ref.name}" if ref.registry else ref.name
     route = request.config_dict[ROUTER].resolve(name)
@@ -129,6 +149,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
         await emit({"status": f"Pulling from {route.repository}", "id": str(reference)})
         digest, data, media_type = await puller.manifest(reference)
         parsed = parse_manifest(data, media_type)
+        pulled = [digest]
         if parsed.is_index:
             wanted = wanted_platform or host_platform()
             children = [c for c in parsed.children if all_platforms or platform_matches(wanted, c.platform)]
@@ -140,8 +161,11 @@ async def pull(request: web.Request) -> web.StreamResponse:
                     await emit({"status": f"Platform {child.platform}", "id": short(str(child.digest))})
                 _, child_data, child_type = await puller.manifest(ManifestReference(digest=child.digest))
                 await puller.image(child_data, child_type)
+                pulled.append(str(child.digest))
         else:
             await puller.image(data, media_type)
+        if with_referrers:
+            await _pull_referrers(puller, request.config_dict[REFERRERS], pulled)
         await emit({"status": f"Digest: {digest}"})
         verdict = "Downloaded newer image for" if puller.fetched else "Image is up to date for"
         await emit({"status": f"Status: {verdict} {shown}"})

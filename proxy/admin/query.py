@@ -209,7 +209,10 @@ def select(
     patterns = [glob_regex(p) for p in filters.get("reference", [])]
     upstreams = set(filters.get("upstream", []))
     out: list[tuple[float, CachedImage, dict[str, Any]]] = []
+    by_digest = {image.digest: image for image in images}
     for image in images:
+        if image.subject is not None:
+            continue  # a signature, SBOM or attestation: shown under its subject, not as an image
         created = created_epoch(image.created)
         if before is not None and (created is None or created >= before):
             continue
@@ -229,7 +232,8 @@ def select(
         # with no name at all, which a cache never has (every image is in a repository).
         if dangling_only and tags:
             continue
-        out.append((created or 0.0, image, summary(image, refs, created)))
+        referrers = [by_digest[d] for d in image.referrers if d in by_digest]
+        out.append((created or 0.0, image, summary(image, refs, created, referrers)))
     out.sort(key=lambda item: (-item[0], -item[1].last_pulled, item[1].digest))
     return [s for _, _, s in out]
 
@@ -244,7 +248,9 @@ def _bound(resolver: Resolver, values: list[str] | None) -> float | None:
     return created
 
 
-def summary(image: CachedImage, refs: list[Ref], created: float | None) -> dict[str, Any]:
+def summary(
+    image: CachedImage, refs: list[Ref], created: float | None, referrers: list[CachedImage]
+) -> dict[str, Any]:
     return {
         "Id": image.image_id,
         "Digest": image.digest,
@@ -261,4 +267,6 @@ def summary(image: CachedImage, refs: list[Ref], created: float | None) -> dict[
         "LastPulled": image.last_pulled,
         "Pulls": image.pulls,
         "Pinned": image.pinned,
+        "Referrers": [{"Digest": r.digest, "MediaType": r.media_type, "ArtifactType": r.artifact_type}
+                      for r in sorted(referrers, key=lambda r: (r.artifact_type or "", r.digest))],
     }

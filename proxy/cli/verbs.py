@@ -19,6 +19,7 @@ from proxy.cli.client import DEFAULT_SERVER, SERVER_ENV, AdminClient, AdminClien
 from proxy.cli.docker_format import IMAGE_HEADERS, default_images_format, image_rows
 from proxy.cli.gotemplate import Template, TemplateError, render_all
 from proxy.cli.progress import show_pull
+from proxy.cli.tree import render_tree
 
 VERBS = ("images", "rmi", "search", "pull", "pin", "unpin", "gc", "stats")
 SEARCH_HEADERS = {
@@ -59,6 +60,8 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="dangling=true, before=IMAGE, since=IMAGE, reference=GLOB, upstream=NAME",
     )
     p.add_argument("--format", help="Go template: table, {{.ID}}, {{.Repository}}, {{.Tag}}, {{json .}} ...")
+    p.add_argument("--tree", action="store_true",
+                   help="each image with its platforms and its referrers (signatures, SBOMs) by artifact type")
     p = verbs.add_parser("rmi", help="remove cached images")
     add_client_flags(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -77,6 +80,8 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     group.add_argument("--platform", help="os/arch[/variant] of a multi-arch image (default the server's)")
     group.add_argument("-a", "--all-platforms", action="store_true", help="every platform of a multi-arch image")
     p.add_argument("-q", "--quiet", action="store_true", help="only the image reference at the end")
+    p.add_argument("--no-referrers", action="store_true",
+                   help="skip the image's signatures, SBOMs and attestations (OCI referrers)")
     for verb, text in (("pin", "keep images through eviction"), ("unpin", "let images be evicted again")):
         p = verbs.add_parser(verb, help=text)
         add_client_flags(p)
@@ -108,6 +113,9 @@ def _images(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     if args.all:
         query.append(("all", "1"))
     images = client.call("GET", "images", query)["images"]
+    if args.tree:
+        out.write(render_tree(images))
+        return 0
     show_platforms = any(image.get("Platforms") for image in images)
     fmt = args.format or default_images_format(digests=args.digests, quiet=args.quiet, show_platforms=show_platforms)
     if args.quiet and args.format:
@@ -170,6 +178,8 @@ def _ok(flag: bool) -> str:
 
 def _pull(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
     body: dict[str, Any] = {"image": args.image, "all_platforms": args.all_platforms}
+    if args.no_referrers:
+        body["referrers"] = False
     if args.platform:
         body["platform"] = args.platform
     return show_pull(client.lines("POST", "pull", body=body), out, quiet=args.quiet)

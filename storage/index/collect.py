@@ -17,7 +17,6 @@ import aiosqlite
 
 from storage.index.database import Database, fetch
 from storage.index.rows import BlobRow, ImageKey, image_removal
-from storage.oci.referrers import subject_of_fallback_tag
 
 # The live set: every digest reachable from an image row.
 LIVE_CTE = """
@@ -55,16 +54,6 @@ class CollectQueries:
     async def index_children(self) -> list[tuple[str, str]]:
         """(index, child manifest) pairs."""
         return await self._db.all("SELECT manifest, child FROM manifest_references WHERE kind = 'manifest'")
-
-    async def referrer_edges(self) -> list[tuple[str, str]]:
-        """(subject, manifest that refers to it) pairs: every manifest with a ``subject``, and the
-        index a fallback tag ``<alg>-<hex>`` names, with the subject that tag stands for."""
-        edges = await self._db.all("SELECT child, manifest FROM manifest_references WHERE kind = 'subject'")
-        for tag, manifest in await self._db.all("SELECT DISTINCT tag, manifest FROM tags WHERE tag GLOB '*-*'"):
-            subject = subject_of_fallback_tag(tag)
-            if subject is not None:
-                edges.append((str(subject), manifest))
-        return edges
 
     async def references(self) -> list[tuple[str, str]]:
         """(manifest, digest it references) pairs that keep content alive: every kind but ``subject``."""

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storage.blobs import BlobStore
-from storage.errors import BlobUnknown, DigestInvalid
+from storage.errors import BlobUnknown, DigestInvalid, ManifestInvalid
 from storage.index.database import Database
 from storage.oci.digest import Digest
 from storage.oci.jsonlimits import loads
 from storage.oci.manifests import INDEX_TYPES
+from storage.oci.referrers import referrer_of
 
 if TYPE_CHECKING:
     from storage.index.metadata import Metadata
@@ -50,6 +51,9 @@ class CachedImage:
     tags: list[RepoTag] = field(default_factory=list)
     children: list[tuple[str, str | None]] = field(default_factory=list)  # index: (digest, platform)
     parents: list[str] = field(default_factory=list)  # indexes that list this manifest
+    subject: str | None = None  # a referrer (signature, SBOM, fallback tag index): what it refers to
+    artifact_type: str | None = None  # a referrer's, when its manifest could be read
+    referrers: list[str] = field(default_factory=list)  # cached manifests whose subject this is
     first_pulled: float = 0.0
     last_pulled: float = 0.0
     pulls: int = 0
@@ -147,8 +151,14 @@ async def list_images(metadata: Metadata, store: BlobStore | None = None) -> lis
             images[parent].children.append((child, platform))
             if child in images:
                 images[child].parents.append(parent)
+    for subject, referrer in await metadata.referrers.edges():
+        if referrer in images:
+            images[referrer].subject = subject
+            if subject in images:
+                images[subject].referrers.append(referrer)
     if store is not None:
         await _learn_created(metadata, store, [i for i in images.values() if i.created is None and i.config_digest])
+        await _learn_artifact_types(store, [i for i in images.values() if i.subject is not None])
     await _index_details(metadata, images)
     return list(images.values())
 
@@ -176,6 +186,15 @@ async def _learn_created(metadata: Metadata, store: BlobStore, pending: list[Cac
         image.platform = image.platform or platform
         if created or platform:
             await metadata.set_manifest_details(image.digest, created, platform)
+
+
+async def _learn_artifact_types(store: BlobStore, referrers: list[CachedImage]) -> None:
+    for image in referrers:
+        try:
+            data = await store.read_small(Digest.parse(image.digest))
+            image.artifact_type = referrer_of(image.digest, image.media_type, data).artifact_type
+        except (BlobUnknown, DigestInvalid, ManifestInvalid):
+            continue
 
 
 async def _index_details(metadata: Metadata, images: dict[str, CachedImage]) -> None:

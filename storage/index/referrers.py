@@ -7,6 +7,7 @@ import time
 
 from storage.index.database import Database
 from storage.index.rows import ManifestRow
+from storage.oci.referrers import subject_of_fallback_tag
 
 
 class ReferrerQueries:
@@ -24,6 +25,16 @@ class ReferrerQueries:
             (repository_id, subject),
         )
         return [ManifestRow(*row) for row in rows]
+
+    async def edges(self) -> list[tuple[str, str]]:
+        """(subject, manifest that refers to it) pairs: every manifest with a ``subject``, and the
+        index a fallback tag ``<alg>-<hex>`` names, with the subject that tag stands for."""
+        edges = await self._db.all("SELECT child, manifest FROM manifest_references WHERE kind = 'subject'")
+        for tag, manifest in await self._db.all("SELECT DISTINCT tag, manifest FROM tags WHERE tag GLOB '*-*'"):
+            subject = subject_of_fallback_tag(tag)
+            if subject is not None:
+                edges.append((str(subject), manifest))
+        return edges
 
     async def checked_at(self, repository_id: int, subject: str) -> float | None:
         row = await self._db.one(

@@ -139,7 +139,7 @@ async def load_units(metadata: Metadata) -> list[Unit]:
     children: dict[str, list[str]] = defaultdict(list)
     for parent, child in await metadata.collect.index_children():
         children[parent].append(child)
-    for subject, referrer in await metadata.collect.referrer_edges():
+    for subject, referrer in await metadata.referrers.edges():
         children[subject].append(referrer)
     by_key = {row.key: (row.last_pulled, row.pinned) for row in rows}
     is_child = {
