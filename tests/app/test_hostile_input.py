@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -40,6 +41,7 @@ class Running:
     data: Path
     admin_routes: list[tuple[str, str]]
     layer: str
+    image: str  # team/app:1, which has a signature (the upstream has the referrers API)
 
     def request(
         self, method: str, target: str, headers: dict[str, str] | None = None, body: bytes | None = None
@@ -83,7 +85,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         fake_site = web.TCPSite(fake_runner, "127.0.0.1", 0)
         await fake_site.start()
         fake.base_url = f"http://127.0.0.1:{fake_runner.addresses[0][1]}"
-        fake.add_image("team/app", "1", [LAYER])
+        image = fake.add_image("team/app", "1", [LAYER])
+        fake.referrers_api = True
+        fake.add_artifact("team/app", image, "application/vnd.example.sig", b"sig", {"a": "b"})
         config = Settings(
             listen="127.0.0.1:0",
             data_dir=root / "data",
@@ -94,7 +98,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         runner = web.AppRunner(app, **runner_kwargs(config))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        state.update(port=runner.addresses[0][1], runners=[runner, fake_runner], app=app)
+        state.update(port=runner.addresses[0][1], runners=[runner, fake_runner], app=app, image=image)
         ready.set()
 
     def run() -> None:
@@ -108,7 +112,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     app = state["app"]
     assert isinstance(app, web.Application)
     admin = sorted({(m, p) for m, p in _walk_routes(app) if p.startswith("/admin") and m != "HEAD"})
-    result = Running(int(state["port"]), root, root / "data", admin, digest_of(LAYER))  # type: ignore[arg-type]
+    result = Running(int(state["port"]), root, root / "data", admin, digest_of(LAYER),  # type: ignore[arg-type]
+                     str(state["image"]))
     status, _, _ = result.request("GET", f"/v2/team/app/blobs/{result.layer}")
     assert status == 200
     yield result
@@ -165,6 +170,13 @@ DIGESTS = st.one_of(
 REFERENCES = with_tail(st.one_of(DIGESTS, st.text(max_size=200), st.just("1")))
 
 
+# artifactType values: media types as clients send them, and anything else a query can carry.
+ARTIFACT_TYPES = st.one_of(
+    st.sampled_from(["application/vnd.example.sig", "application/spdx+json", "", "*/*", "a;b=c", "%", "&n=1"]),
+    st.text(max_size=300),
+)
+
+
 def _quote(text: str) -> str:
     """What an HTTP client can put on the request line: no spaces or controls, UTF-8 percent-encoded."""
     out = []
@@ -185,6 +197,24 @@ def _header_safe(text: str) -> bool:
     # Control characters never reach the application: aiohttp's parser answers 400
     # (see test_malformed_header_bytes_are_refused_by_the_parser).
     return all(" " <= ch != "\x7f" for ch in text)
+
+
+@EXAMPLES
+@given(name=NAMES, subject=st.one_of(DIGESTS, st.just("")), artifact_type=st.none() | ARTIFACT_TYPES,
+       n=st.none() | st.sampled_from(["0", "1", "-1", "x", "99999999999", "¹"]), last=st.none() | DIGESTS)
+@example(name="team/app", subject="", artifact_type="application/vnd.example.sig", n="1", last=None)
+def test_any_referrers_path_and_filter_gets_a_clean_answer(running, name, subject, artifact_type, n, last):
+    subject = subject or running.image
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in
+                     (("artifactType", artifact_type), ("n", n), ("last", last)) if v is not None)
+    target = f"/v2/{_quote(name)}/referrers/{_quote(subject)}" + (f"?{query}" if query else "")
+    status, headers, body = running.request("GET", target)
+    assert_sane(status, headers, body, target)
+    if status == 200:
+        index = json.loads(body)
+        assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+        assert all(m["artifactType"] == artifact_type for m in index["manifests"]) or artifact_type is None
+        assert (headers.get("oci-filters-applied") == "artifactType") == (artifact_type is not None)
 
 
 @EXAMPLES
