@@ -110,9 +110,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
     size = await answer.opened()
-    slices = answer.slices() if filesend.possible(request.transport) else None
-    if slices is not None:
-        return await _send_slices(request, headers, size, slices)
+    # Slices go to the socket past aiohttp, so past its chunked framing: only a body
+    # whose length is in the headers may take them (an upstream may send none).
+    if size is not None and filesend.possible(request.transport):
+        slices = answer.slices()
+        if slices is not None:
+            return await _send_slices(request, headers, size, slices)
     return await _stream(request, headers, size, answer.chunks())
 
 
@@ -136,13 +139,13 @@ async def _stream(
 
 
 async def _send_slices(
-    request: web.Request, headers: dict[str, str], size: int | None, slices: AsyncGenerator[SpoolSlice, None]
+    request: web.Request, headers: dict[str, str], size: int, slices: AsyncGenerator[SpoolSlice, None]
 ) -> web.StreamResponse:
     """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
-    the held-back last byte, once the digest is verified, through aiohttp."""
+    the held-back last byte, once the digest is verified, through aiohttp. ``size`` goes out
+    as Content-Length: raw bytes on the socket carry no framing of their own."""
     response = web.StreamResponse(headers=headers)
-    if size is not None:
-        response.content_length = size
+    response.content_length = size
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     assert request.transport is not None

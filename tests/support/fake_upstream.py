@@ -2,7 +2,8 @@
 
 It serves manifests and blobs from memory and can corrupt, truncate, reset,
 fail with a status, rate-limit, challenge for a token or redirect to another
-host. It counts every request it gets. With ``referrers_api`` it answers the
+host, and send blob bodies without a length (chunked, or ended by closing the
+connection). It counts every request it gets. With ``referrers_api`` it answers the
 OCI 1.1 referrers API from the manifests it holds that have a ``subject``
 (``artifactType`` filtering, pages of ``referrers_page`` entries).
 """
@@ -30,11 +31,13 @@ def digest_of(data: bytes) -> str:
 class Fault:
     """What to do to the next matching requests (``times`` of them; -1 for all)."""
 
-    kind: str  # corrupt, truncate, reset, status, slow
+    kind: str  # corrupt, truncate, reset, status, slow, hold
     status: int = 500
     times: int = -1
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # hold: half the blob goes out, the rest once this is set (clients join a fill in flight).
+    gate: asyncio.Event | None = None
 
 
 def make_image(repository_layers: list[bytes], config: bytes | None = None) -> tuple[bytes, dict[str, bytes]]:
@@ -69,6 +72,7 @@ class FakeUpstream:
         self.redirect_to: str | None = None  # base URL of a host blobs redirect to
         self.referrers_api = False  # True: GET /v2/<name>/referrers/<digest> is answered
         self.referrers_page: int | None = None  # entries per page of a referrers answer
+        self.framing = "length"  # of blob bodies: length (Content-Length), chunked, or close
         self.app = web.Application()
         self.app.router.add_get("/v2/", self._base)
         self.app.router.add_get("/token", self._token)
@@ -218,16 +222,20 @@ class FakeUpstream:
         if fault is not None and fault.kind == "status":
             return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status,
                                      headers=fault.headers)
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(data)
-        await response.prepare(request)
         body = data
         if fault is not None and fault.kind == "corrupt":
             body = data[:-1] + bytes([data[-1] ^ 0xFF])
+        if self.framing == "close":
+            return await self._send_until_close(request, body, fault)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if self.framing == "chunked":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(data)
+        await response.prepare(request)
         half = len(body) // 2
         await response.write(body[:half])
-        if fault is not None and fault.kind == "slow":
-            await asyncio.sleep(fault.delay)
+        await _pause(fault)
         if fault is not None and fault.kind in ("truncate", "reset"):
             assert request.transport is not None
             if fault.kind == "reset":
@@ -238,6 +246,20 @@ class FakeUpstream:
         await response.write(body[half:])
         await response.write_eof()
         return response
+
+    async def _send_until_close(self, request: web.Request, body: bytes, fault: Fault | None) -> web.StreamResponse:
+        """A body without Content-Length or chunks, ended by closing the connection (HTTP/1.1
+        allows it). aiohttp frames every body it writes, so this one is written by hand."""
+        transport = request.transport
+        assert transport is not None
+        transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+        half = len(body) // 2
+        transport.write(body[:half])
+        await _pause(fault)
+        transport.write(body[half:])
+        transport.close()
+        # The response is on the wire already: aiohttp finds the connection closing and writes nothing.
+        return web.StreamResponse()
 
     async def _tags(self, request: web.Request) -> web.Response:
         self._record(request)
@@ -268,3 +290,11 @@ class FakeUpstream:
             headers["Link"] = f'</v2/{name}/referrers/{subject}?last={found[-1]["digest"]}>; rel="next"'
         body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
         return web.Response(body=json.dumps(body).encode(), headers=headers)
+
+async def _pause(fault: Fault | None) -> None:
+    """Between the two halves of a blob body: what a slow or held fault asks for."""
+    if fault is not None and fault.kind == "slow":
+        await asyncio.sleep(fault.delay)
+    if fault is not None and fault.kind == "hold":
+        assert fault.gate is not None
+        await fault.gate.wait()
