@@ -392,6 +392,10 @@ class PullThrough:
         """Tags (a page) and whether there are more; the cache's own when the upstream is down."""
         try:
             tags, next_link = await self._client(route).list_tags(route.repository, n, last)
+            if n is not None and len(tags) > n:
+                # The upstream ignored n (distribution 2.8 does for tags): the page is cut here.
+                found, more = page(tags, n, last)
+                return found, more or next_link is not None
             return tags, next_link is not None
         except UpstreamNotFound:
             raise NameUnknown(f"repository {route.repository} unknown to the upstream") from None

@@ -191,7 +191,8 @@ async def tags(request: web.Request) -> web.Response:
     found, more = await request.app[PULLTHROUGH].tags(route, n, last)
     headers = dict(API_VERSION)
     if more and found:
-        query = {"n": str(n), "last": found[-1]}
+        # No n from the client: the upstream chose the page size, and will again.
+        query = {"last": found[-1]} if n is None else {"n": str(n), "last": found[-1]}
         if "ns" in request.query:
             query["ns"] = request.query["ns"]
         headers["Link"] = f'</v2/{request.match_info["name"]}/tags/list?{urlencode(query)}>; rel="next"'

@@ -148,3 +148,25 @@ def test_accept_headers_merged(upstream, seeded, regcache_factory, accept_style)
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Docker-Content-Digest"] == image.digest
         assert response.headers["Content-Length"] == str(len(image.manifest))
+
+
+def test_tag_list_pages_follow_to_the_end_against_distribution(upstream, seeded, regcache_factory):
+    """distribution 2.8 answers every tag whatever ``n`` says: regcache pages them itself."""
+    alpha = seeded[ALPHA]
+    repository = "paging/tags"
+    skopeo.copy(alpha.docker_ref(upstream.host), skopeo.docker_ref(upstream.host, repository, "t0"))
+    manifest = upstream.get_manifest(repository, "t0")
+    tags = [f"t{i}" for i in range(5)]
+    for tag in tags[1:]:
+        put = upstream.request("PUT", f"/v2/{repository}/manifests/{tag}",
+                               headers={"Content-Type": manifest.headers["Content-Type"]}, body=manifest.body)
+        assert put.status == 201, put.body
+    server = regcache_factory([upstream_entry(upstream)])
+    pages, path = [], f"/v2/{repository}/tags/list?n=2"
+    while path is not None and len(pages) <= len(tags):
+        status, body, headers = get(server.url + path)
+        assert status == 200, body
+        pages.append(json.loads(body)["tags"])
+        link = headers.get("Link")
+        path = link[1:link.index(">")] if link else None
+    assert pages == [["t0", "t1"], ["t2", "t3"], ["t4"]]

@@ -73,6 +73,7 @@ class FakeUpstream:
         self.referrers_api = False  # True: GET /v2/<name>/referrers/<digest> is answered
         self.referrers_page: int | None = None  # entries per page of a referrers answer
         self.framing = "length"  # of blob bodies: length (Content-Length), chunked, or close
+        self.tags_page: int | None = None  # tags per page when the client sends no n (as Docker Hub pages)
         self.app = web.Application()
         self.app.router.add_get("/v2/", self._base)
         self.app.router.add_get("/token", self._token)
@@ -266,7 +267,16 @@ class FakeUpstream:
         name = request.match_info["name"]
         if name not in self.tags:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]}, status=404)
-        return web.json_response({"name": name, "tags": sorted(self.tags[name])})
+        tags = sorted(self.tags[name])
+        last = request.query.get("last")
+        if last is not None:
+            tags = [t for t in tags if t > last]
+        n = int(request.query["n"]) if "n" in request.query else self.tags_page
+        headers = {}
+        if n is not None and len(tags) > n:
+            tags = tags[:n]
+            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
 
     async def _referrers(self, request: web.Request) -> web.Response:
         self._record(request)
