@@ -117,6 +117,13 @@ class UpstreamUnauthorized(UpstreamError):
     kind = "auth"
 
 
+class UpstreamDigestMismatch(UpstreamError):
+    """The upstream sent content that does not hash to the digest asked for or announced:
+    a bad gateway, not a fault of the client's request."""
+
+    kind = "digest_mismatch"
+
+
 class UpstreamNotFound(UpstreamError):
     """The upstream registry does not have it."""
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from proxy.errors import (
+    UpstreamDigestMismatch,
     UpstreamError,
     UpstreamNotFound,
     UpstreamTooManyRequests,
@@ -30,7 +31,7 @@ from proxy.pull.routing import Route
 from proxy.pull.singleflight import SingleFlight
 from proxy.upstream.client import UpstreamClient
 from storage.blobs import BlobStore
-from storage.errors import BlobUnknown, DigestMismatch, ManifestUnknown, NameUnknown
+from storage.errors import BlobUnknown, ManifestUnknown, NameUnknown
 from storage.index.metadata import Metadata, TagRow
 from storage.lifecycle.gc import InUse
 from storage.oci.digest import Digest
@@ -273,7 +274,9 @@ class PullThrough:
         expected = reference if ":" in reference else fetched.digest
         if expected is not None and expected != str(digest):
             self.events.digest_mismatch(route.upstream_name, "manifest")
-            raise DigestMismatch(f"upstream manifest for {route.repository}:{reference} hashes to {digest}")
+            raise UpstreamDigestMismatch(
+                f"the upstream sent a manifest for {route.repository}:{reference} that hashes to {digest}, "
+                f"not {expected}", route.upstream_name)
         repo_id = await self._repository(route)
         media_type = await self._record_manifest(repo_id, str(digest), fetched.media_type, fetched.data, tag=tag)
         await self._publish(route, str(digest), media_type, tag)

@@ -64,6 +64,22 @@ async def test_corrupt_upstream_blob_is_never_committed(fake, proxy, tmp_path):
     assert await r.read() == LAYER
 
 
+@pytest.mark.parametrize("by", ["tag", "digest"])
+async def test_upstream_manifest_that_does_not_hash_to_its_digest_is_a_bad_gateway(fake, proxy, by):
+    digest = fake.add_image("team/app", "1", [SMALL])
+    fake.faults["manifest"] = Fault("corrupt", times=1)
+    reference = "1" if by == "tag" else digest
+    r = await proxy.get(f"/v2/team/app/manifests/{reference}")
+    assert r.status == 502, "the upstream's fault, not the client's"
+    error = (await r.json())["errors"][0]
+    assert error["code"] != "DIGEST_INVALID"
+    assert digest in error["message"]
+    # Nothing of it was kept: the next GET fetches again and gets the right manifest.
+    r = await proxy.get(f"/v2/team/app/manifests/{reference}")
+    assert r.status == 200
+    assert r.headers["Docker-Content-Digest"] == digest
+
+
 @pytest.mark.parametrize("kind", ["truncate", "reset"])
 async def test_broken_upstream_stream_aborts_client_and_stores_nothing(fake, proxy, tmp_path, kind):
     fake.add_image("team/app", "1", [LAYER])
