@@ -239,7 +239,13 @@ class Lifecycle:
         units = await load_units(self.metadata)
         chosen = await plan_eviction(self.metadata, units, total, target)
         if not chosen:
-            log.warning("store at %d bytes is over its target of %d, and only pinned images are left", total, target)
+            # Nothing unpinned is left: either every image is pinned, or no image holds the bytes
+            # (blobs whose manifest is not recorded yet; the sweep takes them after the grace period).
+            pinned = sum(1 for u in units if u.pinned)
+            why = (f"all {pinned} image(s) left are pinned" if pinned else
+                   "no image is left to evict: the bytes belong to no image yet, and the sweep takes them "
+                   "once they are older than the grace period")
+            log.warning("store at %d bytes is over its target of %d, and %s", total, target, why)
         return await self.collector.remove(k for u in chosen for k in u.keys)
 
     async def _finish(self, report: GcReport, removal: Removal, started: float) -> None:
