@@ -39,7 +39,7 @@ async def _set_pinned(request: web.Request, pinned: bool) -> web.Response:
         lifecycle = request.config_dict[LIFECYCLE]
         # Every repository holding it; a unit (index with its platform images) is pinned by any of its rows.
         for upstream, repository in image.repositories:
-            repo_id = await metadata.repository_id(upstream, repository, create=False)
+            repo_id = await metadata.repository_id(upstream, repository)
             if repo_id is not None:
                 key = ImageKey(repo_id, image.digest)
                 await (lifecycle.pin(key) if pinned else lifecycle.unpin(key))

@@ -84,7 +84,7 @@ class Remover:
         return [r for r in refs if r.digest and (r.upstream, r.repository) == (ref.upstream, ref.repository)]
 
     async def _untag(self, ref: Ref) -> None:
-        repo_id = await self.metadata.repository_id(ref.upstream, ref.repository, create=False)
+        repo_id = await self.metadata.repository_id(ref.upstream, ref.repository)
         if repo_id is not None and ref.tag is not None:
             await self.metadata.untag(repo_id, ref.tag)
         shared = self.store.backend.shared
@@ -97,7 +97,7 @@ class Remover:
         # The manifest and everything it references: the blobs that may go with it.
         candidates = [] if remaining else await self.metadata.collect.reachable(image.digest)
         for upstream, repository in repos:
-            repo_id = await self.metadata.repository_id(upstream, repository, create=False)
+            repo_id = await self.metadata.repository_id(upstream, repository)
             if repo_id is None:
                 continue
             report = await self.lifecycle.remove_image(ImageKey(repo_id, image.digest), force=force)

@@ -44,22 +44,22 @@ class Fills:
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(str(digest))
 
-    def start(self, digest: Digest, route: Route, client: UpstreamClient, repo_id: int) -> Fill:
+    def start(self, digest: Digest, route: Route, client: UpstreamClient) -> Fill:
         """A new fill of ``digest`` from ``client``; the caller has made sure none is running."""
         fill = Fill(digest, route.upstream_name, route.repository, self.store)
         self._fills[str(digest)] = fill
-        task = asyncio.create_task(self._run(fill, route, client, repo_id))
+        task = asyncio.create_task(self._run(fill, route, client))
         self._tasks[task] = fill
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return fill
 
-    async def _run(self, fill: Fill, route: Route, client: UpstreamClient, repo_id: int) -> None:
+    async def _run(self, fill: Fill, route: Route, client: UpstreamClient) -> None:
         try:
             async with asyncio.timeout(self.timeout):
-                lease = await self._lease(repo_id, fill)
+                lease = await self._lease(route, fill)
                 if lease is not None:
                     try:
-                        await self._fetch(fill, route, client, repo_id)
+                        await self._fetch(fill, route, client)
                     finally:
                         await lease.release()
         except BaseException as exc:
@@ -71,7 +71,7 @@ class Fills:
         finally:
             self._fills.pop(str(fill.digest), None)
 
-    async def _lease(self, repo_id: int, fill: Fill) -> FillLease | None:
+    async def _lease(self, route: Route, fill: Fill) -> FillLease | None:
         """Cross-replica single flight (replicas sharing one object store).
 
         Only the holder of the digest's fill lease fetches from the upstream.
@@ -88,14 +88,16 @@ class Fills:
             if size is not None:
                 if lease is not None:
                     await lease.release()
-                await self.metadata.record_blob(repo_id, str(fill.digest), size)
+                await self.metadata.record_blob(route.repository_name, str(fill.digest), size)
                 fill.stored_elsewhere(size)
                 return None
             if lease is not None:
                 return lease
 
-    async def _fetch(self, fill: Fill, route: Route, client: UpstreamClient, repo_id: int) -> None:
-        _, expected = await self.metadata.link(repo_id, str(fill.digest))
+    async def _fetch(self, fill: Fill, route: Route, client: UpstreamClient) -> None:
+        # The repository's row is made when the blob is recorded, not before: the
+        # upstream may not have it, and a request for a made-up name leaves nothing.
+        expected = await self.metadata.descriptor_size(route.repository_name, str(fill.digest))
         self.events.fill_started(route.upstream_name)
         try:
             async with client.open_blob(route.repository, str(fill.digest)) as stream:
@@ -127,7 +129,7 @@ class Fills:
             raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
         finally:
             self.events.fill_finished(route.upstream_name)
-        await self.metadata.record_blob(repo_id, str(fill.digest), written)
+        repo_id = await self.metadata.record_blob(route.repository_name, str(fill.digest), written)
         self.links.add(repo_id, str(fill.digest))
         fill.succeed(written)
 

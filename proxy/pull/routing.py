@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from config.settings import UpstreamSettings
 from proxy.errors import RegistryUnknown
+from storage.index.rows import RepositoryName
 from storage.oci.reference import validate_name
 
 
@@ -27,6 +28,11 @@ class Route:
     @property
     def upstream_name(self) -> str:
         return self.upstream.name
+
+    @property
+    def repository_name(self) -> RepositoryName:
+        """The repository as the index names it."""
+        return RepositoryName(self.upstream.name, self.repository)
 
 
 def _looks_like_registry(component: str) -> bool:

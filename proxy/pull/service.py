@@ -99,7 +99,7 @@ class PullThrough:
         by digest with their sizes, and pinned ``manifests``, in one transaction), tell
         the other replicas on this store, and drop what this process remembers."""
         if blobs or manifests:
-            rows = [(await self._repository(m.route), m.digest, m.size, m.parsed, m.tag) for m in manifests]
+            rows = [(m.route.repository_name, m.digest, m.size, m.parsed, m.tag) for m in manifests]
             await self.metadata.record_images(blobs or {}, rows)
         for m in manifests:
             # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
@@ -113,10 +113,9 @@ class PullThrough:
     def _client(self, route: Route) -> UpstreamClient:
         return self.upstreams[route.upstream_name]
 
-    async def _repository(self, route: Route) -> int:
-        repo_id = await self.metadata.repository_id(route.upstream_name, route.repository)
-        assert repo_id is not None
-        return repo_id
+    async def _repository(self, route: Route) -> int | None:
+        """The repository's id; None while nothing is recorded in it (a request makes no row)."""
+        return await self.metadata.repository_id(route.upstream_name, route.repository)
 
     # Manifests ---------------------------------------------------------------
 
@@ -134,7 +133,8 @@ class PullThrough:
             # Never convert: the digest a client sees is always the upstream's.
             raise ManifestUnknown(f"manifest is {found.media_type}, which the client does not accept")
         repo_id = await self._repository(route)
-        self.metadata.note_pull(repo_id, found.digest, count=count)
+        if repo_id is not None:  # None only if GC pruned the row since
+            self.metadata.note_pull(repo_id, found.digest, count=count)
         self.events.manifest(route.upstream_name, found.result)
         if prefetch and found.result == "miss":
             self.prefetcher.image(route, found.data, found.media_type)
@@ -154,7 +154,9 @@ class PullThrough:
         self.manifests.put(digest, row.media_type, data)
         return row.media_type, data
 
-    async def _linked(self, repo_id: int, digest: str) -> bool:
+    async def _linked(self, repo_id: int | None, digest: str) -> bool:
+        if repo_id is None:
+            return False
         if (repo_id, digest) in self.links:
             return True
         linked, _ = await self.metadata.link(repo_id, digest)
@@ -169,7 +171,7 @@ class PullThrough:
             # Another replica on this store recorded it for this repository: adopt it.
             image = await self.shared.image(route, digest)
             if image is not None:
-                await self._record_manifest(repo_id, digest, image.media_type, image.data, tag=None)
+                repo_id, _ = await self._record_manifest(route, digest, image.media_type, image.data, tag=None)
                 stored = image.media_type, image.data
         if stored is not None:
             media_type, data = stored
@@ -177,7 +179,7 @@ class PullThrough:
                 return Manifest(digest, media_type, data, "hit")
             # Stored for another repository: the upstream must vouch for this one.
             await self._confirm(route, lambda c: c.head_manifest(route.repository, digest, UPSTREAM_ACCEPT))
-            await self._record_manifest(repo_id, digest, media_type, data, tag=None)
+            await self._record_manifest(route, digest, media_type, data, tag=None)
             await self._publish(route, digest, media_type, None)
             return Manifest(digest, media_type, data, "hit")
         found, shared = await self._manifest_flight.do(
@@ -185,7 +187,9 @@ class PullThrough:
         )
         return _coalesced(found) if shared else found
 
-    async def _tag_row(self, repo_id: int, tag: str) -> TagRow | None:
+    async def _tag_row(self, repo_id: int | None, tag: str) -> TagRow | None:
+        if repo_id is None:
+            return None
         key = (repo_id, tag)
         row = self._tags.get(key)
         if row is not None:
@@ -211,11 +215,13 @@ class PullThrough:
             # the time it was last confirmed upstream (the tag TTL runs from there).
             adopted = await self.shared.tag(route, tag)
             if adopted is not None and adopted.checked_at is not None:
-                await self._record_manifest(repo_id, adopted.digest, adopted.media_type, adopted.data, tag=tag)
+                repo_id, _ = await self._record_manifest(
+                    route, adopted.digest, adopted.media_type, adopted.data, tag=tag)
                 await self.metadata.confirm_tag(repo_id, tag, when=adopted.checked_at)
                 self._tag_changed(repo_id, tag)
                 row = await self._tag_row(repo_id, tag)
         if row is not None:
+            assert repo_id is not None  # the tag row was found under it
             stored = await self.stored_manifest(row.manifest)
             if stored is not None:
                 media_type, data = stored
@@ -256,7 +262,7 @@ class PullThrough:
         if head.digest is not None:
             stored = await self.stored_manifest(head.digest)
             if stored is not None and await self._linked(repo_id, head.digest):
-                await self._record_manifest(repo_id, head.digest, stored[0], stored[1], tag=tag)
+                await self._record_manifest(route, head.digest, stored[0], stored[1], tag=tag)
                 await self._publish(route, head.digest, stored[0], tag)
                 return Manifest(head.digest, stored[0], stored[1], "revalidated")
         # The tag moved: fetch the new manifest by digest where we know it (a GET
@@ -277,21 +283,22 @@ class PullThrough:
             raise UpstreamDigestMismatch(
                 f"the upstream sent a manifest for {route.repository}:{reference} that hashes to {digest}, "
                 f"not {expected}", route.upstream_name)
-        repo_id = await self._repository(route)
-        media_type = await self._record_manifest(repo_id, str(digest), fetched.media_type, fetched.data, tag=tag)
+        _, media_type = await self._record_manifest(route, str(digest), fetched.media_type, fetched.data, tag=tag)
         await self._publish(route, str(digest), media_type, tag)
         self.events.fetched(route.upstream_name, "manifest", len(fetched.data))
         return Manifest(str(digest), media_type, fetched.data, "miss")
 
     async def _record_manifest(
-        self, repo_id: int, digest: str, media_type: str, data: bytes, tag: str | None, pinned: bool = False
-    ) -> str:
+        self, route: Route, digest: str, media_type: str, data: bytes, tag: str | None, pinned: bool = False
+    ) -> tuple[int, str]:
+        """Store and record a manifest in the route's repository: the repository's id and the media type."""
         parsed = parse_manifest(data, media_type)
         parsed_digest = Digest.parse(digest)
         with self.in_use.hold(digest):
             if await self.store.stat(parsed_digest) is None:
                 await self.store.put(parsed_digest, data)
-            await self.metadata.record_manifest(repo_id, digest, len(data), parsed, tag=tag, pinned=pinned)
+            repo_id = await self.metadata.record_manifest(
+                route.repository_name, digest, len(data), parsed, tag=tag, pinned=pinned)
         if tag is not None:
             self._tag_changed(repo_id, tag)
         self.manifests.put(digest, parsed.media_type, data)
@@ -302,7 +309,7 @@ class PullThrough:
         for ref in parsed.references:
             if ref.kind in ("config", "layer", "manifest"):
                 self.links.add(repo_id, str(ref.digest))
-        return parsed.media_type
+        return repo_id, parsed.media_type
 
     async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
         """Tell the other replicas on this store (if any) what was just recorded."""
@@ -326,7 +333,7 @@ class PullThrough:
         if size is not None:
             if not linked:
                 try:
-                    await self._confirm_blob(route, repo_id, digest, size)
+                    await self._confirm_blob(route, digest, size)
                 except BaseException:
                     lease.release()
                     raise
@@ -342,24 +349,23 @@ class PullThrough:
         fill = self.fills.get(digest)
         if fill is not None:
             if not linked:
-                await self._confirm_blob(route, repo_id, digest, None)
+                await self._confirm_blob(route, digest, None)
             self.events.blob(route.upstream_name, "coalesced", None)
             return FillingBlob(fill, "coalesced")
         # No await between looking for a fill and starting one: that is what
         # makes concurrent misses share a single upstream fetch.
-        fill = self.fills.start(digest, route, self._client(route), repo_id)
+        fill = self.fills.start(digest, route, self._client(route))
         self.events.blob(route.upstream_name, "miss", None)
         return FillingBlob(fill, "miss")
 
     async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
         """Start a fill nobody asked for yet; None when the blob is stored or filling."""
-        repo_id = await self._repository(route)
         if await self.store.stat(digest) is not None:
             return None
         # No await from here to the start: a fill begun meanwhile is found (single flight).
         if self.fills.get(digest) is not None:
             return None
-        fill = self.fills.start(digest, route, self._client(route), repo_id)
+        fill = self.fills.start(digest, route, self._client(route))
         self.events.prefetched(route.upstream_name)
         return fill
 
@@ -367,11 +373,11 @@ class PullThrough:
         """For HEAD: what a GET would send, without fetching bytes."""
         repo_id = await self._repository(route)
         key = str(digest)
-        linked, descriptor_size = await self.metadata.link(repo_id, key)
+        linked, descriptor_size = (False, None) if repo_id is None else await self.metadata.link(repo_id, key)
         size = await self.store.stat(digest)
         if size is not None:
             if not linked:
-                await self._confirm_blob(route, repo_id, digest, size)
+                await self._confirm_blob(route, digest, size)
             return BlobInfo(key, size)
         if linked and descriptor_size is not None:
             return BlobInfo(key, descriptor_size)
@@ -381,18 +387,20 @@ class PullThrough:
             raise BlobUnknown(f"blob {key} unknown to the upstream") from None
         return BlobInfo(key, upstream_size)
 
-    async def _confirm_blob(self, route: Route, repo_id: int, digest: Digest, size: int | None) -> None:
+    async def _confirm_blob(self, route: Route, digest: Digest, size: int | None) -> None:
         try:
             await self._client(route).head_blob(route.repository, str(digest))
         except UpstreamNotFound:
             raise BlobUnknown(f"blob {digest} unknown to {route.repository}") from None
-        await self.metadata.link_blob(repo_id, str(digest), size)
+        repo_id = await self.metadata.link_blob(route.repository_name, str(digest), size)
         self.links.add(repo_id, str(digest))
 
     # Tags and catalog ----------------------------------------------------------
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
-        """Tags (a page) and whether there are more; the cache's own when the upstream is down."""
+        """Tags (a page) and whether there are more. When the upstream fails, the cache's own
+        tags, if it holds any for the repository: an empty list would say the repository has
+        none, which is not known (image-update automation acts on such answers)."""
         try:
             tags, next_link = await self._client(route).list_tags(route.repository, n, last)
             if n is not None and len(tags) > n:
@@ -403,11 +411,11 @@ class PullThrough:
         except UpstreamNotFound:
             raise NameUnknown(f"repository {route.repository} unknown to the upstream") from None
         except (*STALE_OK, UpstreamError) as exc:
-            repo_id = await self.metadata.repository_id(route.upstream_name, route.repository, create=False)
-            if repo_id is None:
+            repo_id = await self._repository(route)
+            known = [] if repo_id is None else await self.metadata.tags(repo_id)
+            if not known:
                 raise
             self.events.stale(route.upstream_name, failure_kind(exc))
-            known = await self.metadata.tags(repo_id)
             return page(known, n, last)
 
 

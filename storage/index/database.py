@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +21,8 @@ from storage.errors import StoreFull
 from storage.index.schema import migrate
 
 Statement = tuple[str, tuple]
+# Statements worked out inside the transaction that runs them (from rows it reads first).
+Prepared = Callable[[aiosqlite.Connection], Awaitable[list[Statement]]]
 
 
 async def fetch(connection: aiosqlite.Connection, sql: str, args: tuple = ()) -> list[tuple]:
@@ -72,9 +74,11 @@ class Database:
         rows = await self.all(sql, args)
         return rows[0] if rows else None
 
-    async def transaction(self, statements: list[Statement]) -> None:
+    async def transaction(self, statements: list[Statement] | Prepared) -> None:
         started = time.perf_counter()
         async with self.writing() as connection:
+            if callable(statements):
+                statements = await statements(connection)
             # Each call is a trip to the connection's thread and back: consecutive
             # rows of one statement go in one executemany (a manifest's ~2 per layer).
             for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):

@@ -14,14 +14,17 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
+
+import aiosqlite
 
 from storage.index.collect import CollectQueries
 from storage.index.consistency import ConsistencyQueries
-from storage.index.database import Database, Statement
+from storage.index.database import Database, Statement, fetch
 from storage.index.listing import ListingQueries
 from storage.index.referrers import ReferrerQueries
 from storage.index.replicas import ReplicaQueries
-from storage.index.rows import BlobRow, ImageKey, ManifestRow, StoreSummary
+from storage.index.rows import BlobRow, ImageKey, ManifestRow, RepositoryName, StoreSummary
 from storage.oci.manifests import ParsedManifest
 
 
@@ -35,7 +38,8 @@ class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = Database(path)
-        self._repo_ids: dict[tuple[str, str], int] = {}
+        # Ids as last read or written; emptied whenever GC prunes repository rows.
+        self._repo_ids: dict[RepositoryName, int] = {}
         self._pulls: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0])
         self._blob_access: dict[str, float] = {}
         # What GC, replica sync and fsck read and change, each by name.
@@ -97,23 +101,57 @@ class Metadata:
 
     # Repositories -------------------------------------------------------
 
-    async def repository_id(self, upstream: str, name: str, create: bool = True) -> int | None:
-        key = (upstream, name)
+    async def repository_id(self, upstream: str, name: str) -> int | None:
+        """The repository's id; None while nothing was ever recorded in it (a lookup makes no row:
+        any client can ask for any name)."""
+        key = RepositoryName(upstream, name)
         if key in self._repo_ids:
             return self._repo_ids[key]
         row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
         if row is None:
-            if not create:
-                return None
-            await self._db.transaction(
-                [("INSERT OR IGNORE INTO repositories (upstream, name, created_at) VALUES (?, ?, ?)",
-                  (upstream, name, time.time()))]
-            )
-            row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
-            assert row is not None
+            return None
         repository_id: int = row[0]
         self._repo_ids[key] = repository_id
         return repository_id
+
+    async def _recording(
+        self, repositories: list[RepositoryName], statements: Callable[[dict[RepositoryName, int]], list[Statement]]
+    ) -> dict[RepositoryName, int]:
+        """One transaction that makes the rows of ``repositories`` (when missing) and runs the
+        statements built from their ids. A row made and filled in one transaction is never
+        empty, so a concurrent prune cannot take it between the two."""
+        ids: dict[RepositoryName, int] = {}
+
+        async def prepare(db: aiosqlite.Connection) -> list[Statement]:
+            for key in dict.fromkeys(repositories):
+                await db.execute(
+                    "INSERT INTO repositories (upstream, name, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(upstream, name) DO NOTHING", (*key, time.time()))
+                ids[key] = (await fetch(db, "SELECT id FROM repositories WHERE upstream = ? AND name = ?", key))[0][0]
+            return statements(ids)
+
+        await self._db.transaction(prepare)
+        self._repo_ids.update(ids)
+        return ids
+
+    async def prune_repositories(self) -> int:
+        """Delete the rows of repositories that hold no image (their blob links go with them:
+        a link only spares an upstream HEAD); the count deleted.
+
+        The newest row stays even when empty: SQLite gives a new row the largest id plus one,
+        so while the largest is kept no id is ever handed out twice, and an id a request still
+        holds can never come to name another repository.
+        """
+        async with self._db.writing() as db:
+            cur = await db.execute(
+                "DELETE FROM repositories WHERE id < (SELECT MAX(id) FROM repositories) "
+                "AND NOT EXISTS (SELECT 1 FROM images i WHERE i.repository_id = repositories.id) "
+                "AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repository_id = repositories.id)"
+            )
+            pruned = max(cur.rowcount, 0)
+        if pruned:
+            self._repo_ids.clear()
+        return pruned
 
     async def catalog(self) -> list[tuple[str, str]]:
         """(upstream, name) of every repository that holds at least one image."""
@@ -155,15 +193,19 @@ class Metadata:
 
     async def record_manifest(
         self,
-        repository_id: int,
+        repository: RepositoryName,
         digest: str,
         size: int,
         parsed: ParsedManifest,
         tag: str | None = None,
         pinned: bool = False,
-    ) -> None:
-        """Store a manifest's rows, its image in the repository, links to what it references, and the tag."""
-        await self._db.transaction(self._manifest_statements(repository_id, digest, size, parsed, tag, pinned))
+    ) -> int:
+        """Store a manifest's rows, its image in the repository, links to what it references, and the tag;
+        the repository's id."""
+        ids = await self._recording(
+            [repository], lambda ids: self._manifest_statements(ids[repository], digest, size, parsed, tag, pinned)
+        )
+        return ids[repository]
 
     def _manifest_statements(
         self,
@@ -223,18 +265,22 @@ class Metadata:
         return statements
 
     async def record_images(
-        self, blobs: dict[str, int], manifests: list[tuple[int, str, int, ParsedManifest, str | None]]
+        self, blobs: dict[str, int], manifests: list[tuple[RepositoryName, str, int, ParsedManifest, str | None]]
     ) -> None:
         """A load: blob rows and pinned (repository, manifest, size, parsed, tag) images, all or nothing."""
         now = time.time()
-        statements: list[Statement] = [
-            ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
-             "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now))
-            for digest, size in blobs.items()
-        ]
-        for repository_id, digest, size, parsed, tag in manifests:
-            statements += self._manifest_statements(repository_id, digest, size, parsed, tag, pinned=True)
-        await self._db.transaction(statements)
+
+        def statements(ids: dict[RepositoryName, int]) -> list[Statement]:
+            rows: list[Statement] = [
+                ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT(digest) DO NOTHING", (digest, size, now, now))
+                for digest, size in blobs.items()
+            ]
+            for repository, digest, size, parsed, tag in manifests:
+                rows += self._manifest_statements(ids[repository], digest, size, parsed, tag, pinned=True)
+            return rows
+
+        await self._recording([m[0] for m in manifests], statements)
 
     async def set_manifest_details(self, digest: str, created: str | None, platform: str | None) -> None:
         await self._db.transaction(
@@ -262,6 +308,13 @@ class Metadata:
 
     # Blobs --------------------------------------------------------------
 
+    async def descriptor_size(self, repository: RepositoryName, digest: str) -> int | None:
+        """The size a manifest's descriptor gave a blob linked to the repository, if any."""
+        row = await self._db.one(
+            "SELECT b.size FROM repository_blobs b JOIN repositories r ON r.id = b.repository_id "
+            "WHERE r.upstream = ? AND r.name = ? AND b.digest = ?", (*repository, digest))
+        return row[0] if row else None
+
     async def link(self, repository_id: int, digest: str) -> tuple[bool, int | None]:
         """Whether the repository may see the blob, and the size a descriptor gave it."""
         row = await self._db.one("SELECT size FROM repository_blobs WHERE repository_id = ? AND digest = ?",
@@ -282,24 +335,34 @@ class Metadata:
               "ON CONFLICT(digest) DO NOTHING", (b.digest, b.size, b.created_at, b.last_access)) for b in blobs]
         )
 
-    async def record_blob(self, repository_id: int | None, digest: str, size: int) -> None:
-        now = time.time()
-        statements: list[Statement] = [
-            ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
-             "ON CONFLICT(digest) DO UPDATE SET size = excluded.size", (digest, size, now, now)),
-        ]
-        if repository_id is not None:
-            statements.append(
-                ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT DO UPDATE SET size = excluded.size", (repository_id, digest, size, now))
-            )
-        await self._db.transaction(statements)
+    @overload
+    async def record_blob(self, repository: RepositoryName, digest: str, size: int) -> int: ...
 
-    async def link_blob(self, repository_id: int, digest: str, size: int | None) -> None:
-        await self._db.transaction(
-            [("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
-              "ON CONFLICT DO NOTHING", (repository_id, digest, size, time.time()))]
-        )
+    @overload
+    async def record_blob(self, repository: None, digest: str, size: int) -> None: ...
+
+    async def record_blob(self, repository: RepositoryName | None, digest: str, size: int) -> int | None:
+        """A committed blob, linked to ``repository`` when given; that repository's id."""
+        now = time.time()
+        blob: Statement = ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(digest) DO UPDATE SET size = excluded.size", (digest, size, now, now))
+        if repository is None:
+            await self._db.transaction([blob])
+            return None
+        ids = await self._recording([repository], lambda ids: [
+            blob,
+            ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
+             "ON CONFLICT DO UPDATE SET size = excluded.size", (ids[repository], digest, size, now)),
+        ])
+        return ids[repository]
+
+    async def link_blob(self, repository: RepositoryName, digest: str, size: int | None) -> int:
+        """The upstream confirmed the repository has the blob; the repository's id."""
+        ids = await self._recording([repository], lambda ids: [
+            ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
+             "ON CONFLICT DO NOTHING", (ids[repository], digest, size, time.time())),
+        ])
+        return ids[repository]
 
     # Access statistics, batched ------------------------------------------
 

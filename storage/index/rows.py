@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from storage.index.database import Statement
+
+
+class RepositoryName(NamedTuple):
+    """A repository as the index names it. Writes take the name, not an id: the row is
+    made in the transaction that records something in it, so a row always holds something
+    (or did, until GC prunes it)."""
+
+    upstream: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)

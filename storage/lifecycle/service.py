@@ -11,6 +11,8 @@ verbs call (``rmi``, ``pin``, ``unpin``, ``gc``, ``stats``). A pass:
 4. sweeps blobs and manifests nothing references that are older than
    ``gc_grace``.
 
+Every removal then prunes the rows of repositories left without an image.
+
 A pass runs every ``gc_interval``, as soon as a commit takes the store past
 the high watermark, and when a fill fails with ``StoreFull``. Only one pass or
 admin removal runs at a time.
@@ -57,6 +59,7 @@ class GcReport:
     bytes: int = 0
     manifests: int = 0
     deferred: int = 0
+    repositories: int = 0  # rows of repositories left holding nothing
     sweep_skipped: bool = False  # a shared store: another replica held the sweep lease
     seconds: float = 0.0
 
@@ -65,7 +68,7 @@ class GcReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.images or self.blobs or self.manifests or self.deferred)
+        return bool(self.images or self.blobs or self.manifests or self.deferred or self.repositories)
 
 
 class Lifecycle:
@@ -250,6 +253,8 @@ class Lifecycle:
 
     async def _finish(self, report: GcReport, removal: Removal, started: float) -> None:
         report.images = await self._names(removal.images)
+        # After the names are read: a repository whose last image just went loses its row now.
+        report.repositories = await self.metadata.prune_repositories()
         report.blobs, report.bytes = removal.blobs, removal.bytes
         report.manifests, report.deferred = removal.manifests, removal.deferred
         report.sweep_skipped = removal.skipped
@@ -263,17 +268,17 @@ class Lifecycle:
             if self.forget is not None:
                 self.forget()
             log.info(
-                "gc (%s): removed %d image(s), %d blob(s) of %d bytes, %d manifest row(s), %d in use; "
-                "store %d -> %d bytes",
+                "gc (%s): removed %d image(s), %d blob(s) of %d bytes, %d manifest row(s), %d repository row(s), "
+                "%d in use; store %d -> %d bytes",
                 report.reason, len(report.images), report.blobs, report.bytes, report.manifests,
-                report.deferred, report.size_before, report.size_after,
+                report.repositories, report.deferred, report.size_before, report.size_after,
             )
 
     # Admin verbs -----------------------------------------------------------------
 
     async def resolve(self, upstream: str, repository: str, reference: str) -> ImageKey | None:
         """The image a ``repository:tag`` or ``repository@digest`` names in the cache."""
-        repo_id = await self.metadata.repository_id(upstream, repository, create=False)
+        repo_id = await self.metadata.repository_id(upstream, repository)
         if repo_id is None:
             return None
         manifest = reference

@@ -30,6 +30,7 @@ from storage.blobs import BlobStore
 from storage.errors import BlobUnknown, DigestInvalid, NameInvalid, RegcacheError
 from storage.index.metadata import Metadata
 from storage.index.replicas import Reconciliation, TagUpdate
+from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
 from storage.oci.manifests import parse_manifest
 from storage.oci.reference import validate_name, validate_tag
@@ -121,9 +122,7 @@ class ReplicaSync:
         except (RegcacheError, ValueError) as exc:
             log.warning("image record %s/%s@%s is not a manifest: %s", upstream, repository, manifest, exc)
             return False
-        repo_id = await self.metadata.repository_id(upstream, repository)
-        assert repo_id is not None
-        await self.metadata.record_manifest(repo_id, manifest, len(data), parsed)
+        await self.metadata.record_manifest(RepositoryName(upstream, repository), manifest, len(data), parsed)
         return True
 
 

@@ -93,6 +93,8 @@ def test_upstream_stopped_cached_pulls_work_uncached_fail_fast(registry_factory,
     server = regcache_factory([upstream_entry(origin, tag_ttl="0s", connect_timeout="2s", retries=1)])
     alpha = images[ALPHA]
     skopeo.copy(alpha.docker_ref(server.host), f"oci:{tmp_path / 'warm'}:x")
+    # beta is only asked about, never held.
+    assert get(f"{server.url}/v2/{images[BETA].repository}/blobs/sha256:{'0' * 64}")[0] == 404
     origin.stop()
     # By tag (revalidation fails, the stale copy is served) and by digest.
     skopeo.copy(alpha.docker_ref(server.host), f"oci:{tmp_path / 'tag'}:x")
@@ -106,6 +108,9 @@ def test_upstream_stopped_cached_pulls_work_uncached_fail_fast(registry_factory,
     status, body, _ = get(f"{server.url}/v2/{alpha.repository}/tags/list")
     assert status == 200
     assert json.loads(body)["tags"] == [alpha.tag]
+    # Of a repository the cache holds no tag of, it cannot say: the upstream's error, not "no tags".
+    status, body, _ = get(f"{server.url}/v2/{images[BETA].repository}/tags/list")
+    assert status == 503, body
 
 
 def test_catalog_lists_cached_repositories_paged(upstream, seeded, regcache_factory):

@@ -65,7 +65,7 @@ class FakeUpstream:
         self.blobs: dict[tuple[str, str], bytes] = {}
         self.tags: dict[str, list[str]] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.faults: dict[str, Fault] = {}  # keyed by digest or "manifest"
+        self.faults: dict[str, Fault] = {}  # keyed by digest, "manifest" or "tags"
         self.token: str | None = None  # when set, a Bearer challenge is required
         self.token_requests: list[dict[str, str]] = []
         self.basic: tuple[str, str] | None = None
@@ -264,6 +264,9 @@ class FakeUpstream:
 
     async def _tags(self, request: web.Request) -> web.Response:
         self._record(request)
+        fault = self._fault("tags")
+        if fault is not None and fault.kind == "status":
+            return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status)
         name = request.match_info["name"]
         if name not in self.tags:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN", "message": "unknown"}]}, status=404)

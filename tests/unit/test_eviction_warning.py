@@ -12,6 +12,7 @@ from config.settings import StorageSettings
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import BlobStore
 from storage.index.metadata import Metadata
+from storage.index.rows import RepositoryName
 from storage.lifecycle.service import Lifecycle
 from storage.oci.manifests import OCI_MANIFEST, parse_manifest
 
@@ -55,8 +56,7 @@ async def test_over_budget_with_only_pinned_images_says_so(metadata, lifecycle, 
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config), "size": 2},
     }
     data = json.dumps(document).encode()
-    repository = await metadata.repository_id("up.test", "team/app")
-    assert repository is not None
+    repository = RepositoryName("up.test", "team/app")
     await metadata.record_blob(repository, digest(config), 1000)
     await metadata.record_manifest(repository, digest(data), len(data), parse_manifest(data, OCI_MANIFEST),
                                    tag="1", pinned=True)

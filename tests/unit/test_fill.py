@@ -28,6 +28,7 @@ from storage import paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch
+from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
 
 ROUTE = Route(UpstreamSettings(name="fake.test", url="http://fake.test", default=True), "team/app")
@@ -64,13 +65,14 @@ class Index:
     """The two index calls a fill makes."""
 
     def __init__(self) -> None:
-        self.recorded: list[tuple[int | None, str, int]] = []
+        self.recorded: list[tuple[RepositoryName, str, int]] = []
 
-    async def link(self, repository_id: int, digest: str) -> tuple[bool, int | None]:
-        return False, None
+    async def descriptor_size(self, repository: RepositoryName, digest: str) -> int | None:
+        return None
 
-    async def record_blob(self, repository_id: int | None, digest: str, size: int) -> None:
-        self.recorded.append((repository_id, digest, size))
+    async def record_blob(self, repository: RepositoryName, digest: str, size: int) -> int:
+        self.recorded.append((repository, digest, size))
+        return 7
 
 
 class Reader:
@@ -110,7 +112,7 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
     upstream = PushedUpstream(len(BLOB))
     index = Index()
     fills = make_fills(store, index)
-    fill = fills.start(DIGEST, ROUTE, upstream, repo_id=7)  # type: ignore[arg-type]
+    fill = fills.start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     first, follower = Reader(FillingBlob(fill, "miss")), Reader(FillingBlob(fill, "coalesced"))
     upstream.push(BLOB[:FLUSH_BYTES])
     await first.has(FLUSH_BYTES - 1)
@@ -126,7 +128,7 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
     assert await first.task == BLOB
     assert await follower.task == BLOB
     assert await FillingBlob(fill, "miss").stored() == len(BLOB)
-    assert index.recorded == [(7, str(DIGEST), len(BLOB))]
+    assert index.recorded == [(ROUTE.repository_name, str(DIGEST), len(BLOB))]
     assert await store.stat(DIGEST) == len(BLOB)
     assert upstream.opened == 1
     assert fills.get(DIGEST) is None and len(fills) == 0
@@ -134,7 +136,7 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
 
 async def test_spool_slices_hold_back_the_last_byte_until_verified(store):
     upstream = PushedUpstream(len(BLOB))
-    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     answer = FillingBlob(fill, "miss")
     upstream.push(BLOB, END)
     assert await answer.opened() == len(BLOB)
@@ -149,7 +151,7 @@ async def test_spool_slices_hold_back_the_last_byte_until_verified(store):
 async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tmp_path):
     wrong = BLOB[:-1] + bytes([BLOB[-1] ^ 0xFF])
     upstream = PushedUpstream(len(wrong))
-    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     readers = [Reader(FillingBlob(fill, "miss")) for _ in range(3)]
     upstream.push(wrong[:FLUSH_BYTES])
     await readers[0].has(FLUSH_BYTES - 1)
@@ -166,7 +168,7 @@ async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tm
 
 async def test_an_upstream_failure_mid_body_fails_every_reader(store):
     upstream = PushedUpstream(len(BLOB))
-    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     readers = [Reader(FillingBlob(fill, "miss")) for _ in range(2)]
     upstream.push(BLOB[:FLUSH_BYTES])
     await readers[1].has(FLUSH_BYTES - 1)
@@ -180,7 +182,7 @@ async def test_an_upstream_failure_mid_body_fails_every_reader(store):
 async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
     upstream = PushedUpstream(None)  # no Content-Length: the size is known only at the end
     fills = make_fills(store)
-    fill = fills.start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    fill = fills.start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     upstream.push(BLOB[:1000], BLOB[1000:], END)
     assert await FillingBlob(fill, "miss").stored() == len(BLOB)
     assert fills.get(DIGEST) is None
@@ -195,14 +197,14 @@ async def test_a_blob_another_replica_stored_first_is_read_from_the_store(store)
     await store.put(DIGEST, BLOB)
     upstream = PushedUpstream(len(BLOB))
     index = Index()
-    fill = make_fills(store, index).start(DIGEST, ROUTE, upstream, repo_id=3)  # type: ignore[arg-type]
+    fill = make_fills(store, index).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     answer = FillingBlob(fill, "miss")
     assert await answer.opened() == len(BLOB)
     assert answer.slices() is None, "no spool file to send from"
     assert b"".join([chunk async for chunk in answer.chunks()]) == BLOB
     assert await answer.stored() == len(BLOB)
     assert upstream.opened == 0
-    assert index.recorded == [(3, str(DIGEST), len(BLOB))]
+    assert index.recorded == [(ROUTE.repository_name, str(DIGEST), len(BLOB))]
 
 
 async def test_a_fill_that_fails_before_any_byte_fails_its_readers_at_open(store):
@@ -214,6 +216,6 @@ async def test_a_fill_that_fails_before_any_byte_fails_its_readers_at_open(store
         yield  # pragma: no cover
 
     upstream.open_blob = refused  # type: ignore[method-assign]
-    fill = make_fills(store).start(DIGEST, ROUTE, upstream, repo_id=1)  # type: ignore[arg-type]
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     with pytest.raises(UpstreamUnavailable):
         await FillingBlob(fill, "miss").opened()

@@ -12,7 +12,7 @@ from storage.errors import StoreFull
 from storage.index.consistency import TagRef
 from storage.index.metadata import Metadata
 from storage.index.replicas import Reconciliation, TagUpdate
-from storage.index.rows import BlobRow, ImageKey
+from storage.index.rows import BlobRow, ImageKey, RepositoryName
 from storage.oci.manifests import OCI_MANIFEST, parse_manifest
 
 
@@ -72,11 +72,16 @@ async def test_a_transaction_cancelled_during_its_commit_stays_cancelled_and_com
         await metadata.close()
 
 
+REPO = RepositoryName("up.test", "team/app")
+
+
 def _digest(name: str) -> str:
     return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
 
 
-async def _record_image(metadata: Metadata, repository_id: int, config: str, layers: list[str], tag: str) -> str:
+async def _record_image(
+    metadata: Metadata, repository: RepositoryName, config: str, layers: list[str], tag: str
+) -> str:
     """An image manifest referencing blobs named by ``config`` and ``layers``; its blob rows too."""
     document = {
         "schemaVersion": 2,
@@ -90,8 +95,8 @@ async def _record_image(metadata: Metadata, repository_id: int, config: str, lay
     data = json.dumps(document).encode()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     for blob, size in [(config, 10)] + [(layer, 100) for layer in layers]:
-        await metadata.record_blob(repository_id, _digest(blob), size)
-    await metadata.record_manifest(repository_id, digest, len(data), parse_manifest(data, OCI_MANIFEST), tag=tag)
+        await metadata.record_blob(repository, _digest(blob), size)
+    await metadata.record_manifest(repository, digest, len(data), parse_manifest(data, OCI_MANIFEST), tag=tag)
     return digest
 
 
@@ -104,9 +109,9 @@ async def metadata(tmp_path):
 
 
 async def test_removing_an_image_drops_its_tags_and_only_the_rows_no_other_image_reaches(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    old = await _record_image(metadata, repo, "config-1", ["shared", "own-1"], "1")
-    new = await _record_image(metadata, repo, "config-2", ["shared", "own-2"], "2")
+    old = await _record_image(metadata, REPO, "config-1", ["shared", "own-1"], "1")
+    repo = await metadata.repository_id(*REPO)
+    new = await _record_image(metadata, REPO, "config-2", ["shared", "own-2"], "2")
 
     dropped = await metadata.collect.remove_images([ImageKey(repo, old), ImageKey(repo, "sha256:" + "0" * 64)])
 
@@ -122,8 +127,8 @@ async def test_removing_an_image_drops_its_tags_and_only_the_rows_no_other_image
 
 
 async def test_a_sweep_drops_unreachable_rows_older_than_the_cutoff_except_busy_ones(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    image = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    repo = await metadata.repository_id(*REPO)
     for name in ("stray", "leased"):
         await metadata.record_blob(None, _digest(name), 5)
 
@@ -144,9 +149,9 @@ async def test_deferred_blob_rows_are_restored_and_an_existing_row_wins(metadata
 
 
 async def test_pinning_marks_one_image_row_and_the_summary_counts_it(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    image = await _record_image(metadata, repo, "config", ["layer"], "1")
-    await metadata.repository_id("up.test", "empty")
+    image = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    repo = await metadata.repository_id(*REPO)
+    await metadata.link_blob(RepositoryName("up.test", "empty"), _digest("layer"), None)  # a row without an image
 
     assert await metadata.set_pinned(ImageKey(repo, image), True)
     assert not await metadata.set_pinned(ImageKey(repo, "sha256:" + "0" * 64), True)
@@ -159,10 +164,10 @@ async def test_pinning_marks_one_image_row_and_the_summary_counts_it(metadata):
 
 
 async def test_reconciling_with_replica_records_drops_images_and_moves_tags_in_one_transaction(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    gone = await _record_image(metadata, repo, "config-1", ["layer-1"], "old")
-    kept = await _record_image(metadata, repo, "config-2", ["layer-2"], "stays")
-    assert await _record_image(metadata, repo, "config-2", ["layer-2"], "dropped") == kept
+    gone = await _record_image(metadata, REPO, "config-1", ["layer-1"], "old")
+    repo = await metadata.repository_id(*REPO)
+    kept = await _record_image(metadata, REPO, "config-2", ["layer-2"], "stays")
+    assert await _record_image(metadata, REPO, "config-2", ["layer-2"], "dropped") == kept
 
     await metadata.replicas.reconcile(
         Reconciliation(
@@ -182,8 +187,8 @@ async def test_reconciling_with_replica_records_drops_images_and_moves_tags_in_o
 
 
 async def test_forgetting_blobs_gone_from_the_bucket_keeps_a_manifest_an_image_still_names(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    image = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    repo = await metadata.repository_id(*REPO)
     assert await metadata.replicas.forget_blobs([image, _digest("layer")]) == 0
     assert await metadata.manifest(image) is not None
     assert await metadata.blob_size(_digest("layer")) is None
@@ -191,8 +196,8 @@ async def test_forgetting_blobs_gone_from_the_bucket_keeps_a_manifest_an_image_s
 
 
 async def test_consistency_finds_tags_without_an_image_and_repairs_drop_rows(metadata):
-    repo = await metadata.repository_id("up.test", "team/app")
-    image = await _record_image(metadata, repo, "config", ["layer"], "1")
+    image = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    repo = await metadata.repository_id(*REPO)
     await metadata._db.transaction(
         [("INSERT INTO tags (repository_id, tag, manifest, checked_at, updated_at) VALUES (?, 'lost', ?, 0, 0)",
           (repo, "sha256:" + "0" * 64))]
@@ -211,3 +216,28 @@ async def test_consistency_finds_tags_without_an_image_and_repairs_drop_rows(met
     assert await metadata.consistency.images_of(image) == []
     assert await metadata.manifest(image) is None and await metadata.blob_size(image) is None
     assert await metadata.consistency.referenced_digests() == set(), "references go with their manifest"
+
+
+async def test_a_lookup_makes_no_row_and_pruning_takes_rows_without_an_image_but_never_the_newest(metadata):
+    assert await metadata.repository_id("up.test", "asked/only") is None
+    assert (await metadata.totals())[3] == 0
+    links_only = RepositoryName("up.test", "links/only")
+    await metadata.link_blob(links_only, _digest("confirmed"), None)
+    await _record_image(metadata, REPO, "config", ["layer"], "1")
+    emptied = RepositoryName("up.test", "emptied")
+    image = await _record_image(metadata, emptied, "config-2", ["layer-2"], "1")
+    emptied_id = await metadata.repository_id(*emptied)
+    assert emptied_id is not None
+    await metadata.collect.remove_images([ImageKey(emptied_id, image)])
+    assert (await metadata.totals())[3] == 3
+
+    # "emptied" holds nothing but is the newest row: it stays, so its id is never handed out again.
+    assert await metadata.prune_repositories() == 1
+    assert await metadata.repository_id(*links_only) is None
+    assert await metadata.repository_id(*emptied) == emptied_id
+    assert await metadata.repository_id(*REPO) is not None
+    newer = RepositoryName("up.test", "newer")
+    await _record_image(metadata, newer, "config-3", ["layer-3"], "1")
+    assert await metadata.prune_repositories() == 1
+    assert await metadata.repository_id(*emptied) is None
+    assert (await metadata.repository_id(*newer) or 0) > emptied_id
