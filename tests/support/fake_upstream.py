@@ -304,6 +304,7 @@ class FakeUpstream:
         body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
         return web.Response(body=json.dumps(body).encode(), headers=headers)
 
+
 async def _pause(fault: Fault | None) -> None:
     """Between the two halves of a blob body: what a slow or held fault asks for."""
     if fault is not None and fault.kind == "slow":
