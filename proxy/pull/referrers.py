@@ -47,30 +47,34 @@ class Referrers:
 
     async def answer(self, route: Route, subject: Digest) -> ReferrersAnswer:
         metadata = self.pull.metadata
-        repo_id = await metadata.repository_id(route.upstream_name, route.repository)
-        assert repo_id is not None
         key = str(subject)
-        checked = await metadata.referrers.checked_at(repo_id, key)
+        # No row yet: nothing of this repository was ever recorded, so nothing was checked either.
+        repo_id = await metadata.repository_id(route.upstream_name, route.repository)
+        checked = None if repo_id is None else await metadata.referrers.checked_at(repo_id, key)
         result = "hit"
         if checked is None or time.time() - checked >= route.upstream.tag_ttl:
             result, _ = await self._flight.do(
-                (route.upstream_name, route.repository, key), lambda: self._refresh(route, repo_id, subject, checked)
+                (route.upstream_name, route.repository, key), lambda: self._refresh(route, subject, checked)
             )
+            # The refresh may have recorded the repository's first content.
+            repo_id = await metadata.repository_id(route.upstream_name, route.repository)
         referrers = []
-        for row in await metadata.referrers.referrers(repo_id, key):
+        for row in [] if repo_id is None else await metadata.referrers.referrers(repo_id, key):
             stored = await self.pull.stored_manifest(row.digest)
             if stored is not None:
                 referrers.append(referrer_of(row.digest, row.media_type, stored[1]))
         return ReferrersAnswer(referrers, result)
 
-    async def _refresh(self, route: Route, repo_id: int, subject: Digest, checked: float | None) -> str:
+    async def _refresh(self, route: Route, subject: Digest, checked: float | None) -> str:
+        metadata = self.pull.metadata
         key = str(subject)
+        repo_id = await metadata.repository_id(route.upstream_name, route.repository)
         try:
             listed = await self._upstream_list(route, subject)
         except (*STALE_OK, UpstreamError) as exc:
             # Nothing known here about this subject: there is no cached answer to serve.
-            known = await self.pull.metadata.has_image(repo_id, key) or bool(
-                await self.pull.metadata.referrers.referrers(repo_id, key)
+            known = repo_id is not None and (
+                await metadata.has_image(repo_id, key) or bool(await metadata.referrers.referrers(repo_id, key))
             )
             if checked is None and not known:
                 raise
@@ -79,7 +83,7 @@ class Referrers:
                         route.upstream_name, route.repository, key, failure_kind(exc))
             return "stale"
         for referrer in listed:
-            if await self.pull.metadata.has_image(repo_id, referrer.digest):
+            if repo_id is not None and await metadata.has_image(repo_id, referrer.digest):
                 continue
             reference = ManifestReference(digest=Digest.parse(referrer.digest))
             try:
@@ -87,7 +91,11 @@ class Referrers:
             except _SKIPPED as exc:
                 log.warning("referrer %s of %s/%s@%s left out: %s", referrer.digest, route.upstream_name,
                             route.repository, key, exc)
-        await self.pull.metadata.referrers.confirm(repo_id, key)
+        # A repository that holds nothing gets no row for a check (any client may ask for any
+        # name): its next request asks the upstream again.
+        repo_id = await metadata.repository_id(route.upstream_name, route.repository)
+        if repo_id is not None:
+            await metadata.referrers.confirm(repo_id, key)
         return "miss" if checked is None else "revalidated"
 
     async def _upstream_list(self, route: Route, subject: Digest) -> list[Referrer]:
