@@ -95,6 +95,16 @@ class UpstreamTimeout(UpstreamUnavailable):
     kind = "timeout"
 
 
+class UpstreamCircuitOpen(UpstreamUnavailable):
+    """The upstream registry is unreachable; it was not asked (its circuit breaker is open)."""
+
+    kind = "circuit_open"
+
+    def __init__(self, message: str = "", upstream: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message, upstream)
+        self.retry_after = retry_after
+
+
 class UpstreamServerError(UpstreamUnavailable):
     """The upstream registry answered with a server error."""
 

@@ -86,7 +86,11 @@ async def metadata(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstreams(app: web.Application) -> AsyncIterator[None]:
-    clients = {u.name: UpstreamClient(u, _metrics(app)) for u in app[SETTINGS].upstreams}
+    metrics = _metrics(app)
+    clients = {u.name: UpstreamClient(u, metrics) for u in app[SETTINGS].upstreams}
+    if metrics is not None:
+        for name in clients:
+            metrics.upstream_added(name)
     try:
         for client in clients.values():
             await client.start()

@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.admin.body import image_names
 from proxy.admin.query import Resolver, refs_of
 from proxy.errors import AdminInvalid
-from proxy.resources import EVENTS, LIFECYCLE, METADATA, ROUTER
+from proxy.resources import EVENTS, LIFECYCLE, METADATA, ROUTER, UPSTREAMS
 from storage.errors import RegcacheError
 from storage.index.listing import list_images
 from storage.index.rows import ImageKey
@@ -95,6 +95,7 @@ async def stats(request: web.Request) -> web.Response:
     answer = await request.config_dict[LIFECYCLE].stats()
     answer["pulls"] = await metadata.pull_count()
     answer["hit_ratio"], answer["requests"] = _hit_ratio(request.config_dict[EVENTS])
+    answer["upstreams"] = {name: client.breaker.stats() for name, client in request.config_dict[UPSTREAMS].items()}
     return web.json_response(answer)
 
 

@@ -217,6 +217,11 @@ def _stats(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
         f"Pulls:          {answer['pulls']}",
         f"Hit ratio:      {'n/a' if ratio is None else f'{ratio:.1%}'}",
     ]
+    for name, upstream in (answer.get("upstreams") or {}).items():
+        state = upstream["state"]
+        if state == "open":
+            state += f" (unreachable: {upstream['last_error']}; cached content is served)"
+        lines.append(f"Upstream {name}: {state}")
     out.write("\n".join(lines) + "\n")
     return 0
 

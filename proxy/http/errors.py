@@ -27,6 +27,7 @@ from proxy.errors import (
     RequestTooLarge,
     Unauthorized,
     Unsupported,
+    UpstreamCircuitOpen,
     UpstreamDenied,
     UpstreamDigestMismatch,
     UpstreamError,
@@ -112,7 +113,8 @@ def error_response(error: RegcacheError) -> web.Response:
     headers = {"Content-Type": "application/json", **API_HEADERS}
     if isinstance(error, Unauthorized) and error.challenge:
         headers["WWW-Authenticate"] = error.challenge
-    if isinstance(error, UpstreamTooManyRequests | LoginThrottled) and error.retry_after is not None:
+    waits = UpstreamTooManyRequests | UpstreamCircuitOpen | LoginThrottled
+    if isinstance(error, waits) and error.retry_after is not None:
         headers["Retry-After"] = str(math.ceil(error.retry_after))
     if isinstance(error, RangeNotSatisfiable):
         headers["Content-Range"] = f"bytes */{error.size}"

@@ -157,6 +157,16 @@ class Metrics(Events):
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.upstream_state = Gauge(
+            "regcache_upstream_state",
+            "The upstream's circuit breaker: 0 closed (asked as usual), 1 open (unreachable, not asked)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.upstream_transitions = counter(
+            "regcache_upstream_state_transitions", "Circuit breaker transitions by new state", ["upstream", "state"]
+        )
         self.gc_runs = counter("regcache_gc_runs", "Garbage collection passes", ["trigger"])
         self.gc_seconds = Histogram(
             "regcache_gc_duration_seconds",
@@ -255,6 +265,14 @@ class Metrics(Events):
 
     def error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
+
+    def upstream_added(self, upstream: str) -> None:
+        """Every configured upstream has a state from the start, not from its first transition."""
+        self.upstream_state.labels(upstream).set(0)
+
+    def breaker(self, upstream: str, state: str) -> None:
+        self.upstream_state.labels(upstream).set(1 if state == "open" else 0)
+        self.upstream_transitions.labels(upstream, state).inc()
 
     def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None:
         if limit is not None:

@@ -34,6 +34,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.upstream.auth import UpstreamAuth
+from proxy.upstream.breaker import Breaker
 from proxy.upstream.responses import (
     BlobStream,
     FetchedManifest,
@@ -71,6 +72,9 @@ BACKOFF_CAP = 1.0
 RETRY_BUDGET = 3.0
 # A 429 is only waited out when the upstream asks for a short pause.
 SHORT_RETRY_AFTER = 2.0
+# A probe of an unreachable upstream gives up after this (or connect + read timeout, if shorter),
+# so a recovery is noticed soon even when the probe met a silent connection.
+PROBE_TIMEOUT = 5.0
 MAX_TOKEN_BODY = 64 * 1024
 MAX_JSON_BODY = 8 * 1024 * 1024
 # Pages of a referrers answer followed; an image with more signatures than this is an attack.
@@ -99,6 +103,7 @@ class UpstreamClient:
         self._sleep = sleep
         self._auth = UpstreamAuth(settings, self._get_token_body, clock)
         self._slots = asyncio.Semaphore(settings.max_concurrency) if settings.max_concurrency else None
+        self.breaker = Breaker(settings.name, settings.breaker_failures, self._probe, self._observer, clock=clock)
         self.rate_limit: RateLimit | None = None  # for admin stats; metrics get it through the observer
         self._session: aiohttp.ClientSession | None = None
         self._ssl_own: ssl.SSLContext | None = None
@@ -126,6 +131,7 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        await self.breaker.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -256,6 +262,26 @@ class UpstreamClient:
         async with self._slot():
             await self._call("GET", URL(f"{self._settings.base_url}/v2/"), "ping", None, read)
 
+    async def _probe(self) -> None:
+        """For the breaker: returns if the upstream answers ``/v2/`` at all (any status).
+
+        No retries, no credentials, no concurrency slot: open requests may hold them all.
+        """
+        s = self._settings
+        started = time.monotonic()
+        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        try:
+            async with asyncio.timeout(min(PROBE_TIMEOUT, s.connect_timeout + s.read_timeout)):
+                resp = await self._send("GET", URL(f"{s.base_url}/v2/"), headers, None)
+                resp.release()
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            error = self._translate(exc, "probe")
+            self._observer.request_done(self.name, "probe", error.kind, time.monotonic() - started)
+            raise error from exc
+        except UpstreamError:
+            pass  # a redirect it would not follow: an answer all the same
+        self._observer.request_done(self.name, "probe", "answered", time.monotonic() - started)
+
     # -- request machinery --------------------------------------------------
 
     async def _call(
@@ -299,6 +325,7 @@ class UpstreamClient:
         started = time.monotonic()
         attempt = timeouts = 0
         slept = 0.0
+        self.breaker.check()
         while True:
             try:
                 try:
@@ -306,8 +333,10 @@ class UpstreamClient:
                 except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
                     raise self._translate(exc, operation) from exc
             except UpstreamError as exc:
+                self.breaker.failed(exc)
                 timeouts += isinstance(exc, UpstreamTimeout)
-                delay = self._retry_delay(exc, attempt, slept, timeouts)
+                # Once the breaker is open, retrying only waits longer for the same silence.
+                delay = None if self.breaker.is_open else self._retry_delay(exc, attempt, slept, timeouts)
                 if delay is None:
                     self._observer.request_done(self.name, operation, exc.kind, time.monotonic() - started)
                     self._observer.error(self.name, exc.kind)
@@ -317,6 +346,7 @@ class UpstreamClient:
                 slept += delay
                 attempt += 1
                 continue
+            self.breaker.answered()
             self._observer.request_done(self.name, operation, str(status), time.monotonic() - started)
             return value
 
@@ -423,6 +453,7 @@ class UpstreamClient:
                 yield chunk
         except (aiohttp.ClientError, OSError) as exc:
             error = self._translate(exc, "blob body")
+            self.breaker.failed(error)
             self._observer.error(self.name, error.kind)
             raise error from exc
 

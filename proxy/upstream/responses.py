@@ -57,6 +57,7 @@ class UpstreamObserver(Protocol):
     def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None: ...
     def error(self, upstream: str, kind: str) -> None: ...
     def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None: ...
+    def breaker(self, upstream: str, state: str) -> None: ...
 
 
 class NullObserver:
@@ -67,6 +68,9 @@ class NullObserver:
         pass
 
     def rate_limit(self, upstream: str, limit: int | None, remaining: int | None) -> None:
+        pass
+
+    def breaker(self, upstream: str, state: str) -> None:
         pass
 
 
