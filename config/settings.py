@@ -89,6 +89,27 @@ class UpstreamSettings(_Model):
     connect_timeout: Duration = 10.0
     read_timeout: Duration = 60.0
     retries: int = Field(default=3, ge=0, le=10)
+    revalidate_timeout: Duration = Field(
+        default=1.0,
+        gt=0,
+        description="past tag_ttl, how long a client waits for the upstream before it gets the cached "
+        "manifest (the revalidation goes on in the background)",
+    )
+    max_stale: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="how long past tag_ttl a tag may still be served stale; unset: for ever",
+    )
+    negative_ttl: Duration = Field(
+        default=30.0, ge=0, description="how long an upstream 404 for a tag is remembered; 0: not at all"
+    )
+    breaker_failures: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="connection failures and timeouts in a row that open the circuit breaker: then requests "
+        "that need this upstream fail at once and one probe at a time checks it",
+    )
     token_realms: list[str] = Field(
         default_factory=list,
         description="other hosts (or URLs) that may receive the credentials as token realm; "
