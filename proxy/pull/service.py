@@ -7,6 +7,7 @@ records what it learned. It never builds an HTTP response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from proxy.pull.answers import BlobAnswer, BlobInfo, FillingBlob, LocalBlob, Man
 from proxy.pull.fill import Fill
 from proxy.pull.fills import Fills
 from proxy.pull.links import Links
+from proxy.pull.negative import MissingTags
 from proxy.pull.prefetch import Prefetcher
 from proxy.pull.replicas import SharedNames
 from proxy.pull.routing import Route
@@ -78,6 +80,7 @@ class PullThrough:
         self.max_manifest_size = max_manifest_size
         self.manifests = ManifestCache()
         self._manifest_flight: SingleFlight[Manifest] = SingleFlight()
+        self.missing_tags = MissingTags()  # upstream 404s for tags, for negative_ttl
         # Tag rows as last read from SQLite, so a cached tag costs no query; any
         # write of a tag here drops its entry, forget() drops them all.
         self._tags: dict[tuple[int, str], TagRow] = {}
@@ -91,6 +94,7 @@ class PullThrough:
         self.manifests.clear()
         self.links.clear()
         self._tags.clear()
+        self.missing_tags.clear()
         self._tags_generation += 1
 
     async def store_changed(self, blobs: dict[str, int] | None = None,
@@ -105,6 +109,13 @@ class PullThrough:
             # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
             await self._publish(m.route, m.digest, m.parsed.media_type, m.tag)
         self.forget()
+
+    async def settle(self) -> None:
+        """Wait until what runs in the background (manifest fetches and revalidations a
+        client stopped waiting for, prefetches, fills) has ended."""
+        await self._manifest_flight.settle()
+        await self.prefetcher.settle()
+        await self.fills.settle()
 
     async def close(self) -> None:
         await self.prefetcher.close()
@@ -225,33 +236,71 @@ class PullThrough:
             stored = await self.stored_manifest(row.manifest)
             if stored is not None:
                 media_type, data = stored
-                if time.time() - row.checked_at < route.upstream.tag_ttl:
+                age = time.time() - row.checked_at
+                if age < route.upstream.tag_ttl:
                     return Manifest(row.manifest, media_type, data, "hit")
-                found, shared = await self._manifest_flight.do(
-                    (route.upstream_name, route.repository, "tag", tag),
-                    lambda: self._revalidate(route, repo_id, tag, row.manifest, media_type, data),
-                )
-                return _coalesced(found) if shared else found
+                return await self._past_ttl(route, repo_id, tag, Manifest(row.manifest, media_type, data, "stale"), age)
+        self._known_missing(route, tag)
         found, shared = await self._manifest_flight.do(
             (route.upstream_name, route.repository, "tag", tag), lambda: self._fetch_manifest(route, tag, tag)
         )
         return _coalesced(found) if shared else found
 
-    async def _revalidate(
-        self, route: Route, repo_id: int, tag: str, digest: str, media_type: str, data: bytes
-    ) -> Manifest:
+    def _known_missing(self, route: Route, tag: str) -> None:
+        if self.missing_tags.missing((route.upstream_name, route.repository, tag)):
+            raise ManifestUnknown(f"manifest {route.repository}:{tag} unknown to the upstream (asked moments ago)")
+
+    async def _past_ttl(self, route: Route, repo_id: int, tag: str, cached: Manifest, age: float) -> Manifest:
+        """A cached tag past its TTL: stale-while-revalidate.
+
+        One revalidation per tag runs at a time, in its own task. A client waits for
+        it at most until ``revalidate_timeout`` after it began, then gets the cached
+        copy while it goes on (and updates the tag when it ends). With the upstream's
+        breaker open nobody asks it. Past ``max_stale`` nothing stale is served: the
+        client waits for the upstream's answer, as for a tag never cached.
+        """
+        upstream = route.upstream
+        self._known_missing(route, tag)
+        servable = upstream.max_stale is None or age < upstream.tag_ttl + upstream.max_stale
+        if servable and self._client(route).breaker.is_open:
+            return self._stale(route, cached, "circuit_open")
+        task, began, shared = self._manifest_flight.start(
+            (route.upstream_name, route.repository, "tag", tag),
+            lambda: self._revalidate(route, repo_id, tag, cached),
+        )
+        if servable:
+            deadline = began + upstream.revalidate_timeout - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline))
+            if not done:
+                return self._stale(route, cached, "revalidating")
+        try:
+            found = await asyncio.shield(task)
+        except STALE_OK as exc:
+            if not servable:
+                raise
+            return self._stale(route, cached, failure_kind(exc))
+        return _coalesced(found) if shared else found
+
+    def _stale(self, route: Route, cached: Manifest, reason: str) -> Manifest:
+        self.events.stale(route.upstream_name, reason)
+        return cached
+
+    async def _revalidate(self, route: Route, repo_id: int, tag: str, cached: Manifest) -> Manifest:
+        """Asks the upstream whether the tag moved; raises what ``STALE_OK`` lists when it cannot say."""
         client = self._client(route)
+        digest, media_type, data = cached.digest, cached.media_type, cached.data
         try:
             head = await client.head_manifest(route.repository, tag, UPSTREAM_ACCEPT)
         except STALE_OK as exc:
-            self.events.stale(route.upstream_name, failure_kind(exc))
-            log.warning("serving stale %s/%s:%s: upstream %s", route.upstream_name, route.repository, tag,
-                        failure_kind(exc))
-            return Manifest(digest, media_type, data, "stale")
+            # Once per revalidation, however many clients got the stale copy meanwhile.
+            log.warning("revalidating %s/%s:%s failed: upstream %s; the cached manifest is served",
+                        route.upstream_name, route.repository, tag, failure_kind(exc))
+            raise
         except UpstreamNotFound:
             # A loaded (pinned) image may exist only here: the cache is its source.
             if await self.metadata.is_pinned(repo_id, digest):
                 return Manifest(digest, media_type, data, "hit")
+            self.missing_tags.remember((route.upstream_name, route.repository, tag), route.upstream.negative_ttl)
             raise ManifestUnknown(f"{route.repository}:{tag} is gone from the upstream") from None
         if head.digest == digest:
             await self.metadata.confirm_tag(repo_id, tag)
@@ -275,6 +324,8 @@ class PullThrough:
         try:
             fetched = await client.get_manifest(route.repository, reference, UPSTREAM_ACCEPT, self.max_manifest_size)
         except UpstreamNotFound:
+            if tag is not None and reference == tag:
+                self.missing_tags.remember((route.upstream_name, route.repository, tag), route.upstream.negative_ttl)
             raise ManifestUnknown(f"manifest {route.repository}:{reference} unknown to the upstream") from None
         digest = Digest.of(fetched.data)
         expected = reference if ":" in reference else fetched.digest
@@ -354,7 +405,9 @@ class PullThrough:
             return FillingBlob(fill, "coalesced")
         # No await between looking for a fill and starting one: that is what
         # makes concurrent misses share a single upstream fetch.
-        fill = self.fills.start(digest, route, self._client(route))
+        client = self._client(route)
+        client.breaker.check()  # an unreachable upstream: 503 at once, no fill
+        fill = self.fills.start(digest, route, client)
         self.events.blob(route.upstream_name, "miss", None)
         return FillingBlob(fill, "miss")
 
@@ -363,7 +416,8 @@ class PullThrough:
         if await self.store.stat(digest) is not None:
             return None
         # No await from here to the start: a fill begun meanwhile is found (single flight).
-        if self.fills.get(digest) is not None:
+        # Prefetch pauses while the upstream is unreachable: clients' own GETs will ask.
+        if self.fills.get(digest) is not None or self._client(route).breaker.is_open:
             return None
         fill = self.fills.start(digest, route, self._client(route))
         self.events.prefetched(route.upstream_name)
