@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +90,10 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeUpstream:
+async def fake(aiohttp_server: Any) -> AsyncIterator[FakeUpstream]:
     """An in-process registry for faults a real one cannot produce (tests/support/fake_upstream.py)."""
     upstream = FakeUpstream()
     server = await aiohttp_server(upstream.app, host="127.0.0.1")
     upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
+    yield upstream
+    upstream.release()  # handlers held back by a test end before the server closes

@@ -226,7 +226,7 @@ async def test_pinned_tag_survives_upstream_forgetting_it(fake, aiohttp_client, 
     from proxy.resources import METADATA
     from storage.index.rows import ImageKey
 
-    app = create_app(settings_for(fake, tmp_path / "d", tag_ttl=0))
+    app = create_app(settings_for(fake, tmp_path / "d", tag_ttl=0, negative_ttl=0))
     proxy = await aiohttp_client(app)
     digest = fake.add_image("team/app", "1", [SMALL])
     assert (await proxy.get("/v2/team/app/manifests/1")).status == 200

@@ -31,7 +31,7 @@ def digest_of(data: bytes) -> str:
 class Fault:
     """What to do to the next matching requests (``times`` of them; -1 for all)."""
 
-    kind: str  # corrupt, truncate, reset, status, slow, hold
+    kind: str  # corrupt, truncate, reset, status, slow, hold, stall (half the body, then nothing until release())
     status: int = 500
     times: int = -1
     headers: dict[str, str] = field(default_factory=dict)
@@ -74,6 +74,10 @@ class FakeUpstream:
         self.referrers_page: int | None = None  # entries per page of a referrers answer
         self.framing = "length"  # of blob bodies: length (Content-Length), chunked, or close
         self.tags_page: int | None = None  # tags per page when the client sends no n (as Docker Hub pages)
+        # When set and not yet set()-ed, every request is accepted and left unanswered
+        # until it is: an upstream that hangs.
+        self.silence: asyncio.Event | None = None
+        self._released = asyncio.Event()  # ends every "stall" fault
         self.app = web.Application()
         self.app.router.add_get("/v2/", self._base)
         self.app.router.add_get("/token", self._token)
@@ -137,11 +141,19 @@ class FakeUpstream:
             out.append(descriptor)
         return out
 
+    def release(self) -> None:
+        """Answer everything held back by ``silence`` or a stall."""
+        if self.silence is not None:
+            self.silence.set()
+        self._released.set()
+
     def count(self, method: str, path_part: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == method and path_part in p)
 
-    def _record(self, request: web.Request) -> None:
+    async def _record(self, request: web.Request) -> None:
         self.requests.append((request.method, request.path, dict(request.headers)))
+        if self.silence is not None:
+            await self.silence.wait()
 
     def _auth(self, request: web.Request) -> web.Response | None:
         if self.token is None:
@@ -164,7 +176,7 @@ class FakeUpstream:
         return web.json_response({"token": self.token, "expires_in": 300})
 
     async def _base(self, request: web.Request) -> web.Response:
-        self._record(request)
+        await self._record(request)
         return self._auth(request) or web.json_response({})
 
     def _fault(self, key: str) -> Fault | None:
@@ -176,7 +188,7 @@ class FakeUpstream:
         return fault
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
-        self._record(request)
+        await self._record(request)
         if denied := self._auth(request):
             return denied
         fault = self._fault("manifest")
@@ -197,7 +209,7 @@ class FakeUpstream:
         return web.Response(body=data, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
-        self._record(request)
+        await self._record(request)
         if denied := self._auth(request):
             return denied
         digest = request.match_info["digest"]
@@ -211,7 +223,7 @@ class FakeUpstream:
         return await self._send_blob(request, digest, data)
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
-        self._record(request)
+        await self._record(request)
         digest = request.match_info["digest"]
         data = next((d for (_, dg), d in self.blobs.items() if dg == digest), None)
         if data is None:
@@ -237,6 +249,8 @@ class FakeUpstream:
         half = len(body) // 2
         await response.write(body[:half])
         await _pause(fault)
+        if fault is not None and fault.kind == "stall":
+            await self._released.wait()
         if fault is not None and fault.kind in ("truncate", "reset"):
             assert request.transport is not None
             if fault.kind == "reset":
@@ -263,7 +277,7 @@ class FakeUpstream:
         return web.StreamResponse()
 
     async def _tags(self, request: web.Request) -> web.Response:
-        self._record(request)
+        await self._record(request)
         fault = self._fault("tags")
         if fault is not None and fault.kind == "status":
             return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status)
@@ -282,7 +296,7 @@ class FakeUpstream:
         return web.json_response({"name": name, "tags": tags}, headers=headers)
 
     async def _referrers(self, request: web.Request) -> web.Response:
-        self._record(request)
+        await self._record(request)
         if not self.referrers_api:
             return web.json_response({"errors": [{"code": "NOT_FOUND", "message": "no such route"}]}, status=404)
         fault = self._fault("referrers")
