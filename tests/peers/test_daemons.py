@@ -345,3 +345,35 @@ def test_all_clients_pull_cached_images_while_upstreams_are_down(
     finally:
         hub.start()
         ghcr.start()
+
+
+def test_cached_images_pull_completely_while_the_upstreams_hang(dockerd, containerd, hosts_dir, regcache, hub, ghcr):
+    """A registry behind a broken load balancer: connections accepted, nothing answered."""
+    warm = {
+        "docker": dockerd.docker("pull", "busybox"),
+        "ctr alpha": containerd.pull("docker.io/library/alpha:1", hosts_dir),
+        "ctr index": containerd.pull("ghcr.io/multi/oci-index:1", hosts_dir, "--all-platforms"),
+    }
+    for what, done in warm.items():
+        _ok(done, f"warm-up {what}")
+    _ok(dockerd.docker("rmi", "busybox"), "docker rmi")
+    containerd.remove_image("docker.io/library/alpha:1")
+    containerd.remove_image("ghcr.io/multi/oci-index:1")
+
+    hub.hang()
+    ghcr.hang()
+    try:
+        seen = len(regcache.access_log())
+        # docker.io tags have TTL 0: each pull by tag is past it, and the revalidation never
+        # returns; the default upstream read timeout (60 s, twice) is longer than docker's and
+        # containerd's patience would allow if they waited on it.
+        _ok(dockerd.docker("pull", "busybox", timeout=60), "docker pull while the upstream hangs")
+        _ok(dockerd.docker("run", "--rm", "--network", "none", "busybox", "true"), "docker run")
+        _ok(containerd.pull("docker.io/library/alpha:1", hosts_dir, timeout=60), "ctr pull while hanging")
+        _ok(containerd.pull("ghcr.io/multi/oci-index:1", hosts_dir, "--all-platforms", timeout=60), "ctr index")
+        entries = regcache.access_log()[seen:]
+        assert {e["status"] for e in entries if e.get("route") in ("manifest", "blob")} <= {200}
+        assert "stale" in {e.get("result") for e in entries if e.get("route") == "manifest"}
+    finally:
+        hub.answer_again()
+        ghcr.answer_again()

@@ -165,8 +165,24 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, pa
             writer.write_eof()
 
 
+class _Sink:
+    """Where a silent relay "forwards" requests: nowhere."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
 class _CountingFront:
-    """The HTTP-aware relay on the public port; see the module docstring for why it exists."""
+    """The HTTP-aware relay on the public port; see the module docstring for why it exists.
+
+    ``silence()`` makes it fail the way a registry behind a broken load balancer or a
+    black-holed route does: connections are accepted, requests are read (and counted),
+    nothing is answered, and connections already open go silent too. ``speak()`` ends
+    that; the connections held silent are then closed.
+    """
 
     _HEAD_LIMIT = 1024 * 1024
 
@@ -180,6 +196,9 @@ class _CountingFront:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._speaking: asyncio.Event | None = None  # made on the relay's loop
+        self.connections = 0
 
     # The records list is shared with Registry, which reads it from the test's thread.
     def record(self, rec: RequestRecord) -> None:
@@ -208,7 +227,33 @@ class _CountingFront:
             raise
         self.port = int(self._server.sockets[0].getsockname()[1])
 
+    def silence(self) -> None:
+        self._on_loop(self._silence)
+
+    def speak(self) -> None:
+        self._on_loop(self._speak)
+
+    def _on_loop(self, action: Any) -> None:
+        assert self._loop is not None
+
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def _silence(self) -> None:
+        assert self._speaking is not None
+        self._speaking.clear()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+
+    def _speak(self) -> None:
+        assert self._speaking is not None
+        self._speaking.set()
+
     async def _listen(self) -> asyncio.Server:
+        self._speaking = asyncio.Event()
+        self._speaking.set()
         return await asyncio.start_server(
             self._handle, HOST, self.port, ssl=self._ssl, limit=self._HEAD_LIMIT, reuse_address=True
         )
@@ -238,29 +283,41 @@ class _CountingFront:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
+        with self._lock:
+            self.connections += 1
+        speaking = self._speaking
+        assert speaking is not None
         upstream_w: asyncio.StreamWriter | None = None
         pipes: list[asyncio.Task[None]] = []
         try:
-            try:
-                upstream_r, upstream_w = await asyncio.open_connection(HOST, self._backend_port)
-            except OSError:
-                return  # registry not there: the client sees the connection close
-            back = asyncio.create_task(pump(upstream_r, client_w))
-            forth = asyncio.create_task(self._forward_requests(client_r, upstream_w))
-            pipes = [back, forth]
-            done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            if forth in done and not back.done():
-                # Client finished sending (EOF): let the registry complete the last response.
-                with contextlib.suppress(OSError, RuntimeError):
-                    if upstream_w.can_write_eof():
-                        upstream_w.write_eof()
-                await back
+            if speaking.is_set():
+                try:
+                    upstream_r, upstream_w = await asyncio.open_connection(HOST, self._backend_port)
+                except OSError:
+                    return  # registry not there: the client sees the connection close
+                back = asyncio.create_task(pump(upstream_r, client_w))
+                forth = asyncio.create_task(self._forward_requests(client_r, upstream_w))
+                pipes = [back, forth]
+                self._pipes.update(pipes)  # silence() cancels them
+                done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+                if forth in done and not back.done():
+                    # Client finished sending (EOF): let the registry complete the last response.
+                    with contextlib.suppress(OSError, RuntimeError):
+                        if upstream_w.can_write_eof():
+                            upstream_w.write_eof()
+                    await asyncio.wait([back])
+            if not speaking.is_set():
+                # Silent: requests are still read and counted, never answered.
+                listen = asyncio.create_task(self._forward_requests(client_r, _Sink()))  # type: ignore[arg-type]
+                pipes.append(listen)
+                await speaking.wait()
         except asyncio.CancelledError:
             pass  # only _shutdown cancels us; re-raising would make asyncio log a traceback
         finally:
             try:
                 for pipe in pipes:
                     pipe.cancel()
+                    self._pipes.discard(pipe)
                 # A second cancel (shutdown) may interrupt this wait: the task is
                 # forgotten all the same, or a later shutdown would wait on it.
                 await asyncio.gather(*pipes, return_exceptions=True)
@@ -589,6 +646,19 @@ class Registry:
 
     def reset_requests(self) -> None:
         self._require_front().clear()
+
+    def hang(self) -> None:
+        """From now on accept connections, read requests (counted) and answer nothing, on
+        connections already open too: a registry behind a broken load balancer."""
+        self._require_front().silence()
+
+    def answer_again(self) -> None:
+        """End ``hang()``: new connections are served; those held silent are closed."""
+        self._require_front().speak()
+
+    def connections(self) -> int:
+        """Connections the relay accepted since it started."""
+        return self._require_front().connections
 
     def count(self, method: str | None = None, path: str | None = None) -> int:
         return sum(1 for m, p in self.requests() if (method is None or m == method) and (path is None or p == path))
