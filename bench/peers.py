@@ -61,8 +61,11 @@ def _stop_group(proc: subprocess.Popen[bytes] | None) -> None:
 class Regcache:
     """One ``regcache serve`` with a config file; ``reset()`` makes it cold again."""
 
-    def __init__(self, workdir: Path, upstream_url: str, *, log_level: str = "warning") -> None:
+    def __init__(
+        self, workdir: Path, upstream_url: str, *, log_level: str = "warning", upstream: dict[str, Any] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.upstream_settings = upstream or {}  # more settings of the upstream entry
         self.data_dir = workdir / "data"
         self.config_path = workdir / "regcache.yml"
         self.log_path = workdir / "regcache.log"
@@ -83,7 +86,9 @@ class Regcache:
         return {
             "listen": self.host,
             "data_dir": str(self.data_dir),
-            "upstreams": [{"name": "upstream.bench", "url": self.upstream_url, "default": True}],
+            "upstreams": [
+                {"name": "upstream.bench", "url": self.upstream_url, "default": True, **self.upstream_settings}
+            ],
             "admin": {"token": ADMIN_TOKEN},
             # Like the distribution anchors, which run with their access log off.
             "log": {"level": self.log_level, "format": "json"},

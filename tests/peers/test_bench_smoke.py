@@ -29,13 +29,16 @@ EXPECTED_ROWS = (
     "save/load of a 1 MiB image",
     "memory: peak RSS, 8 clients pulling 1 MiB, cold",
     "memory: peak RSS, 8 clients pulling 1 MiB, warm",
+    "cached-tag GET, upstream healthy, median of 100",
+    "cached-tag GET, upstream hung, worst of 100",
+    "skopeo pull of a cached image (many small layers), upstream hung",
 )
 
 
 def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
     argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
             "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.rpartition("| case | regcache |")[2]
     assert table, done.stdout[-3000:]
