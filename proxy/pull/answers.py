@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.pull.fill import Fill, SpoolSlice
+from proxy.upstream.responses import BlobStream
 from storage.lifecycle.gc import Lease
 
 
@@ -54,26 +56,44 @@ class StoredBlob:
     digest: str
     size: int
     redirect: str | None
-    reader: Callable[[], AsyncGenerator[bytes, None]] = field(compare=False)
+    # (offset, length or None for the rest) -> the stored bytes
+    reader: Callable[[int, int | None], AsyncGenerator[bytes, None]] = field(compare=False)
 
     @property
     def result(self) -> str:
         return "hit"
 
     def chunks(self) -> AsyncGenerator[bytes, None]:
-        return self.reader()
+        return self.reader(0, None)
+
+    def read(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        return self.reader(offset, length)
 
     async def stored(self) -> int:
         return self.size
 
 
+# (start, length, size of the blob) -> the upstream's own 206 of those bytes, or None
+# when the upstream ignores Range (``UpstreamClient.open_blob_range`` for one repository).
+RangeFetcher = Callable[[int, int, int], AbstractAsyncContextManager[BlobStream | None]]
+
+
 class FillingBlob:
-    """A blob on its way from the upstream, as one of its readers sees it."""
+    """A blob on its way from the upstream, as one of its readers sees it.
 
-    __slots__ = ("_fill", "digest", "result")
+    Which bytes are verified when: a whole blob is read from the spool and its last
+    byte waits for the digest check, so a client never sees the clean end of a wrong
+    blob. A range cannot be checked against the digest (only the whole blob can): its
+    bytes come from the spool if they have landed, else from the upstream's own 206,
+    exactly as trustworthy as the same range asked of the upstream directly. Range
+    bytes are never stored; the store only ever gets the fill's verified whole blob.
+    """
 
-    def __init__(self, fill: Fill, result: str) -> None:
+    __slots__ = ("_fetch_range", "_fill", "digest", "result")
+
+    def __init__(self, fill: Fill, result: str, fetch_range: RangeFetcher) -> None:
         self._fill = fill
+        self._fetch_range = fetch_range
         self.digest = str(fill.digest)
         self.result = result  # miss or coalesced
 
@@ -90,6 +110,21 @@ class FillingBlob:
         """Verified bytes as they land; the last one once the whole blob is verified.
         Raises (never ends cleanly) if the fetch fails."""
         return self._fill.chunks()
+
+    async def read(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        """After ``opened`` gave a size: ``length`` bytes from ``offset``, as soon as they can
+        be had (see the class). Raises (never ends cleanly) if they cannot."""
+        fill = self._fill
+        if not fill.covers(offset, length):
+            assert fill.size is not None
+            async with self._fetch_range(offset, length, fill.size) as stream:
+                if stream is not None:
+                    async for chunk in stream.chunks:
+                        yield chunk
+                    return
+        # Landed already, or the upstream ignores Range: its bytes arrive with the fill.
+        async for chunk in fill.read(offset, length):
+            yield chunk
 
     async def stored(self) -> int:
         """The size once the blob is in the store and recorded; raises if the fill failed.

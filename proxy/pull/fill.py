@@ -112,20 +112,39 @@ class Fill:
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The blob's bytes as they land; raises if the fill fails."""
+        async for chunk in self.read(0, None):
+            yield chunk
+
+    def covers(self, offset: int, length: int) -> bool:
+        """Whether the bytes from ``offset`` may be read now, without waiting for the upstream."""
+        if self._elsewhere:
+            return True
+        writer = self._writer
+        if writer is None:
+            return False
+        landed = writer.flushed if writer.verified else writer.flushed - 1  # as in ``_slices``
+        return offset + length <= landed
+
+    async def read(self, offset: int, length: int | None) -> AsyncGenerator[bytes, None]:
+        """``length`` bytes from ``offset`` (all that follow: None) as they land; raises if
+        the fill fails before they do."""
         await self.opened()
         if self._elsewhere:
-            async for chunk in self._store.read(self.digest):
+            async for chunk in self._store.read(self.digest, offset, length):
                 yield chunk
             return
+        stop = None if length is None else offset + length
         async with contextlib.aclosing(self._slices()) as slices:
-            async for fd, offset, length, _ in slices:
-                end = offset + length
-                while offset < end:
-                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+            async for fd, start, count, _ in slices:
+                position, end = max(start, offset), start + count if stop is None else min(start + count, stop)
+                while position < end:
+                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - position), position)
                     if not chunk:
                         raise OSError("spool file shorter than written")
-                    offset += len(chunk)
+                    position += len(chunk)
                     yield chunk
+                if stop is not None and start + count >= stop:
+                    return
 
     async def _slices(self) -> AsyncGenerator[SpoolSlice, None]:
         """The last byte comes only once the blob is verified (not committed: see

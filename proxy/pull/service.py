@@ -22,7 +22,17 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.metrics.events import Events
-from proxy.pull.answers import BlobAnswer, BlobInfo, FillingBlob, LocalBlob, Manifest, ManifestCache, StoredBlob, page
+from proxy.pull.answers import (
+    BlobAnswer,
+    BlobInfo,
+    FillingBlob,
+    LocalBlob,
+    Manifest,
+    ManifestCache,
+    RangeFetcher,
+    StoredBlob,
+    page,
+)
 from proxy.pull.fill import Fill
 from proxy.pull.fills import Fills
 from proxy.pull.links import Links
@@ -402,14 +412,19 @@ class PullThrough:
             if not linked:
                 await self._confirm_blob(route, digest, None)
             self.events.blob(route.upstream_name, "coalesced", None)
-            return FillingBlob(fill, "coalesced")
+            return FillingBlob(fill, "coalesced", self._range_fetcher(route, key))
         # No await between looking for a fill and starting one: that is what
         # makes concurrent misses share a single upstream fetch.
         client = self._client(route)
         client.breaker.check()  # an unreachable upstream: 503 at once, no fill
         fill = self.fills.start(digest, route, client)
         self.events.blob(route.upstream_name, "miss", None)
-        return FillingBlob(fill, "miss")
+        return FillingBlob(fill, "miss", self._range_fetcher(route, key))
+
+    def _range_fetcher(self, route: Route, digest: str) -> RangeFetcher:
+        """Ranges of a blob not stored yet come from the upstream's own 206 while one
+        fill brings the whole blob (proxy.pull.answers.FillingBlob)."""
+        return partial(self._client(route).open_blob_range, route.repository, digest)
 
     async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
         """Start a fill nobody asked for yet; None when the blob is stored or filling."""

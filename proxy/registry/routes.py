@@ -14,13 +14,15 @@ from collections.abc import AsyncGenerator
 from typing import NoReturn
 from urllib.parse import urlencode
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy.errors import PaginationInvalid, Unsupported
-from proxy.http import filesend, slowclient
+from proxy.http import filesend, partial, ranges, slowclient, validators
 from proxy.http.blobfile import BlobFileResponse
 from proxy.http.context import BLOB_LEASE, ERROR, LOG
 from proxy.http.errors import API_HEADERS as API_VERSION
+from proxy.http.partial import PartReader
+from proxy.http.ranges import ByteRange
 from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
 from proxy.pull.routing import Route
 from proxy.resources import METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS
@@ -32,7 +34,6 @@ from storage.oci.referrers import FILTERS_HEADER, referrers_index
 
 log = logging.getLogger("regcache.registry")
 
-OCTET_STREAM = "application/octet-stream"
 # Spool bytes up to this size go to a client from the loop (a page-cache read of
 # microseconds); larger ranges go to a pool thread (proxy.filesend).
 INLINE_RANGE = 64 * 1024
@@ -87,29 +88,36 @@ async def manifest(request: web.Request) -> web.Response:
 async def blob(request: web.Request) -> web.StreamResponse:
     route = _route(request)
     digest = Digest.parse(request.match_info["digest"])
-    request[LOG]["digest"] = str(digest)
+    key = str(digest)
+    request[LOG]["digest"] = key
     pullthrough = request.app[PULLTHROUGH]
-    headers = {"Docker-Content-Digest": str(digest), "Content-Type": OCTET_STREAM, "ETag": f'"{digest}"'}
-    if request.method == "HEAD":
+    headers = validators.blob_headers(key)
+    status = validators.precondition_status(request, key)
+    if request.method == "HEAD" or status is not None:
+        # A 304 or 412 says the blob exists: only once this repository may see it.
         info = await pullthrough.blob_info(route, digest)
-        response = web.StreamResponse(headers=headers)
-        if info.size is not None:
-            response.content_length = info.size
-        return response
+        return _bodiless(headers, status, info.size)
+    wanted = validators.wanted_ranges(request, key)
     answer = await pullthrough.blob(route, digest)
+    stall = request.app[SETTINGS].limits.client_timeout
     if isinstance(answer, LocalBlob):
         request[LOG]["result"] = "hit"
-        request[BLOB_LEASE] = answer.lease
-        stall = request.app[SETTINGS].limits.client_timeout
-        return BlobFileResponse(answer.path, etag=str(digest), headers=headers, stall_timeout=stall)
+        request[BLOB_LEASE] = answer.lease  # released when any response, a 416 too, is prepared
+        selected = None if wanted is None else ranges.resolve(wanted, answer.size)
+        return BlobFileResponse(answer.path, ranges=selected, headers=headers, stall_timeout=stall)
     if isinstance(answer, StoredBlob):
         request[LOG]["result"] = "hit"
         if answer.redirect is not None:
             raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
+        if wanted is not None:
+            return await _send_ranges(request, headers, answer.size, ranges.resolve(wanted, answer.size), answer.read)
         return await _stream(request, headers, answer.size, answer.chunks())
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
     size = await answer.opened()
+    # Without a size (the upstream did not say) ranges cannot be resolved: the whole blob goes.
+    if wanted is not None and size is not None:
+        return await _send_ranges(request, headers, size, ranges.resolve(wanted, size), answer.read)
     # Slices go to the socket past aiohttp, so past its chunked framing: only a body
     # whose length is in the headers may take them (an upstream may send none).
     if size is not None and filesend.possible(request.transport):
@@ -117,6 +125,34 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if slices is not None:
             return await _send_slices(request, headers, size, slices)
     return await _stream(request, headers, size, answer.chunks())
+
+
+def _bodiless(headers: dict[str, str], status: int | None, size: int | None) -> web.StreamResponse:
+    """A HEAD's answer, or a 304 or 412 to a GET."""
+    response = web.StreamResponse(status=status or 200, headers=headers)
+    if status is None:
+        if size is not None:
+            response.content_length = size
+    else:
+        del response.headers[hdrs.CONTENT_TYPE]  # describes no body (RFC 9110 15.4.5)
+        response.content_length = 0 if status == 412 else None
+    return response
+
+
+async def _send_ranges(
+    request: web.Request, headers: dict[str, str], size: int, selected: list[ByteRange], read: PartReader
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=headers)
+    multipart = partial.frame(response, selected, size)
+    await response.prepare(request)
+    stall = request.app[SETTINGS].limits.client_timeout
+    try:
+        sender = partial.streamed(request, response, read, stall)
+        await partial.send_parts(request, response, selected, multipart, sender, stall)
+    except Exception as exc:
+        _abort(request, exc)
+    await response.write_eof()
+    return response
 
 
 async def _stream(

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -42,6 +42,7 @@ from proxy.upstream.responses import (
     NullObserver,
     RateLimit,
     UpstreamObserver,
+    content_range,
     digest_header,
     embedded_media_type,
     json_body,
@@ -196,6 +197,35 @@ class UpstreamClient:
                 else:
                     resp.close()  # an unread body cannot go back to the pool
 
+    @contextlib.asynccontextmanager
+    async def open_blob_range(self, repository: str, digest: str, start: int, length: int, size: int
+                              ) -> AsyncIterator[BlobStream | None]:
+        """``length`` bytes from ``start`` of a blob of ``size`` bytes, from the upstream's own
+        206; None when the upstream ignores ``Range`` (a 200 with the whole blob, left unread).
+        The bytes cannot be checked against the digest: only the whole blob can."""
+        url = self._v2(repository, "blobs", str(Digest.parse(digest)))
+        async with self._slot():
+            wanted = {"Range": f"bytes={start}-{start + length - 1}"}
+            resp = await self._open(url, "blob_range", _pull_scope(repository), wanted)
+            try:
+                if resp.status != 206:
+                    yield None
+                    return
+                answered = content_range(resp.headers.get("Content-Range"))
+                if answered != (start, start + length, size) or resp.content_length != length:
+                    raise UpstreamError(f"upstream {self.name}: blob_range answered another range",
+                                        upstream=self.name)
+                chunks = self._chunks(resp)
+                try:
+                    yield BlobStream(length, chunks)
+                finally:
+                    await chunks.aclose()
+            finally:
+                if resp.content.at_eof():
+                    resp.release()
+                else:
+                    resp.close()
+
     async def list_tags(self, repository: str, n: int | None, last: str | None) -> tuple[list[str], str | None]:
         query = {k: v for k, v in (("n", None if n is None else str(n)), ("last", last)) if v is not None}
         url = self._v2(repository, "tags", "list").with_query(query)
@@ -307,11 +337,13 @@ class UpstreamClient:
 
         return await self._retrying(operation, once)
 
-    async def _open(self, url: URL, operation: str, scope: str | None) -> aiohttp.ClientResponse:
+    async def _open(
+        self, url: URL, operation: str, scope: str | None, extra: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """A GET whose successful response is handed over unread."""
 
         async def once() -> tuple[int, aiohttp.ClientResponse]:
-            resp = await self._attempt("GET", url, (), scope, True)
+            resp = await self._attempt("GET", url, (), scope, True, extra)
             try:
                 self._check(resp, operation)
             except BaseException:
@@ -374,10 +406,11 @@ class UpstreamClient:
         return UpstreamUnavailable(f"upstream {self.name}: {operation} failed: {reason}", upstream=self.name)
 
     async def _attempt(
-        self, method: str, url: URL, accept: Sequence[str], scope: str | None, authenticate: bool
+        self, method: str, url: URL, accept: Sequence[str], scope: str | None, authenticate: bool,
+        extra: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """One try: known credentials first, then at most one answered 401."""
-        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
+        headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **(extra or {})}
         if accept:
             headers["Accept"] = ", ".join(accept)
         auth = await self._auth.known(scope) if authenticate else None

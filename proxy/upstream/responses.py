@@ -20,6 +20,7 @@ from storage.oci.digest import is_digest
 from storage.oci.jsonlimits import JSONTooDeep, loads
 
 READ_CHUNK = 256 * 1024
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.ASCII)
 _LINK_NEXT = re.compile(r'<([^>]*)>[^,]*;\s*rel="?next"?', re.IGNORECASE)
 
 
@@ -109,6 +110,15 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int, too_large: Call
         if len(body) > limit:
             raise too_large()
     return bytes(body)
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes <first>-<last>/<size>`` as (start, stop, size); size None for ``*``."""
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if match is None:
+        return None
+    first, last, size = match.groups()
+    return int(first), int(last) + 1, None if size == "*" else int(size)
 
 
 def link_next(header: str) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import pytest
 from config.settings import UpstreamSettings
 from proxy.errors import UpstreamUnavailable
 from proxy.metrics.events import Events
-from proxy.pull.answers import FillingBlob
+from proxy.pull.answers import FillingBlob, RangeFetcher
 from proxy.pull.fills import Fills
 from proxy.pull.links import Links
 from proxy.pull.routing import Route
@@ -44,11 +45,23 @@ class PushedUpstream:
         self.size = size
         self.body: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
         self.opened = 0
+        self.ranges: list[tuple[int, int, int]] = []
+        self.ignores_range = False
 
     @contextlib.asynccontextmanager
     async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
         self.opened += 1
         yield BlobStream(self.size, self._chunks())
+
+    @contextlib.asynccontextmanager
+    async def open_blob_range(self, repository: str, digest: str, start: int, length: int, size: int
+                              ) -> AsyncIterator[BlobStream | None]:
+        """The upstream's own 206: the range at once, whatever the fill's body is doing."""
+        self.ranges.append((start, length, size))
+        if self.ignores_range:
+            yield None
+        else:
+            yield BlobStream(length, _once(BLOB[start : start + length]))
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while (item := await self.body.get()) != END:
@@ -59,6 +72,18 @@ class PushedUpstream:
     def push(self, *items: bytes | BaseException) -> None:
         for item in items:
             self.body.put_nowait(item)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def ranged(upstream: PushedUpstream) -> RangeFetcher:
+    return functools.partial(upstream.open_blob_range, ROUTE.repository, str(DIGEST))
+
+
+async def _read(answer: FillingBlob, offset: int, length: int) -> bytes:
+    return b"".join([chunk async for chunk in answer.read(offset, length)])
 
 
 class Index:
@@ -113,7 +138,8 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
     index = Index()
     fills = make_fills(store, index)
     fill = fills.start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
-    first, follower = Reader(FillingBlob(fill, "miss")), Reader(FillingBlob(fill, "coalesced"))
+    first = Reader(FillingBlob(fill, "miss", ranged(upstream)))
+    follower = Reader(FillingBlob(fill, "coalesced", ranged(upstream)))
     upstream.push(BLOB[:FLUSH_BYTES])
     await first.has(FLUSH_BYTES - 1)
     await follower.has(FLUSH_BYTES - 1)
@@ -127,7 +153,7 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
     upstream.push(END)
     assert await first.task == BLOB
     assert await follower.task == BLOB
-    assert await FillingBlob(fill, "miss").stored() == len(BLOB)
+    assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(BLOB)
     assert index.recorded == [(ROUTE.repository_name, str(DIGEST), len(BLOB))]
     assert await store.stat(DIGEST) == len(BLOB)
     assert upstream.opened == 1
@@ -137,7 +163,7 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
 async def test_spool_slices_hold_back_the_last_byte_until_verified(store):
     upstream = PushedUpstream(len(BLOB))
     fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
-    answer = FillingBlob(fill, "miss")
+    answer = FillingBlob(fill, "miss", ranged(upstream))
     upstream.push(BLOB, END)
     assert await answer.opened() == len(BLOB)
     slices = answer.slices()
@@ -152,7 +178,7 @@ async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tm
     wrong = BLOB[:-1] + bytes([BLOB[-1] ^ 0xFF])
     upstream = PushedUpstream(len(wrong))
     fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
-    readers = [Reader(FillingBlob(fill, "miss")) for _ in range(3)]
+    readers = [Reader(FillingBlob(fill, "miss", ranged(upstream))) for _ in range(3)]
     upstream.push(wrong[:FLUSH_BYTES])
     await readers[0].has(FLUSH_BYTES - 1)
     upstream.push(wrong[FLUSH_BYTES:], END)
@@ -161,7 +187,7 @@ async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tm
             await reader.task
         assert len(reader.received) < len(wrong), "never the clean end of a wrong body"
     with pytest.raises(DigestMismatch):
-        await FillingBlob(fill, "miss").stored()
+        await FillingBlob(fill, "miss", ranged(upstream)).stored()
     assert await store.stat(DIGEST) is None
     assert list(paths.tmp_dir(tmp_path).iterdir()) == []
 
@@ -169,7 +195,7 @@ async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tm
 async def test_an_upstream_failure_mid_body_fails_every_reader(store):
     upstream = PushedUpstream(len(BLOB))
     fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
-    readers = [Reader(FillingBlob(fill, "miss")) for _ in range(2)]
+    readers = [Reader(FillingBlob(fill, "miss", ranged(upstream))) for _ in range(2)]
     upstream.push(BLOB[:FLUSH_BYTES])
     await readers[1].has(FLUSH_BYTES - 1)
     upstream.push(UpstreamUnavailable("connection reset"))
@@ -184,9 +210,9 @@ async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
     fills = make_fills(store)
     fill = fills.start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     upstream.push(BLOB[:1000], BLOB[1000:], END)
-    assert await FillingBlob(fill, "miss").stored() == len(BLOB)
+    assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(BLOB)
     assert fills.get(DIGEST) is None
-    late = FillingBlob(fill, "coalesced")  # a request that found the fill just before it ended
+    late = FillingBlob(fill, "coalesced", ranged(upstream))  # a request that found the fill just before it ended
     assert b"".join([chunk async for chunk in late.chunks()]) == BLOB
     slices = late.slices()
     assert slices is not None
@@ -198,7 +224,7 @@ async def test_a_blob_another_replica_stored_first_is_read_from_the_store(store)
     upstream = PushedUpstream(len(BLOB))
     index = Index()
     fill = make_fills(store, index).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
-    answer = FillingBlob(fill, "miss")
+    answer = FillingBlob(fill, "miss", ranged(upstream))
     assert await answer.opened() == len(BLOB)
     assert answer.slices() is None, "no spool file to send from"
     assert b"".join([chunk async for chunk in answer.chunks()]) == BLOB
@@ -218,4 +244,34 @@ async def test_a_fill_that_fails_before_any_byte_fails_its_readers_at_open(store
     upstream.open_blob = refused  # type: ignore[method-assign]
     fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     with pytest.raises(UpstreamUnavailable):
-        await FillingBlob(fill, "miss").opened()
+        await FillingBlob(fill, "miss", ranged(upstream)).opened()
+
+
+async def test_a_range_the_spool_holds_comes_from_it_and_others_from_the_upstreams_206(store):
+    upstream = PushedUpstream(len(BLOB))
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    upstream.push(BLOB[:FLUSH_BYTES])
+    assert await answer.opened() == len(BLOB)
+    await Reader(FillingBlob(fill, "coalesced", ranged(upstream))).has(FLUSH_BYTES - 1)
+    assert await _read(answer, 100, 1000) == BLOB[100:1100]
+    assert upstream.ranges == [], "landed bytes need no upstream request"
+    tail = len(BLOB) - 4096
+    assert await _read(answer, tail, 4096) == BLOB[tail:]
+    assert upstream.ranges == [(tail, 4096, len(BLOB))]
+    upstream.push(BLOB[FLUSH_BYTES:], END)
+    assert await answer.stored() == len(BLOB)
+
+
+async def test_when_the_upstream_ignores_range_the_range_comes_from_the_fill_as_it_lands(store):
+    upstream = PushedUpstream(len(BLOB))
+    upstream.ignores_range = True
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    assert await answer.opened() == len(BLOB)
+    wanted = asyncio.create_task(_read(answer, FLUSH_BYTES + 10, 100))
+    upstream.push(BLOB[: FLUSH_BYTES + 200])
+    assert await wanted == BLOB[FLUSH_BYTES + 10 : FLUSH_BYTES + 110]
+    assert upstream.opened == 1 and len(upstream.ranges) == 1
+    upstream.push(BLOB[FLUSH_BYTES + 200 :], END)
+    assert await answer.stored() == len(BLOB)
