@@ -53,13 +53,16 @@ def _part(content_range: str, data: bytes) -> Part:
     return Part(start, data, size)
 
 
-def covered(found: list[Part]) -> dict[int, int]:
-    """Every byte position the parts carry, with its value (overlaps must agree)."""
-    at: dict[int, int] = {}
-    for part in found:
-        for i, value in enumerate(part.data):
-            assert at.setdefault(part.start + i, value) == value
-    return at
+def covered(found: list[Part]) -> list[tuple[int, int]]:
+    """The positions the parts carry, as merged (start, stop) spans; ``check_against``
+    says whether the bytes there are right."""
+    spans: list[tuple[int, int]] = []
+    for start, stop in sorted((p.start, p.start + len(p.data)) for p in found):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], stop))
+        else:
+            spans.append((start, stop))
+    return spans
 
 
 def check_against(blob: bytes, found: list[Part]) -> None:
