@@ -32,6 +32,8 @@ EXPECTED_ROWS = (
     "cached-tag GET, upstream healthy, median of 100",
     "cached-tag GET, upstream hung, worst of 100",
     "skopeo pull of a cached image (many small layers), upstream hung",
+    "cold 64 KiB suffix range of a 1 MiB blob",
+    "cached multi-range GET (64 ranges of 16 KiB) of a 1 MiB blob",
 )
 
 
