@@ -27,10 +27,14 @@ from pydantic import (
     model_validator,
 )
 
+from config.globs import check_glob
 from config.units import parse_duration, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Glob = Annotated[str, AfterValidator(check_glob)]
+# docker-credential-<NAME>: what docker's credential helpers are called on PATH.
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -116,6 +120,27 @@ class UpstreamSettings(_Model):
         "auth.docker.io is implied for Docker Hub's registry",
     )
     search_url: str | None = None
+    allow: list[Glob] = Field(
+        default_factory=list,
+        description="repository globs clients may pull from this upstream; empty: every repository",
+    )
+    deny: list[Glob] = Field(
+        default_factory=list, description="repository globs nobody may pull from this upstream; wins over allow"
+    )
+    client_credentials: Literal["off", "verify"] = Field(
+        default="off",
+        description="verify: clients log in with their own credentials for this upstream, and regcache asks "
+        "the upstream whether they may read a repository before serving anything of it, cached or not",
+    )
+    access_ttl: Duration = Field(
+        default=300.0, gt=0, description="how long the upstream's answer for (credentials, repository) is kept"
+    )
+    credential_helper: str | None = Field(
+        default=None, description="NAME of a docker credential helper: runs docker-credential-NAME get"
+    )
+    credential_helper_ttl: Duration = Field(
+        default=900.0, gt=0, description="how long a helper's answer is used; it is refreshed before then"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UpstreamSettings:
@@ -124,6 +149,11 @@ class UpstreamSettings(_Model):
             raise ValueError(f"url must be http(s)://host[:port], got {self.url!r}")
         if sum(x is not None for x in (self.password, self.password_file, self.password_env)) > 1:
             raise ValueError("give only one of password, password_file, password_env")
+        if self.credential_helper is not None:
+            if not _HELPER_NAME.match(self.credential_helper):
+                raise ValueError(f"credential_helper must be a name such as ecr-login, got {self.credential_helper!r}")
+            if self.username is not None:
+                raise ValueError("give either username/password or credential_helper, not both")
         return self
 
     @property
@@ -147,6 +177,10 @@ class UpstreamSettings(_Model):
     @property
     def is_docker_hub(self) -> bool:
         return self.name in DOCKER_HUB_ALIASES
+
+    @property
+    def verifies_clients(self) -> bool:
+        return self.client_credentials == "verify"
 
     def credentials(self) -> tuple[str, str] | None:
         password = _read_secret(self.password, self.password_file, self.password_env, f"upstreams.{self.name}.password")
@@ -194,9 +228,46 @@ class StorageSettings(_Model):
         return self
 
 
+class NamedToken(_Model):
+    """A token with a name: logs say which token acted, never the token."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$", max_length=64)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> NamedToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError(f"token {self.name!r}: give exactly one of token, token_file")
+        return self
+
+    def resolve(self, key: str) -> str:
+        value = _read_secret(self.token, self.token_file, None, key)
+        assert value is not None  # one of them is set: checked above
+        return value
+
+
+class AdminToken(NamedToken):
+    role: Literal["read", "full"] = Field(
+        default="full", description="read: images, search, stats; full: every verb (rmi, load, gc, pin, pull, save)"
+    )
+
+
 class AdminSettings(_Model):
     token: SecretStr | None = None
     token_file: Path | None = None
+    tokens: list[AdminToken] = Field(default_factory=list, description="named admin tokens with a role")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdminSettings:
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names) or ("admin" in names and self.token_present):
+            raise ValueError("admin.tokens: every name once ('admin' is admin.token's)")
+        return self
+
+    @property
+    def token_present(self) -> bool:
+        return self.token is not None or self.token_file is not None
 
     def resolve_token(self) -> str | None:
         return _read_secret(self.token, self.token_file, None, "admin.token")
@@ -207,9 +278,18 @@ class TLSSettings(_Model):
     key: Path
 
 
+def _name_bare_tokens(value: Any) -> Any:
+    """A bare string in ``auth.tokens`` is a token named after its place: token1, token2, ..."""
+    if not isinstance(value, list):
+        return value
+    return [{"name": f"token{i}", "token": t} if isinstance(t, str) else t for i, t in enumerate(value, 1)]
+
+
 class AuthSettings(_Model):
     htpasswd: Path | None = Field(default=None, description="htpasswd file with bcrypt hashes (htpasswd -B)")
-    tokens: list[SecretStr] = Field(default_factory=list, description="static tokens: Bearer, or as a Basic password")
+    tokens: Annotated[list[NamedToken], BeforeValidator(_name_bare_tokens)] = Field(
+        default_factory=list, description="static tokens: Bearer, or as a Basic password; {name, token|token_file}"
+    )
     realm: str = "regcache"
     protect_metrics: bool = Field(default=False, description="require credentials for /metrics too")
     # Password checks (bcrypt) run on their own small pool so a flood of wrong
@@ -222,6 +302,31 @@ class AuthSettings(_Model):
         default=10, ge=1, description="failed logins from one address before it is refused for failure_window"
     )
     failure_window: Duration = Field(default=60.0, gt=0)
+
+
+class AccessRule(_Model):
+    """What one rule lets pull: repositories matching a glob on one upstream (or every one)."""
+
+    upstream: str = Field(default="*", description="an upstream's name, or * for every upstream")
+    repositories: list[Glob] = Field(default_factory=lambda: ["**"], min_length=1)
+
+
+class AccessSettings(_Model):
+    """Who may pull what. Without this section, every client that passed ``auth`` may pull anything."""
+
+    anonymous: list[AccessRule] | None = Field(
+        default=None,
+        description="what clients without credentials may pull; absent: nothing when auth is on, "
+        "anything when it is off",
+    )
+    users: dict[str, list[AccessRule]] = Field(default_factory=dict, description="htpasswd user -> rules")
+    tokens: dict[str, list[AccessRule]] = Field(default_factory=dict, description="auth token name -> rules")
+    default: list[AccessRule] = Field(
+        default_factory=list, description="rules of users and tokens not listed; empty: they may pull nothing"
+    )
+
+    def rule_sets(self) -> list[list[AccessRule]]:
+        return [self.anonymous or [], *self.users.values(), *self.tokens.values(), self.default]
 
 
 class MetricsSettings(_Model):
@@ -261,6 +366,7 @@ class Settings(_Model):
     admin: AdminSettings = AdminSettings()
     tls: TLSSettings | None = None
     auth: AuthSettings | None = None
+    access: AccessSettings | None = None
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     limits: LimitSettings = LimitSettings()
@@ -278,7 +384,24 @@ class Settings(_Model):
                 if name in seen:
                     raise ValueError(f"upstreams: the name {name!r} is used twice")
                 seen.add(name)
+        self._check_access()
         return self
+
+    def _check_access(self) -> None:
+        if self.access is None:
+            return
+        if self.auth is None and (self.access.users or self.access.tokens or self.access.default):
+            raise ValueError("access: users, tokens and default need auth (htpasswd or tokens)")
+        names = {u.name for u in self.upstreams}
+        for rules in self.access.rule_sets():
+            for rule in rules:
+                if rule.upstream != "*" and rule.upstream not in names:
+                    raise ValueError(f"access: rule for upstream {rule.upstream!r}, which is not configured")
+        if self.auth is not None:
+            known = {t.name for t in self.auth.tokens}
+            for name in self.access.tokens:
+                if name not in known:
+                    raise ValueError(f"access.tokens: no auth token is named {name!r}")
 
     @property
     def default_upstream(self) -> UpstreamSettings:

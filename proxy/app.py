@@ -11,7 +11,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from config.settings import Settings
-from proxy.admin.guard import admin_token
+from proxy.access.clientcheck import ClientCheck
+from proxy.access.gate import ACCESS, Access, access_middleware
+from proxy.access.policy import Policy
+from proxy.admin.guard import admin_tokens
 from proxy.http import health
 from proxy.http.accesslog import request_context
 from proxy.http.clientauth import AUTH
@@ -29,18 +32,20 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 def create_app(settings: Settings, events: Events | None = None) -> web.Application:
-    middlewares: list[Middleware] = [request_context, error_middleware]
     client_auth = None
     if settings.auth is not None:
-        from proxy.http.clientauth import ClientAuth, auth_middleware
+        from proxy.http.clientauth import ClientAuth
 
         client_auth = ClientAuth(settings.auth)
-        middlewares.append(auth_middleware(client_auth))
+    router = Router(settings.upstreams, settings.default_upstream)
+    access = Access(router, Policy(settings), client_auth, ClientCheck())
+    middlewares: list[Middleware] = [request_context, error_middleware, access_middleware(access)]
     app = web.Application(
         middlewares=middlewares,
         client_max_size=settings.limits.max_admin_body,
     )
     app[SETTINGS] = settings
+    app[ACCESS] = access
     if events is None:
         events = Metrics() if settings.metrics.enabled else Events()
     app[EVENTS] = events
@@ -50,14 +55,14 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     health.add_routes(app)
     if settings.metrics.enabled and settings.metrics.listen is None:
         app.router.add_get("/metrics", metrics_handler, name="metrics")
-    app[ROUTER] = Router(settings.upstreams, settings.default_upstream)
+    app[ROUTER] = router
     app.on_response_prepare.append(_on_prepare)
     app.cleanup_ctx.extend(RESOURCES)
     registry.add_routes(app)
     # Admin exists only with a token: no token, no /admin/ routes at all.
-    token = admin_token(settings)
-    if token is not None:
+    tokens = admin_tokens(settings)
+    if tokens:
         from proxy.admin.mount import add_admin_routes
 
-        add_admin_routes(app, token)
+        add_admin_routes(app, tokens)
     return app

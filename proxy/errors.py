@@ -105,6 +105,12 @@ class UpstreamCircuitOpen(UpstreamUnavailable):
         self.retry_after = retry_after
 
 
+class CredentialHelperFailed(UpstreamUnavailable):
+    """The upstream's credential helper gave no credentials; the message never holds its output."""
+
+    kind = "credential_helper"
+
+
 class UpstreamServerError(UpstreamUnavailable):
     """The upstream registry answered with a server error."""
 

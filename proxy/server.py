@@ -4,7 +4,9 @@ SIGTERM/SIGINT: ``/readyz`` turns 503 at once, the listener stays open for
 ``limits.drain_delay`` so load balancers notice, then it closes; responses in
 flight get up to ``limits.shutdown_timeout`` to finish before the remaining
 connections are cut and the store is closed. SIGHUP reloads the TLS
-certificate and the htpasswd file.
+certificate, the htpasswd and token files, and the access rules (``access`` and
+each upstream's ``allow``/``deny``) from the config file; other settings need a
+restart.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, _split_listen
+from proxy.access.gate import ACCESS
 from proxy.http.accesslog import AccessLogger
 from proxy.http.clientauth import AUTH
 from proxy.http.health import HEALTH
@@ -41,7 +45,11 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+# Loads the settings again, as at startup (file, environment, flags): for SIGHUP.
+Reloader = Callable[[], Settings]
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, reload: Reloader | None = None) -> None:
     from proxy.app import create_app
 
     app = create_app(settings)
@@ -60,7 +68,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         metrics_runner = await _start_metrics(app, settings, reuse_port)
         scheme = "https" if tls is not None else "http"
         log.info("regcache listening on %s://%s:%s, data in %s", scheme, host, port, settings.data_dir)
-        await _until_stopped(app, settings, tls)
+        await _until_stopped(app, settings, tls, reload)
     finally:
         # Closes the listener, waits up to shutdown_timeout for responses in flight, then cleans up.
         await runner.cleanup()
@@ -69,13 +77,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     log.info("stopped")
 
 
-async def _until_stopped(app: web.Application, settings: Settings, tls: ServerTLS | None) -> None:
+async def _until_stopped(
+    app: web.Application, settings: Settings, tls: ServerTLS | None, reload: Reloader | None
+) -> None:
     """Serves until SIGTERM/SIGINT, then reports not ready and drains; SIGHUP reloads meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, app, tls)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app, tls, reload)
     try:
         await stop.wait()
         log.info("shutting down: not ready, draining for %ss", settings.limits.drain_delay)
@@ -103,8 +113,8 @@ async def _start_metrics(app: web.Application, settings: Settings, reuse_port: b
     return runner
 
 
-def _reload(app: web.Application, tls: ServerTLS | None) -> None:
-    log.info("SIGHUP: reloading certificate and credentials")
+def _reload(app: web.Application, tls: ServerTLS | None, reload: Reloader | None) -> None:
+    log.info("SIGHUP: reloading certificate, credentials and access rules")
     if tls is not None:
         tls.reload()
     auth = app.get(AUTH)
@@ -112,4 +122,14 @@ def _reload(app: web.Application, tls: ServerTLS | None) -> None:
         try:
             auth.reload()
         except ConfigError as exc:
-            log.error("htpasswd reload failed, keeping the old users: %s", exc)
+            log.error("htpasswd or token reload failed, keeping the old ones: %s", exc)
+    if reload is not None:
+        try:
+            fresh = reload()
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the old access rules: %s", exc)
+            return
+        access = app[ACCESS]
+        access.policy.reload(fresh)
+        # Answers the upstream gave under the old rules are not evidence under the new ones.
+        access.check.forget_all()

@@ -10,14 +10,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.admin import archive, images, lifecycle, pull, rmi, search
-from proxy.admin.guard import ADMIN_PREFIX, admin_app, check_admin_exposure
+from proxy.admin.guard import ADMIN_PREFIX, AdminKey, admin_app, check_admin_exposure
 from proxy.resources import SETTINGS
 
 
-def add_admin_routes(app: web.Application, token: str) -> web.Application:
+def add_admin_routes(app: web.Application, keys: list[AdminKey]) -> web.Application:
     """Mount the guarded admin application on ``app``; returns it for tests."""
-    check_admin_exposure(app[SETTINGS], token)
-    admin = admin_app(token)
+    check_admin_exposure(app[SETTINGS], keys)
+    admin = admin_app(keys)
     images.add_routes(admin)
     rmi.add_routes(admin)
     search.add_routes(admin)

@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.access.gate import ACCESS
 from proxy.admin.body import json_object
 from proxy.errors import AdminInvalid
-from proxy.http.context import ERROR, LOG
+from proxy.http.context import ERROR, IDENTITY, LOG
 from proxy.pull.answers import FillingBlob
 from proxy.pull.referrers import Referrers
 from proxy.pull.routing import Route
@@ -134,6 +135,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
     ref = ImageReference.parse(text)
     name = f"{ref.registry}/{ref.name}" if ref.registry else ref.name
     route = request.config_dict[ROUTER].resolve(name)
+    # The upstream's allow and deny lists bind admins too: a repository nobody may pull is not warmed.
+    request.config_dict[ACCESS].judge(request, request[IDENTITY], route)
     reference = ManifestReference(digest=ref.digest) if ref.digest else ManifestReference(tag=ref.tag or "latest")
     shown = str(ref) if (ref.tag or ref.digest) else f"{ref}:latest"
     request[LOG].update(upstream=route.upstream_name, repository=route.repository, reference=str(reference))

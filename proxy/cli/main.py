@@ -32,11 +32,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides=overrides)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
     # Listeners, TLS, limits, signals and graceful shutdown live in proxy.server.
     from proxy.server import serve as run_server
 
-    await run_server(settings)
+    await run_server(settings, reload=reload)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log.level, settings.log.format)
         try:
             with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-                runner.run(serve(settings))
+                runner.run(serve(settings, reload=lambda: settings_from_args(args)))
         except ConfigError as exc:
             print(f"regcache: configuration error: {exc}", file=sys.stderr)
             return 2

@@ -8,10 +8,11 @@ Two kinds of credentials, either or both:
   Basic auth with any user name (``docker login -u token -p <token>``), because
   docker, containerd and skopeo only answer a ``Basic`` challenge with Basic.
 
-A request without valid credentials gets 401 with ``WWW-Authenticate: Basic
-realm="..."`` and an OCI ``UNAUTHORIZED`` body; clients retry with their
-configured credentials. Health, readiness and (unless ``protect_metrics``)
-``/metrics`` stay open for probes and scrapers; ``/admin/`` has its own token.
+``identify`` says who the credentials name (the user, or the token's name), or
+None; what that identity may pull is ``proxy.access``'s decision, and so is the
+401 a request without valid credentials gets. Health, readiness and (unless
+``protect_metrics``) ``/metrics`` stay open for probes and scrapers; ``/admin/``
+has its own tokens.
 
 bcrypt is slow on purpose and docker sends credentials with every request, so
 a verified ``Authorization`` value is remembered (by its SHA-256, never in
@@ -39,11 +40,9 @@ from pathlib import Path
 
 import bcrypt
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from config.settings import AuthSettings, ConfigError
-from proxy.errors import Unauthorized
-from proxy.http.context import LOG
+from proxy.access.policy import Identity
 from proxy.http.loginguard import FailureLimiter, HashingPool
 
 log = logging.getLogger("regcache.auth")
@@ -96,10 +95,10 @@ class ClientAuth:
     def __init__(self, settings: AuthSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.realm = settings.realm.replace('"', "")
-        self._tokens = [t.get_secret_value().encode() for t in settings.tokens]
+        self._tokens: list[tuple[str, bytes]] = []
         self._users: dict[str, bytes] = {}
         self._dummy: bytes | None = None
-        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._verified: OrderedDict[bytes, tuple[float, Identity]] = OrderedDict()
         self._clock = clock
         self.hashing = HashingPool(settings.hash_threads, settings.hash_queue)
         self._failures = FailureLimiter(settings.max_failures, settings.failure_window, clock)
@@ -110,10 +109,12 @@ class ClientAuth:
         return f'Basic realm="{self.realm}"'
 
     def reload(self) -> None:
-        """Re-read the htpasswd file (SIGHUP); a broken file keeps the old users."""
+        """Re-read the htpasswd and token files (SIGHUP); a broken file keeps the old ones."""
+        tokens = [(t.name, t.resolve(f"auth.tokens.{t.name}").encode()) for t in self.settings.tokens]
         if self.settings.htpasswd is not None:
             self._users = read_htpasswd(self.settings.htpasswd)
             self._dummy = dummy_hash(self._users)
+        self._tokens = tokens
         self._verified.clear()
 
     def close(self) -> None:
@@ -124,65 +125,56 @@ class ClientAuth:
             return False
         return path != "/metrics" or self.settings.protect_metrics
 
-    async def allowed(self, authorization: str | None, address: str) -> bool:
-        """Whether ``authorization`` is valid; LoginThrottled when it cannot be checked now."""
+    async def identify(self, authorization: str | None, address: str) -> Identity | None:
+        """Who valid ``authorization`` names, else None; LoginThrottled when it cannot be checked now."""
         if not authorization:
-            return False
+            return None
         key = hashlib.sha256(authorization.encode()).digest()
         seen = self._verified.get(key)
-        if seen is not None and self._clock() - seen < CACHE_SECONDS:
-            return True
+        if seen is not None and self._clock() - seen[0] < CACHE_SECONDS:
+            return seen[1]
         self._failures.check(address)
-        if not await self._check(authorization):
+        identity = await self._check(authorization)
+        if identity is None:
             self._failures.failed(address)
-            return False
-        self._verified[key] = self._clock()
+            return None
+        self._verified[key] = (self._clock(), identity)
         self._verified.move_to_end(key)
         while len(self._verified) > CACHE_SIZE:
             self._verified.popitem(last=False)
-        return True
+        return identity
 
-    async def _check(self, authorization: str) -> bool:
+    async def _check(self, authorization: str) -> Identity | None:
         scheme, _, value = authorization.strip().partition(" ")
         scheme = scheme.lower()
         value = value.strip()
         if scheme == "bearer":
-            return self._token_ok(value.encode())
+            return self._token(value.encode())
         if scheme != "basic":
-            return False
+            return None
         try:
             decoded = base64.b64decode(value, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
-            return False
+            return None
         user, sep, password = decoded.partition(":")
         if not sep:
-            return False
-        if self._token_ok(password.encode()):
-            return True
+            return None
+        token = self._token(password.encode())
+        if token is not None:
+            return token
         hashed = self._users.get(user, self._dummy)
         if hashed is None:
-            return False  # no htpasswd users at all: nothing to find out by timing
+            return None  # no htpasswd users at all: nothing to find out by timing
         matched = await self.hashing.run(partial(_checkpw, password.encode(), hashed))
-        return matched and user in self._users
+        return Identity("user", user) if matched and user in self._users else None
 
-    def _token_ok(self, candidate: bytes) -> bool:
+    def _token(self, candidate: bytes) -> Identity | None:
         # Compare against every token so the time taken says nothing about which matched.
-        found = False
-        for token in self._tokens:
-            found |= hmac.compare_digest(candidate, token)
-        return found
+        found: str | None = None
+        for name, token in self._tokens:
+            if hmac.compare_digest(candidate, token):
+                found = name
+        return Identity("token", found) if found is not None else None
 
 
 AUTH: web.AppKey[ClientAuth] = web.AppKey("client_auth")
-
-
-def auth_middleware(auth: ClientAuth) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        authorization = request.headers.get("Authorization")
-        if auth.protects(request.path) and not await auth.allowed(authorization, request.remote or ""):
-            request[LOG]["result"] = "unauthorized"
-            raise Unauthorized("authentication required", challenge=auth.challenge)
-        return await handler(request)
-
-    return middleware

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from proxy.access.policy import Identity
+    from proxy.pull.routing import Route
     from storage.lifecycle.gc import Lease
 
 # The access log's fields, filled in by whoever learns them (route, result, identity).
@@ -16,3 +18,7 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 ERROR: web.RequestKey[BaseException] = web.RequestKey("error")
 # The GC lease a blob hit holds until its file is open.
 BLOB_LEASE: web.RequestKey[Lease | None] = web.RequestKey("blob_lease")
+# Who the request comes from, and for repository routes where it goes: set by proxy.access
+# before any handler runs, so every handler serves exactly the route that was judged.
+IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
+ROUTE: web.RequestKey[Route] = web.RequestKey("route")

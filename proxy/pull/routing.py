@@ -42,6 +42,7 @@ def _looks_like_registry(component: str) -> bool:
 class Router:
     def __init__(self, upstreams: list[UpstreamSettings], default: UpstreamSettings) -> None:
         self.default = default
+        self.upstreams = list(upstreams)
         self._by_name: dict[str, UpstreamSettings] = {}
         for upstream in upstreams:
             for name in upstream.names:

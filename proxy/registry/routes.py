@@ -16,17 +16,16 @@ from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
 
+from proxy.access.gate import ACCESS
 from proxy.errors import PaginationInvalid, Unsupported
 from proxy.http import filesend, partial, ranges, slowclient, validators
 from proxy.http.blobfile import BlobFileResponse
-from proxy.http.context import BLOB_LEASE, ERROR, LOG
+from proxy.http.context import BLOB_LEASE, ERROR, IDENTITY, LOG, ROUTE
 from proxy.http.errors import API_HEADERS as API_VERSION
 from proxy.http.partial import PartReader
 from proxy.http.ranges import ByteRange
 from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
-from proxy.pull.routing import Route
 from proxy.resources import METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS
-from storage.errors import NameInvalid
 from storage.oci.digest import Digest
 from storage.oci.manifests import OCI_INDEX, merge_accept
 from storage.oci.reference import ManifestReference
@@ -39,15 +38,6 @@ log = logging.getLogger("regcache.registry")
 INLINE_RANGE = 64 * 1024
 # Entries per page of a referrers answer.
 REFERRERS_PAGE = 1000
-
-
-def _route(request: web.Request) -> Route:
-    # No valid name, tag or digest contains "%": an encoded "/" or "." is a trick.
-    if "%" in request.raw_path.partition("?")[0]:
-        raise NameInvalid("percent-encoded characters are not allowed in registry paths")
-    route = request.app[ROUTER].resolve(request.match_info["name"], request.query.get("ns"))
-    request[LOG].update(upstream=route.upstream_name, repository=route.repository)
-    return route
 
 
 def _pagination(request: web.Request) -> tuple[int | None, str | None]:
@@ -67,7 +57,7 @@ async def base(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    route = _route(request)
+    route = request[ROUTE]
     reference = ManifestReference.parse(request.match_info["reference"])
     request[LOG]["reference"] = str(reference)
     accept = merge_accept(request.headers.getall("Accept", []))
@@ -86,7 +76,7 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    route = _route(request)
+    route = request[ROUTE]
     digest = Digest.parse(request.match_info["digest"])
     key = str(digest)
     request[LOG]["digest"] = key
@@ -222,7 +212,7 @@ def _abort(request: web.Request, exc: Exception) -> NoReturn:
 
 
 async def tags(request: web.Request) -> web.Response:
-    route = _route(request)
+    route = request[ROUTE]
     n, last = _pagination(request)
     found, more = await request.app[PULLTHROUGH].tags(route, n, last)
     headers = dict(API_VERSION)
@@ -237,7 +227,7 @@ async def tags(request: web.Request) -> web.Response:
 
 async def referrers(request: web.Request) -> web.Response:
     """OCI 1.1 referrers: an image index of the manifests whose ``subject`` is the digest."""
-    route = _route(request)
+    route = request[ROUTE]
     subject = Digest.parse(request.match_info["digest"])
     request[LOG]["digest"] = str(subject)
     answer = await request.app[REFERRERS].answer(route, subject)
@@ -262,7 +252,13 @@ async def referrers(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     n, last = _pagination(request)
     router = request.app[ROUTER]
-    names = [router.client_name(u, name) for u, name in await request.app[METADATA].catalog()]
+    policy, identity = request.app[ACCESS].policy, request[IDENTITY]
+    # Only what this client may pull: a repository's name can be a secret of its own.
+    names = [
+        router.client_name(u, name)
+        for u, name in await request.app[METADATA].catalog()
+        if policy.visible(identity, u, name)
+    ]
     repositories, more = page(names, n, last)
     headers = dict(API_VERSION)
     if more and repositories:

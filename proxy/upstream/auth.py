@@ -13,12 +13,14 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from yarl import URL
 
 from config.settings import ConfigError, UpstreamSettings
 from proxy.errors import UpstreamError, UpstreamUnauthorized
+from proxy.upstream.credhelper import CredentialHelper
 from storage.oci.jsonlimits import loads
 
 log = logging.getLogger("regcache.upstream")
@@ -162,6 +164,14 @@ class TokenCache:
 
 
 TokenGetter = Callable[[URL, str | None], Awaitable[bytes]]
+Credentials = tuple[str, str]
+CredentialSource = Callable[[], Awaitable[Credentials | None]]
+
+# A verified client's own credentials for an upstream with ``client_credentials: verify``,
+# set for the request by ``proxy.access`` and inherited by the fills and prefetches it
+# starts (asyncio tasks copy the context), so they fetch with the client's rights. Held
+# for those tasks' lifetime only; nothing else keeps them.
+CLIENT_CREDENTIALS: ContextVar[Credentials | None] = ContextVar("client_credentials", default=None)
 
 
 class UpstreamAuth:
@@ -172,24 +182,44 @@ class UpstreamAuth:
     """
 
     def __init__(
-        self, settings: UpstreamSettings, get_token: TokenGetter, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: UpstreamSettings,
+        get_token: TokenGetter,
+        clock: Callable[[], float] = time.monotonic,
+        credentials: CredentialSource | None = None,
     ) -> None:
+        """``credentials``: where the password comes from; by default the upstream's settings
+        (password or credential helper), else a verified client's own (``CLIENT_CREDENTIALS``)."""
         self.name = settings.name
         self._settings = settings
         self._base = URL(settings.base_url)
         self._get_token = get_token
         self._tokens = TokenCache(clock)
+        self._helper = (
+            CredentialHelper(
+                settings.name, settings.credential_helper, self._base.host_port_subcomponent or "",
+                settings.credential_helper_ttl, clock,
+            )
+            if settings.credential_helper is not None
+            else None
+        )
+        self._source = credentials or self._configured
         # What the upstream asked for last time, so later requests can carry
-        # credentials up front instead of paying a 401 round trip each.
+        # credentials up front instead of paying a 401 round trip each. For Basic
+        # only the fact is kept: the header is built from the source each time, so
+        # neither a client's password nor a helper's outlives its own lifetime here.
         self._bearer: Challenge | None = None
-        self._basic: str | None = None
+        self._basic = False
         self._warned: set[str] = set()
 
     async def known(self, scope: str | None) -> str | None:
         """The header to send before any challenge, from what was learned so far."""
         if self._bearer is not None:
             return "Bearer " + await self._token(self._bearer, scope)
-        return self._basic
+        if self._basic:
+            credentials = await self._source()
+            return _basic_header(*credentials) if credentials is not None else None
+        return None
 
     async def answer(self, www_authenticate: str, scope: str | None) -> str | None:
         """The header that answers a 401, or None when we have nothing to offer."""
@@ -202,10 +232,10 @@ class UpstreamAuth:
             # Without a repository (ping) the upstream's own scope, if any, is the one to ask for.
             return "Bearer " + await self._token(self._bearer, scope or bearer.params.get("scope"))
         if any(c.scheme == "basic" for c in challenges):
-            credentials = self._credentials()
+            credentials = await self._source()
             if credentials is not None:
-                self._basic = _basic_header(*credentials)
-                return self._basic
+                self._basic = True
+                return _basic_header(*credentials)
         return None
 
     def forget(self, auth: str | None, scope: str | None) -> None:
@@ -214,8 +244,10 @@ class UpstreamAuth:
             return
         if auth.startswith("Bearer ") and self._bearer is not None:
             self._tokens.forget(self._key(self._bearer, scope), auth.removeprefix("Bearer "))
-        elif auth == self._basic:
-            self._basic = None
+        elif auth.startswith("Basic "):
+            self._basic = False
+            if self._helper is not None:
+                self._helper.stale()
 
     @staticmethod
     def _key(challenge: Challenge, scope: str | None) -> TokenKey:
@@ -231,7 +263,7 @@ class UpstreamAuth:
             raise UpstreamError(f"upstream {self.name}: token realm is not an http(s) URL", upstream=self.name)
         url = url.update_query({k: v for k, v in (("service", service), ("scope", scope)) if v})
         authorization = None
-        credentials = self._credentials()
+        credentials = await self._source()
         if credentials is not None:
             if may_receive_credentials(url, self._base, self._settings.trusted_realms):
                 authorization = _basic_header(*credentials)
@@ -244,7 +276,13 @@ class UpstreamAuth:
                     url.host,
                 )
         try:
-            data = loads(await self._get_token(url, authorization))
+            body = await self._get_token(url, authorization)
+        except UpstreamUnauthorized:
+            if self._helper is not None and authorization is not None:
+                self._helper.stale()
+            raise
+        try:
+            data = loads(body)
         except ValueError:
             raise UpstreamError(
                 f"upstream {self.name}: token realm answered invalid JSON", upstream=self.name
@@ -257,7 +295,14 @@ class UpstreamAuth:
             expires_in = 60  # the token spec's default
         return token, float(expires_in)
 
-    def _credentials(self) -> tuple[str, str] | None:
+    async def _configured(self) -> Credentials | None:
+        if self._settings.verifies_clients:
+            # The client's own, when a verified client's request is behind this fetch.
+            client = CLIENT_CREDENTIALS.get()
+            if client is not None:
+                return client
+        if self._helper is not None:
+            return await self._helper.get()
         try:
             return self._settings.credentials()
         except ConfigError as exc:  # names the key or file, never the secret

@@ -16,7 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -33,7 +33,7 @@ from proxy.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from proxy.upstream.auth import UpstreamAuth
+from proxy.upstream.auth import Credentials, UpstreamAuth
 from proxy.upstream.breaker import Breaker
 from proxy.upstream.responses import (
     BlobStream,
@@ -269,6 +269,35 @@ class UpstreamClient:
                 break
         return found
 
+    async def may_read(self, repository: str, credentials: Credentials) -> bool:
+        """Whether ``credentials`` (a client's, not the cache's) may pull ``repository`` here.
+
+        Asked with a one-entry tags list: it needs the same pull right as a manifest and,
+        unlike a manifest, names no tag the client may not have asked for. Token realm and
+        registry are asked with those credentials alone, through an auth of their own, so
+        no token of another client (or of the cache) answers for them. True also for a
+        404: the credentials passed, the repository is just not there. A refusal is
+        False; any other failure raises, and is not an answer to remember.
+        """
+        url = self._v2(repository, "tags", "list").with_query(n="1")
+
+        async def own() -> Credentials:
+            return credentials
+
+        auth = UpstreamAuth(self._settings, self._get_token_body, credentials=own)
+
+        async def read(resp: aiohttp.ClientResponse) -> None:
+            return None
+
+        try:
+            async with self._slot():
+                await self._call("GET", url, "access_check", _pull_scope(repository), read, auth=auth)
+        except UpstreamNotFound:
+            return True
+        except (UpstreamUnauthorized, UpstreamDenied):
+            return False
+        return True
+
     async def search(self, term: str, limit: int) -> list[dict[str, Any]]:
         base = self._settings.search_url or (DOCKER_HUB_INDEX if self._settings.is_docker_hub else None)
         if base is None:
@@ -283,7 +312,7 @@ class UpstreamClient:
 
         # Search is public on Docker Hub and may live on another host: no credentials.
         async with self._slot():
-            return await self._call("GET", url, "search", None, read, ("application/json",), authenticate=False)
+            return await self._call("GET", url, "search", None, read, ("application/json",), auth=None)
 
     async def ping(self) -> None:
         async def read(resp: aiohttp.ClientResponse) -> None:
@@ -323,12 +352,13 @@ class UpstreamClient:
         read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         accept: Sequence[str] = (),
         *,
-        authenticate: bool = True,
+        auth: UpstreamAuth | Literal["own"] | None = "own",
     ) -> T:
-        """A request whose body (if any) is read inside the retry loop."""
+        """A request whose body (if any) is read inside the retry loop; ``auth`` None: anonymous."""
+        chosen = self._auth if auth == "own" else auth
 
         async def once() -> tuple[int, T]:
-            resp = await self._attempt(method, url, accept, scope, authenticate)
+            resp = await self._attempt(method, url, accept, scope, chosen)
             try:
                 self._check(resp, operation)
                 return resp.status, await read(resp)
@@ -343,7 +373,7 @@ class UpstreamClient:
         """A GET whose successful response is handed over unread."""
 
         async def once() -> tuple[int, aiohttp.ClientResponse]:
-            resp = await self._attempt("GET", url, (), scope, True, extra)
+            resp = await self._attempt("GET", url, (), scope, self._auth, extra)
             try:
                 self._check(resp, operation)
             except BaseException:
@@ -406,21 +436,26 @@ class UpstreamClient:
         return UpstreamUnavailable(f"upstream {self.name}: {operation} failed: {reason}", upstream=self.name)
 
     async def _attempt(
-        self, method: str, url: URL, accept: Sequence[str], scope: str | None, authenticate: bool,
+        self,
+        method: str,
+        url: URL,
+        accept: Sequence[str],
+        scope: str | None,
+        authority: UpstreamAuth | None,
         extra: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """One try: known credentials first, then at most one answered 401."""
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **(extra or {})}
         if accept:
             headers["Accept"] = ", ".join(accept)
-        auth = await self._auth.known(scope) if authenticate else None
+        auth = await authority.known(scope) if authority is not None else None
         resp = await self._send(method, url, headers, auth)
-        if not authenticate or resp.status != 401 or not self._is_upstream(resp.url):
+        if authority is None or resp.status != 401 or not self._is_upstream(resp.url):
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
         resp.release()
-        self._auth.forget(auth, scope)
-        auth = await self._auth.answer(challenge, scope)
+        authority.forget(auth, scope)
+        auth = await authority.answer(challenge, scope)
         if auth is None:
             raise UpstreamUnauthorized(f"upstream {self.name}: authentication required", upstream=self.name)
         return await self._send(method, url, headers, auth)

@@ -43,11 +43,11 @@ async def test_verified_basic_credentials_are_remembered_not_rehashed(tmp_path, 
     path.write_text(f"alice:{bcrypt_hash('s3cret')}\n")
     auth = ClientAuth(AuthSettings(htpasswd=path))
     header = "Basic " + base64.b64encode(b"alice:s3cret").decode()
-    assert await auth.allowed(header, "10.0.0.1")
+    assert await auth.identify(header, "10.0.0.1")
     calls = []
     monkeypatch.setattr("proxy.http.clientauth.bcrypt.checkpw", lambda *a: calls.append(a) or False)
-    assert await auth.allowed(header, "10.0.0.1")
+    assert await auth.identify(header, "10.0.0.1")
     assert calls == []
-    assert not await auth.allowed("Basic " + base64.b64encode(b"alice:wrong").decode(), "10.0.0.1")
-    assert not await auth.allowed("Basic !!notbase64", "10.0.0.1")
-    assert not await auth.allowed("Digest whatever", "10.0.0.1")
+    assert not await auth.identify("Basic " + base64.b64encode(b"alice:wrong").decode(), "10.0.0.1")
+    assert not await auth.identify("Basic !!notbase64", "10.0.0.1")
+    assert not await auth.identify("Digest whatever", "10.0.0.1")

@@ -14,12 +14,16 @@ import threading
 import pytest
 from aiohttp import web
 
-from config.settings import AuthSettings
+from config.settings import AuthSettings, Settings
+from proxy.access.clientcheck import ClientCheck
+from proxy.access.gate import ACCESS, Access, access_middleware
+from proxy.access.policy import Policy
 from proxy.errors import LoginThrottled
 from proxy.http.accesslog import request_context
-from proxy.http.clientauth import AUTH, ClientAuth, auth_middleware
+from proxy.http.clientauth import AUTH, ClientAuth
 from proxy.http.errors import error_middleware
 from proxy.http.loginguard import THREAD_PREFIX
+from proxy.pull.routing import Router
 from tests.support.registry import bcrypt_hash
 
 ADDRESS = "192.0.2.7"
@@ -63,8 +67,8 @@ def checkpw_calls(monkeypatch):  # type: ignore[no-untyped-def]
 async def test_password_checks_run_on_their_own_pool_not_the_default_one(htpasswd, checkpw_calls):
     auth = ClientAuth(AuthSettings(htpasswd=htpasswd))
     try:
-        assert not await auth.allowed(basic("alice", "wrong"), ADDRESS)
-        assert await auth.allowed(basic("alice", "s3cret"), ADDRESS)
+        assert not await auth.identify(basic("alice", "wrong"), ADDRESS)
+        assert await auth.identify(basic("alice", "s3cret"), ADDRESS)
     finally:
         auth.close()
     assert [name.startswith(THREAD_PREFIX) for name, _ in checkpw_calls] == [True, True]
@@ -73,8 +77,8 @@ async def test_password_checks_run_on_their_own_pool_not_the_default_one(htpassw
 async def test_unknown_user_costs_the_same_bcrypt_work_as_the_costliest_known_one(htpasswd, checkpw_calls):
     auth = ClientAuth(AuthSettings(htpasswd=htpasswd))
     try:
-        assert not await auth.allowed(basic("mallory", "anything"), ADDRESS)
-        assert not await auth.allowed(basic("bob", "wrong"), ADDRESS)
+        assert not await auth.identify(basic("mallory", "anything"), ADDRESS)
+        assert not await auth.identify(basic("bob", "wrong"), ADDRESS)
     finally:
         auth.close()
     (_, unknown_hash), (_, bob_hash) = checkpw_calls
@@ -87,33 +91,37 @@ async def test_failed_logins_from_one_address_are_refused_without_hashing_until_
     clock = FakeClock()
     auth = ClientAuth(AuthSettings(htpasswd=htpasswd, max_failures=3, failure_window=60), clock=clock)
     try:
-        assert await auth.allowed(basic("alice", "s3cret"), ADDRESS)
+        assert await auth.identify(basic("alice", "s3cret"), ADDRESS)
         for _ in range(3):
-            assert not await auth.allowed(basic("alice", "wrong"), ADDRESS)
+            assert not await auth.identify(basic("alice", "wrong"), ADDRESS)
         assert len(checkpw_calls) == 4
         with pytest.raises(LoginThrottled) as refused:
-            await auth.allowed(basic("bob", "hunter2"), ADDRESS)
+            await auth.identify(basic("bob", "hunter2"), ADDRESS)
         assert refused.value.retry_after == 60
         assert len(checkpw_calls) == 4  # refused without hashing
         # Remembered credentials need no check, so the address's legitimate user keeps pulling.
-        assert await auth.allowed(basic("alice", "s3cret"), ADDRESS)
-        assert not await auth.allowed(basic("alice", "wrong"), "192.0.2.8")  # other addresses are checked
+        assert await auth.identify(basic("alice", "s3cret"), ADDRESS)
+        assert not await auth.identify(basic("alice", "wrong"), "192.0.2.8")  # other addresses are checked
         clock.now += 60
-        assert await auth.allowed(basic("bob", "hunter2"), ADDRESS)
+        assert await auth.identify(basic("bob", "hunter2"), ADDRESS)
         assert len(checkpw_calls) == 6
     finally:
         auth.close()
 
 
 def _app(htpasswd, **settings) -> web.Application:  # type: ignore[no-untyped-def]
-    """The error and auth middlewares as the server stacks them, in front of one protected route."""
-    auth = ClientAuth(AuthSettings(htpasswd=htpasswd, **settings))
+    """The error and access middlewares as the server stacks them, in front of one protected route."""
+    full = Settings(auth=AuthSettings(htpasswd=htpasswd, **settings))
+    assert full.auth is not None
+    auth = ClientAuth(full.auth)
+    access = Access(Router(full.upstreams, full.default_upstream), Policy(full), auth, ClientCheck())
 
     async def protected(request: web.Request) -> web.Response:
         return web.Response(text="in")
 
-    app = web.Application(middlewares=[request_context, error_middleware, auth_middleware(auth)])
+    app = web.Application(middlewares=[request_context, error_middleware, access_middleware(access)])
     app[AUTH] = auth
+    app[ACCESS] = access
     app.router.add_get("/v2/", protected)
     app.on_cleanup.append(lambda _: asyncio.to_thread(auth.close))
     return app

@@ -173,7 +173,7 @@ def test_admin_is_refused_without_a_real_token():
     with pytest.raises(ConfigError, match="refusing"):
         check_admin_exposure(Settings(listen="0.0.0.0:5000"), None)
     with pytest.raises(ConfigError):
-        token_guard("")
+        token_guard([])
     check_admin_exposure(Settings(listen="127.0.0.1:5000"), None)  # loopback without admin: fine
     assert admin_token(Settings()) is None
     assert admin_token(Settings(admin={"token": TOKEN})) == TOKEN
