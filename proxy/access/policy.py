@@ -6,7 +6,8 @@ Evaluated in this order, the first that refuses decides:
 2. the upstream's ``allow`` globs, when it has any (only those repositories);
 3. the identity's own rules (``access:``): anonymous clients get ``access.anonymous``,
    users and tokens their entry in ``access.users``/``access.tokens`` or else
-   ``access.default``. Without an ``access`` section every client that passed ``auth``
+   ``access.default``, and what anonymous clients may pull besides (logging in
+   never takes a right away). Without an ``access`` section every client that passed ``auth``
    may pull anything, as may everyone when ``auth`` is off.
 
 Clients of an upstream with ``client_credentials: verify`` present that upstream's
@@ -86,8 +87,10 @@ class Policy:
             if identity.kind == "anonymous" and self._auth_on:
                 return Decision(False, "anonymous")
             return Decision(True, "open")
-        kind: RuleKind = "anonymous" if identity.kind == "anonymous" else "identity"
-        return Decision(_permits(rules, upstream, repository), kind)
+        if identity.kind == "anonymous":
+            return Decision(_permits(rules, upstream, repository), "anonymous")
+        anonymous = self._rules(ANONYMOUS) or []
+        return Decision(_permits(rules, upstream, repository) or _permits(anonymous, upstream, repository), "identity")
 
     @property
     def anonymous_allowed(self) -> bool:

@@ -278,6 +278,8 @@ class FakeUpstream:
 
     async def _tags(self, request: web.Request) -> web.Response:
         await self._record(request)
+        if denied := self._auth(request):
+            return denied
         fault = self._fault("tags")
         if fault is not None and fault.kind == "status":
             return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "x"}]}, status=fault.status)
