@@ -71,6 +71,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "metrics": {"prometheusRule": ON, "serviceMonitor": ON},
     },
     "node-tier": {"nodeTier": ON},
+    "access-rules": {
+        "config": {
+            "upstreams": [
+                {"name": "docker.io", "url": "https://registry-1.docker.io", "default": True, "deny": ["x/*"]},
+                {"name": "registry.example.com", "url": "https://registry.example.com", "allow": ["team-a/**"],
+                 "client_credentials": "verify", "access_ttl": "5m"},
+            ],
+            "access": {"anonymous": [{"upstream": "docker.io", "repositories": ["library/*"]}]},
+        }
+    },
     "node-tier-emptydir": {"nodeTier": {"enabled": True, "hostPath": "", "maxSize": "5GiB", "hostPort": 5002}},
 }
 
@@ -166,6 +176,9 @@ def test_values_schema_rejects_what_the_chart_cannot_deploy() -> None:
             {"config": {"upstreams": [{"name": "docker.io"}]}},  # no url
             {"persistence": {"size": "lots"}},
             {"admin": {"token": "short"}},  # regcache refuses tokens under 8 characters
+            {"config": {"upstreams": [{"name": "a.io", "url": "https://a.io", "deny": ["Team/*"]}]}},  # upper case
+            {"config": {"upstreams": [{"name": "a.io", "url": "https://a.io", "client_credentials": "yes"}]}},
+            {"config": {"access": {"users": {"alice": [{"repositories": []}]}}}},
             {"typo": True},
         ):
             with pytest.raises(helm.HelmValuesError):
