@@ -202,9 +202,25 @@ class S3Settings(_Model):
     insecure: bool = False
     redirect: bool = False
     redirect_ttl: Duration = 300.0
-    lease_ttl: Duration = 300.0
+    # A fill lease its holder stops renewing (a killed replica) lapses this long after its
+    # last renewal; then another replica takes the fill over. Short, so nobody waits minutes.
+    lease_ttl: Duration = Field(default=10.0, gt=0)
+    # How often a holder rewrites its lease; unset: a fifth of lease_ttl, so a few renewals
+    # may fail (a slow store) before the lease lapses under a live holder.
+    lease_renew_interval: Duration | None = Field(default=None, gt=0)
     # Parts of a multipart upload; S3 needs at least 5 MiB for every part but the last.
     part_size: Size = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _check(self) -> S3Settings:
+        if self.lease_renew_interval is not None and self.lease_renew_interval > self.lease_ttl / 2:
+            raise ValueError("lease_renew_interval must be at most half of lease_ttl")
+        return self
+
+    @property
+    def lease_renewal(self) -> float:
+        """Seconds between a lease holder's renewals."""
+        return self.lease_renew_interval if self.lease_renew_interval is not None else self.lease_ttl / 5
 
 
 class StorageSettings(_Model):

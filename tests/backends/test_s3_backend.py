@@ -111,16 +111,20 @@ async def test_twenty_concurrent_cold_requests_over_three_replicas_fetch_once(fa
     assert await settled(lambda: leases(rgw, bucket) == [])
 
 
-async def test_expired_lease_of_a_dead_holder_is_taken_over(fake, rgw, bucket, replicas):
+async def test_expired_lease_of_a_dead_holder_is_taken_over_and_its_upload_aborted(fake, rgw, bucket, replicas):
     fake.add_image("team/app", "1", [SMALL])
     digest = digest_of(SMALL)
-    # A replica that died mid-fill left its lease behind and renews it no more.
-    rgw.client().put_object(Bucket=bucket, Key=f"leases/{digest}",
-                            Body=json.dumps({"owner": "dead/1", "token": "x", "ttl": 1}).encode())
+    # A replica that died mid-fill left its lease and its multipart upload behind.
+    s3 = rgw.client()
+    dead = s3.create_multipart_upload(Bucket=bucket, Key=blob_key(digest))
+    s3.upload_part(Bucket=bucket, Key=blob_key(digest), UploadId=dead["UploadId"], PartNumber=1, Body=SMALL[:1000])
+    s3.put_object(Bucket=bucket, Key=f"leases/{digest}",
+                  Body=json.dumps({"owner": "dead/1", "token": "x", "ttl": 1}).encode())
     (proxy,) = await replicas(1, lease_ttl=1)
     assert await get_blob(proxy, "team/app", digest) == SMALL
     assert fake.count("GET", f"/blobs/{digest}") == 1
     assert await settled(lambda: leases(rgw, bucket) == [])
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 async def test_tags_and_manifests_recorded_by_one_replica_are_served_by_another(fake, rgw, bucket, replicas):

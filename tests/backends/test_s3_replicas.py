@@ -11,15 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import aiohttp
 import pytest
 
+from config.settings import S3Settings
 from tests.conftest import upstream_entry
 from tests.support import skopeo
 from tests.support.fake_upstream import Fault, digest_of
-from tests.support.s3 import PART, blob_key, leases, pull, s3_storage
+from tests.support.s3 import blob_key, leases, pull, s3_storage
 from tests.support.seed import SeededImage
+
+
+async def read_blob(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as response:
+        assert response.status == 200
+        return await response.read()
 
 
 def all_blobs(seeded: dict[str, SeededImage]) -> set[str]:
@@ -84,33 +92,40 @@ def test_tiered_node_cache_over_cluster_cache_fetches_each_blob_once(rgw, upstre
         assert upstream.blob_gets(digest) == 1, digest
 
 
-async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry(fake, rgw, regcache_factory, tmp_path):
-    layer = os.urandom(3 * PART + 4321)
+async def test_replica_killed_mid_fill_is_taken_over_within_30s_leaving_no_upload(fake, rgw, regcache_factory):
+    """Default settings: the waiting replica's client gets the verified blob within the issue's bound."""
+    part = S3Settings.model_fields["part_size"].default
+    layer = os.urandom(3 * part + 4321)
     digest = digest_of(layer)
     fake.add_image("team/app", "1", [layer])
     fake.faults[digest] = Fault("slow", delay=60, times=1)  # the first fetch stalls after half the body
     bucket = rgw.make_bucket()
     entry = {"name": "fake.test", "url": fake.base_url, "default": True, "retries": 0}
-    settings = s3_storage(rgw, bucket, lease_ttl=2)
+    settings = {"storage": {"backend": "s3", "s3": rgw.s3_settings(bucket)}}
     doomed, survivor = [await asyncio.to_thread(regcache_factory, [entry], settings=settings) for _ in range(2)]
     async with aiohttp.ClientSession() as session:
         response = await session.get(f"{doomed.url}/v2/team/app/blobs/{digest}")
         assert response.status == 200
-        await response.content.readexactly(PART + 1)  # the fill is well under way
+        await response.content.readexactly(part + 1)  # the fill is well under way
         # A part is on its way into a multipart upload: the kill happens mid-upload.
         for _ in range(100):
             if rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads"):
                 break
             await asyncio.sleep(0.05)
         assert rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+        # The other replica's client asks while the fill runs: it waits on the lease.
+        waiting = asyncio.create_task(read_blob(session, f"{survivor.url}/v2/team/app/blobs/{digest}"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
         await asyncio.to_thread(doomed.kill)
+        killed_at = time.monotonic()
         response.close()
         assert blob_key(digest) not in rgw.keys(bucket)
         assert leases(rgw, bucket) == [f"leases/{digest}"]  # held by a dead replica now
-        # Another replica waits for the dead one's lease to expire, then fetches and commits.
-        async with session.get(f"{survivor.url}/v2/team/app/blobs/{digest}") as r:
-            assert r.status == 200
-            assert await r.read() == layer
+        # The dead lease lapses, the waiting replica takes the fill over and fetches again.
+        body = await waiting
+        assert time.monotonic() - killed_at < 30
+        assert digest_of(body) == digest
     assert fake.count("GET", f"/blobs/{digest}") == 2  # the killed fill, then the takeover
     # The client had every byte once the digest was verified; the bucket commit follows it.
     for _ in range(300):
@@ -120,6 +135,8 @@ async def test_replica_killed_mid_fill_leaves_no_object_and_no_lease_past_expiry
     assert rgw.keys(bucket, "blobs/") == [blob_key(digest)]
     head = rgw.client().head_object(Bucket=bucket, Key=blob_key(digest))
     assert head["ContentLength"] == len(layer)
+    # The dead fill's multipart upload was aborted by the takeover, not left for a day.
+    assert rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     for _ in range(100):
         if not leases(rgw, bucket):
             break

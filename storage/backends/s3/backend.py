@@ -48,7 +48,7 @@ from config.settings import S3Settings
 from storage import paths
 from storage.backends.base import BlobBackend, FillLease, ReplicaIndex, Upload
 from storage.backends.s3.client import S3Client, translated
-from storage.backends.s3.leases import Leases
+from storage.backends.s3.leases import Leases, S3Lease
 from storage.backends.s3.records import S3Records
 from storage.errors import BlobUnknown, StoreObjectUnknown, StoreUnavailable
 from storage.oci.digest import Digest
@@ -60,6 +60,7 @@ READ_CHUNK = 1024 * 1024
 PARALLEL_PARTS = 4
 # Incomplete multipart uploads older than this belong to a replica that died
 # mid-fill (a live fill is bounded by storage.fill_timeout): aborted at start.
+# A replica that takes over a dead one's fill aborts its upload at once.
 ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
 SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
 
@@ -182,7 +183,7 @@ class S3Backend(BlobBackend):
         self.settings = settings
         self.spool_dir = paths.tmp_dir(data_dir)
         self.client = S3Client(settings)
-        self.leases = Leases(self.client, settings.lease_ttl)
+        self.leases = Leases(self.client, settings.lease_ttl, settings.lease_renewal)
         self.records = S3Records(self.client)
         self.part_slots: asyncio.Semaphore
 
@@ -200,22 +201,28 @@ class S3Backend(BlobBackend):
             raise StoreUnavailable(f"bucket {self.client.bucket!r} at {self.settings.endpoint}: {exc}") from exc
         await self._abort_abandoned_uploads()
 
-    async def _abort_abandoned_uploads(self) -> None:
-        cutoff = datetime.datetime.now(datetime.UTC) - ABANDONED_UPLOAD_AGE
+    async def _abort_uploads(self, prefix: str, initiated_before: datetime.datetime) -> int:
+        """Abort the incomplete multipart uploads under ``prefix`` begun before the given time
+        (the store's clock); how many. Best effort: what is left, the next start cleans up."""
+        aborted = 0
         try:
             with translated("multipart uploads"):
-                listed = await self.client.api.list_multipart_uploads(
-                    Bucket=self.client.bucket, Prefix=self.client.key(paths.BLOBS + "/")
-                )
+                listed = await self.client.api.list_multipart_uploads(Bucket=self.client.bucket, Prefix=prefix)
             for upload in listed.get("Uploads", []):
-                if upload["Initiated"] < cutoff:
-                    # Another replica starting at the same time may have aborted it first.
+                if upload["Initiated"] < initiated_before:
+                    # Another replica (starting, or taking the same fill over) may have aborted it first.
                     with contextlib.suppress(StoreObjectUnknown), translated(upload["Key"]):
                         await self.client.api.abort_multipart_upload(
                             Bucket=self.client.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                         )
+                        aborted += 1
         except StoreUnavailable as exc:
-            log.warning("could not clean up abandoned multipart uploads: %s", exc)
+            log.warning("could not clean up abandoned multipart uploads under %s: %s", prefix, exc)
+        return aborted
+
+    async def _abort_abandoned_uploads(self) -> None:
+        cutoff = datetime.datetime.now(datetime.UTC) - ABANDONED_UPLOAD_AGE
+        await self._abort_uploads(self.client.key(paths.BLOBS + "/"), cutoff)
 
     async def close(self) -> None:
         await self.leases.close()
@@ -302,7 +309,15 @@ class S3Backend(BlobBackend):
     # Replicas ---------------------------------------------------------------
 
     async def acquire_fill_lease(self, digest: Digest) -> FillLease | None:
-        return await self.leases.acquire(str(digest))
+        lease = await self.leases.acquire(str(digest))
+        if isinstance(lease, S3Lease) and lease.taken_over_at is not None:
+            # The previous holder died mid-fill: its multipart upload of this key would
+            # otherwise stay in the bucket (and be billed) until some replica's next start.
+            # It began before its lease lapsed; this holder's own upload begins after now.
+            aborted = await self._abort_uploads(self._key(digest), lease.taken_over_at)
+            if aborted:
+                log.info("aborted %d multipart upload(s) of the dead fill of %s", aborted, digest)
+        return lease
 
     async def wait_for(self, digest: Digest) -> int | None:
         return await self.leases.wait(str(digest), lambda: self.stat(digest))

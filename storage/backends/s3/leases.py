@@ -2,9 +2,12 @@
 
 A lease is the object ``leases/<name>``, created with ``PUT If-None-Match: *``:
 the store lets exactly one replica create it (the others get 412). While the
-holder works it rewrites the object every third of the TTL; when it is done it
+holder works, a task beside it rewrites the object every ``renewal`` seconds
+(``storage.s3.lease_renew_interval``, well within the TTL); when it is done it
 deletes it. A replica killed mid-fill stops rewriting, and once the object is
-older than the TTL any replica may take it over.
+older than the TTL (seconds by default) any replica may take it over; the
+lease it then holds says when the old one was found expired, so the new holder
+can clean up what the dead one left (``S3Backend.acquire_fill_lease``).
 
 Age is judged with the store's own clock (the object's Last-Modified against
 the Date of the reply that carried it), so clock skew between replicas does
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import email.utils
 import json
 import logging
@@ -40,16 +44,19 @@ OWNER = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
 class S3Lease(FillLease):
-    def __init__(self, leases: Leases, name: str, token: str) -> None:
+    def __init__(self, leases: Leases, name: str, token: str, taken_over_at: datetime.datetime | None) -> None:
         self._leases = leases
         self.name = name
         self.token = token
+        # When (the store's clock) the previous holder's lease was found expired; None for a
+        # lease nobody held. Whatever that holder started is older than this.
+        self.taken_over_at = taken_over_at
         self._heartbeat = asyncio.create_task(self._beat())
         self._released = False
 
     async def _beat(self) -> None:
         while True:
-            await asyncio.sleep(max(0.05, self._leases.ttl / 3))
+            await asyncio.sleep(max(0.05, self._leases.renewal))
             try:
                 await self._leases._put(self.name, self.token, conditional=False)
             except StoreUnavailable as exc:
@@ -67,9 +74,10 @@ class S3Lease(FillLease):
 
 
 class Leases:
-    def __init__(self, client: S3Client, ttl: float) -> None:
+    def __init__(self, client: S3Client, ttl: float, renewal: float) -> None:
         self.client = client
         self.ttl = ttl
+        self.renewal = renewal
         self._held: set[S3Lease] = set()
         self._conditional = True  # until the store shows it ignores If-None-Match
         self.poll_max = 1.0
@@ -91,6 +99,7 @@ class Leases:
         if not self._conditional:
             return FillLease()
         token = uuid.uuid4().hex
+        taken_over_at: datetime.datetime | None = None
         for _ in range(2):
             try:
                 await self._put(name, token, conditional=True)
@@ -101,19 +110,21 @@ class Leases:
                 # Released a moment ago, or its holder died: take it over.
                 if holder is not None:
                     log.info("taking over expired lease %s of %s", name, holder.get("owner"))
+                    taken_over_at = holder["now"]
                     await self._delete(name)
                 continue
             except StoreRejected as exc:
                 log.warning("object store rejects conditional PUT (%s): leases are per replica", exc)
                 self._conditional = False
                 return FillLease()
-            lease = S3Lease(self, name, token)
+            lease = S3Lease(self, name, token, taken_over_at)
             self._held.add(lease)
             return lease
         return None
 
     async def _holder(self, name: str) -> dict[str, Any] | None:
-        """The lease object's content plus ``expired``; None when there is none."""
+        """The lease object's content plus ``expired`` and ``now`` (the store's clock when it
+        answered, or None); None when there is none."""
         key = self._key(name)
         try:
             with translated(key):
@@ -130,6 +141,7 @@ class Leases:
         now = email.utils.parsedate_to_datetime(date) if date else None
         modified = got["LastModified"]
         holder["expired"] = now is not None and (now - modified).total_seconds() > ttl
+        holder["now"] = now
         return holder
 
     async def _delete(self, name: str) -> None:
