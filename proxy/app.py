@@ -16,7 +16,7 @@ from proxy.access.gate import ACCESS, Access, access_middleware
 from proxy.access.policy import Policy
 from proxy.admin.guard import admin_tokens
 from proxy.http import health
-from proxy.http.accesslog import request_context
+from proxy.http.accesslog import request_context, response_started
 from proxy.http.clientauth import AUTH
 from proxy.http.errors import API_HEADERS, error_middleware
 from proxy.metrics.events import Events
@@ -57,6 +57,7 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
         app.router.add_get("/metrics", metrics_handler, name="metrics")
     app[ROUTER] = router
     app.on_response_prepare.append(_on_prepare)
+    app.on_response_prepare.append(response_started)
     app.cleanup_ctx.extend(RESOURCES)
     registry.add_routes(app)
     # Admin exists only with a token: no token, no /admin/ routes at all.

@@ -3,10 +3,20 @@
 Handlers put what they know (upstream, repository, digest or tag, cache
 result) into ``request[LOG]``; this logger adds method, route, status,
 bytes, duration and the request id. Never headers, never credentials.
+
+aiohttp calls the access logger only when a request's task ends normally. A
+client that disconnects while the handler runs, or while aiohttp still writes
+the response (even right after the last byte reached it), cancels that task
+first (``handler_cancellation``). So ``request_context`` also hooks the task's
+end, and writes the line and the metrics of any request the access logger did
+not: status 499 (nginx's "client closed request") if no response had started,
+and ``"disconnected": true`` either way.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import sys
@@ -17,19 +27,37 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from proxy.http.context import ERROR, LOG, REQUEST_ID
+from proxy.http.context import ERROR, LOG, LOGGED, REQUEST_ID, RESPONSE
 from proxy.resources import EVENTS
 
 log = logging.getLogger("regcache.access")
+
+CLIENT_CLOSED = 499
 
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[LOG] = {}
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
-    response = await handler(request)
-    response.headers["X-Request-Id"] = request[REQUEST_ID]
-    return response
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(functools.partial(_log_if_cut, request, time.monotonic()))
+    return await handler(request)
+
+
+async def response_started(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: headers are about to go, whoever prepares them (a handler
+    streaming a body, or aiohttp sending what a handler returned or raised)."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    request[RESPONSE] = response
+
+
+def _log_if_cut(request: web.Request, started: float, task: asyncio.Task[object]) -> None:
+    """The request's task ended: log it if the access logger did not (a cancelled task)."""
+    if not request.get(LOGGED):
+        record(log, request, request.get(RESPONSE), time.monotonic() - started, disconnected=True)
 
 
 def _routed(request: web.BaseRequest, attribute: str) -> object:
@@ -65,35 +93,49 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     return response.body_length
 
 
+def record(
+    logger: logging.Logger,
+    request: web.BaseRequest,
+    response: web.StreamResponse | None,
+    duration: float,
+    *,
+    disconnected: bool = False,
+) -> None:
+    """The request's access-log line and request metrics; ``response`` None: none was started."""
+    request[LOGGED] = True
+    fields = request.get(LOG, {})
+    route = route_name(request)
+    status = response.status if response is not None else CLIENT_CLOSED
+    sent = _body_bytes(request, response) if response is not None else 0
+    if logger.isEnabledFor(logging.INFO):
+        entry = {
+            "ts": round(time.time(), 3),
+            "request_id": request.get(REQUEST_ID, ""),
+            "method": request.method,
+            "route": route,
+            "path": request.path[:512],
+            "status": status,
+            "bytes": sent,
+            "duration_ms": round(duration * 1000, 2),
+            "remote": request.remote,
+        }
+        entry.update(fields)
+        if disconnected:
+            entry["disconnected"] = True
+        error = request.get(ERROR)
+        if error is not None:
+            entry.setdefault("result", "error")
+            entry["error"] = getattr(error, "message", None) or type(error).__name__
+        logger.info(json.dumps(entry, default=str))
+    app = _routed(request, "app")
+    events = app.get(EVENTS) if isinstance(app, web.Application) else None
+    if events is not None:
+        events.http_request(route, request.method, status, duration, sent, fields.get("upstream"), fields.get("result"))
+
+
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        fields = request.get(LOG, {})
-        route = route_name(request)
-        sent = _body_bytes(request, response)
-        if self.logger.isEnabledFor(logging.INFO):
-            entry = {
-                "ts": round(time.time(), 3),
-                "request_id": request.get(REQUEST_ID, ""),
-                "method": request.method,
-                "route": route,
-                "path": request.path[:512],
-                "status": response.status,
-                "bytes": sent,
-                "duration_ms": round(duration * 1000, 2),
-                "remote": request.remote,
-            }
-            entry.update(fields)
-            error = request.get(ERROR)
-            if error is not None:
-                entry.setdefault("result", "error")
-                entry["error"] = getattr(error, "message", None) or type(error).__name__
-            self.logger.info(json.dumps(entry, default=str))
-        app = _routed(request, "app")
-        events = app.get(EVENTS) if isinstance(app, web.Application) else None
-        if events is not None:
-            events.http_request(
-                route, request.method, response.status, duration, sent, fields.get("upstream"), fields.get("result")
-            )
+        record(self.logger, request, response, duration)
 
     @property
     def enabled(self) -> bool:

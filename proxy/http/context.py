@@ -16,6 +16,10 @@ LOG: web.RequestKey[dict[str, object]] = web.RequestKey("log")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 # The error answered, for the access log and the metrics.
 ERROR: web.RequestKey[BaseException] = web.RequestKey("error")
+# The response whose headers went out, and whether the request's access-log line is written:
+# a request cancelled by its client's disconnect is logged from these (proxy.http.accesslog).
+RESPONSE: web.RequestKey[web.StreamResponse] = web.RequestKey("response")
+LOGGED: web.RequestKey[bool] = web.RequestKey("logged")
 # The GC lease a blob hit holds until its file is open.
 BLOB_LEASE: web.RequestKey[Lease | None] = web.RequestKey("blob_lease")
 # Who the request comes from, and for repository routes where it goes: set by proxy.access

@@ -47,6 +47,8 @@ CONTENT_ROUTES = {"manifest": "manifest", "blob": "blob"}
 # Results served from the cache, in distribution's hit/miss terms.
 _HITS = frozenset({"hit", "revalidated", "stale"})
 _MISSES = frozenset({"miss", "coalesced"})
+# Results of requests that ended before pullthrough had an answer, by status (499: the client left).
+_UNANSWERED = {404: "not_found", 499: "disconnected"}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -253,8 +255,8 @@ class Metrics(Events):
         if kind is None or upstream is None or method != "GET":
             return
         if status >= 400 and result is None:
-            # Failed before pullthrough had an answer: neither hit nor miss.
-            self._result(upstream, kind, "not_found" if status == 404 else "error")
+            # Failed, or the client left, before pullthrough had an answer: neither hit nor miss.
+            self._result(upstream, kind, _UNANSWERED.get(status, "error"))
         elif sent:
             self.served(upstream, kind, result or "miss", sent)
 
