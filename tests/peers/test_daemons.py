@@ -146,7 +146,14 @@ def _from_regcache(registry: Registry) -> list[tuple[str, str]]:
 
 
 def _served(regcache: RegcacheServer, path: str) -> list[dict]:  # type: ignore[type-arg]
-    return [e for e in regcache.access_log() if e.get("path") == path]
+    """The access-log entries of ``path``; a line is written once its answer is out, so the one
+    of a client's last request may trail the client's exit a little."""
+    for _ in range(100):
+        served = [e for e in regcache.access_log() if e.get("path") == path]
+        if served:
+            return served
+        time.sleep(0.05)
+    return served
 
 
 # --------------------------------------------------------------------------- dockerd
