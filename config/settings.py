@@ -18,9 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -28,10 +26,10 @@ from pydantic import (
 )
 
 from config.globs import check_glob
-from config.units import parse_duration, parse_size
+from config.model import Duration, Size
+from config.model import Model as _Model
+from config.observability import NotificationSettings, TracingSettings
 
-Size = Annotated[int, BeforeValidator(parse_size)]
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 Glob = Annotated[str, AfterValidator(check_glob)]
 # docker-credential-<NAME>: what docker's credential helpers are called on PATH.
 _HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,10 +44,6 @@ DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message names the key."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _read_secret(value: SecretStr | None, file: Path | None, env: str | None, key: str) -> str | None:
@@ -150,7 +144,7 @@ class UpstreamSettings(_Model):
         if sum(x is not None for x in (self.password, self.password_file, self.password_env)) > 1:
             raise ValueError("give only one of password, password_file, password_env")
         if self.credential_helper is not None:
-            if not _HELPER_NAME.match(self.credential_helper):
+            if not _HELPER_NAME.fullmatch(self.credential_helper):
                 raise ValueError(f"credential_helper must be a name such as ecr-login, got {self.credential_helper!r}")
             if self.username is not None:
                 raise ValueError("give either username/password or credential_helper, not both")
@@ -386,6 +380,8 @@ class Settings(_Model):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     limits: LimitSettings = LimitSettings()
+    notifications: NotificationSettings = NotificationSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -524,7 +520,7 @@ def _upstream_from_flag(value: str, *, default: bool) -> UpstreamSettings:
     # NAME= comes before the scheme; an "=" after it belongs to the URL.
     if "=" in value and not _URL_SCHEME.match(value):
         name, _, url = value.partition("=")
-        if not _REGISTRY_NAME.match(name):
+        if not _REGISTRY_NAME.fullmatch(name):
             raise ConfigError(f"--upstream {value!r}: NAME must be a registry host such as docker.io or mirror:5000")
     else:
         # Named after its host, so that clients name it as they name the registry it serves.

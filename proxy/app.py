@@ -19,7 +19,7 @@ from proxy.http import health
 from proxy.http.accesslog import request_context, response_started
 from proxy.http.clientauth import AUTH
 from proxy.http.errors import API_HEADERS, error_middleware
-from proxy.metrics.events import Events
+from proxy.metrics.events import Events, Fanout
 from proxy.metrics.prometheus import Metrics, metrics_handler
 from proxy.pull.routing import Router
 from proxy.registry import routes as registry
@@ -48,6 +48,10 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     app[ACCESS] = access
     if events is None:
         events = Metrics() if settings.metrics.enabled else Events()
+    if settings.notifications.endpoints:
+        from proxy.notify.notifier import Notifier
+
+        events = Fanout(events, Notifier(settings.notifications, settings.host_port[1], observer=events))
     app[EVENTS] = events
     if client_auth is not None:
         app[AUTH] = client_auth

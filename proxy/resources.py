@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from config.settings import Settings
-from proxy.metrics.events import Events
-from proxy.metrics.prometheus import Metrics, StoreTotals, refresh_store_totals
+from proxy.metrics.events import Content, Events, find_sink
+from proxy.metrics.prometheus import Metrics, StoreTotals, metrics_of, refresh_store_totals
 from proxy.pull.referrers import Referrers
 from proxy.pull.routing import Router
 from proxy.pull.service import PullThrough
@@ -32,6 +32,9 @@ from storage.lifecycle.fsck import StoreLock, recover
 from storage.lifecycle.service import GcReport, Lifecycle
 
 log = logging.getLogger("regcache.app")  # the name log filters know these lines by
+
+# At shutdown, how long queued notification events may take to go out before they count as dropped.
+NOTIFY_GRACE = 5.0
 
 # Set by create_app before startup.
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -48,8 +51,22 @@ LIFECYCLE: web.AppKey[Lifecycle] = web.AppKey("lifecycle")
 
 
 def _metrics(app: web.Application) -> Metrics | None:
-    events = app[EVENTS]
-    return events if isinstance(events, Metrics) else None
+    return metrics_of(app[EVENTS])
+
+
+async def notifications(app: web.Application) -> AsyncIterator[None]:
+    """Delivery of notification events; first in, last out, so the other resources' last events go too."""
+    from proxy.notify.notifier import Notifier  # only with endpoints configured is there one
+
+    notifier = find_sink(app[EVENTS], Notifier)
+    if notifier is None:
+        yield
+        return
+    await notifier.start()
+    try:
+        yield
+    finally:
+        await notifier.close(NOTIFY_GRACE)
 
 
 async def store_lock(app: web.Application) -> AsyncIterator[None]:
@@ -166,6 +183,7 @@ async def background(app: web.Application) -> AsyncIterator[None]:
 
 # Startup order; shutdown runs it backwards.
 RESOURCES: tuple[Callable[[web.Application], AsyncIterator[None]], ...] = (
+    notifications,
     store_lock,
     blob_store,
     metadata,
@@ -181,6 +199,8 @@ def _report_gc(events: Events, report: GcReport) -> None:
     events.gc_run(report.reason, report.seconds)
     if report.blobs:
         events.evicted(report.reason, report.blobs, report.bytes)
+    if report.images:
+        events.images_removed(report.reason, [Content(i.upstream, i.repository, i.manifest) for i in report.images])
 
 
 async def _flush_periodically(index: Metadata, interval: float) -> None:

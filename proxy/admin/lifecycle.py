@@ -15,6 +15,8 @@ from aiohttp import web
 from proxy.admin.body import image_names
 from proxy.admin.query import Resolver, refs_of
 from proxy.errors import AdminInvalid
+from proxy.metrics.events import Events
+from proxy.metrics.prometheus import metrics_of
 from proxy.resources import EVENTS, LIFECYCLE, METADATA, ROUTER, UPSTREAMS
 from storage.errors import RegcacheError
 from storage.index.listing import list_images
@@ -74,11 +76,12 @@ async def gc(request: web.Request) -> web.Response:
     return web.json_response(report.to_dict())
 
 
-def _hit_ratio(events: object) -> tuple[float | None, dict[str, float]]:
+def _hit_ratio(events: Events) -> tuple[float | None, dict[str, float]]:
     """Hits over requests for blobs and manifests, from the metrics when they are on."""
-    registry = getattr(events, "registry", None)
-    if registry is None:
+    metrics = metrics_of(events)
+    if metrics is None:
         return None, {}
+    registry = metrics.registry
     counts: dict[str, float] = {}
     for kind in ("blob", "manifest"):
         for what in ("requests", "hits"):

@@ -28,6 +28,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from proxy.http.context import ERROR, LOG, LOGGED, REQUEST_ID, RESPONSE
+from proxy.http.pulls import report_pull
+from proxy.metrics.events import CLIENT_REQUEST, ClientRequest
 from proxy.resources import EVENTS
 
 log = logging.getLogger("regcache.access")
@@ -39,6 +41,9 @@ CLIENT_CLOSED = 499
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[LOG] = {}
     request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    # Each request runs in its own task: the value lives as long as the request and what it starts.
+    CLIENT_REQUEST.set(ClientRequest(request[REQUEST_ID], request.remote or "", request.host, request.method,
+                                     request.headers.get("User-Agent", "")[:512]))
     task = asyncio.current_task()
     if task is not None:
         task.add_done_callback(functools.partial(_log_if_cut, request, time.monotonic()))
@@ -131,6 +136,8 @@ def record(
     events = app.get(EVENTS) if isinstance(app, web.Application) else None
     if events is not None:
         events.http_request(route, request.method, status, duration, sent, fields.get("upstream"), fields.get("result"))
+        if response is not None:
+            report_pull(events, request, response, route, fields)
 
 
 class AccessLogger(AbstractAccessLogger):

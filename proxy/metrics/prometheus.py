@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from proxy.metrics.events import Events
+from proxy.metrics.events import Content, Events, find_sink
 
 log = logging.getLogger("regcache.metrics")
 
@@ -121,6 +121,12 @@ class Metrics(Events):
         )
         self.digest_mismatches = counter(
             "regcache_digest_mismatches", "Upstream content that failed verification", ["upstream", "type"]
+        )
+        self.notifications = counter(
+            "regcache_notification_events",
+            "Notification events by endpoint and outcome: sent, retried (a delivery failed), "
+            "dropped (queue full or shutdown)",
+            ["endpoint", "outcome"],
         )
         self.prefetched_blobs = counter(
             "regcache_prefetched_blobs", "Blob fills begun before any client asked (proxy.prefetch)", ["upstream"]
@@ -225,8 +231,11 @@ class Metrics(Events):
         self.fetched_bytes.labels(upstream, kind).inc(size)
         self.proxy_pulled.labels(kind).inc(size)
 
-    def digest_mismatch(self, upstream: str, kind: str) -> None:
-        self.digest_mismatches.labels(upstream, kind).inc()
+    def digest_mismatch(self, kind: str, content: Content) -> None:
+        self.digest_mismatches.labels(content.upstream, kind).inc()
+
+    def notification(self, endpoint: str, outcome: str, events: int) -> None:
+        self.notifications.labels(endpoint, outcome).inc(events)
 
     def fill_started(self, upstream: str) -> None:
         self.fills.labels(upstream).inc()
@@ -299,11 +308,15 @@ class Metrics(Events):
         return generate_latest(merged)
 
 
+def metrics_of(events: Events) -> Metrics | None:
+    return find_sink(events, Metrics)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     from proxy.resources import EVENTS
 
-    events = request.app[EVENTS]
-    if not isinstance(events, Metrics):
+    events = metrics_of(request.app[EVENTS])
+    if events is None:
         raise web.HTTPNotFound()
     # Rendering walks every series; in a thread it cannot stall pulls.
     body = await asyncio.to_thread(events.render)
@@ -317,8 +330,8 @@ def metrics_app(main: web.Application) -> web.Application:
     app = web.Application()
 
     async def handler(request: web.Request) -> web.Response:
-        events = main[EVENTS]
-        assert isinstance(events, Metrics)
+        events = metrics_of(main[EVENTS])
+        assert events is not None
         body = await asyncio.to_thread(events.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from proxy.errors import UpstreamNotFound
-from proxy.metrics.events import Events
+from proxy.metrics.events import BLOB_MEDIA_TYPE, Content, Events
 from proxy.pull.fill import Fill
 from proxy.pull.links import Links
 from proxy.pull.routing import Route
@@ -119,7 +119,7 @@ class Fills:
                 except BaseException as exc:
                     await writer.abort()
                     if isinstance(exc, DigestMismatch | SizeMismatch):
-                        self.events.digest_mismatch(route.upstream_name, "blob")
+                        self.events.digest_mismatch("blob", self._content(route, fill, None))
                         log.error("upstream blob %s of %s/%s failed verification: %s",
                                   fill.digest, route.upstream_name, route.repository, exc)
                     if isinstance(exc, StoreFull):
@@ -132,6 +132,11 @@ class Fills:
         repo_id = await self.metadata.record_blob(route.repository_name, str(fill.digest), written)
         self.links.add(repo_id, str(fill.digest))
         fill.succeed(written)
+        self.events.committed("blob", self._content(route, fill, written))
+
+    @staticmethod
+    def _content(route: Route, fill: Fill, size: int | None) -> Content:
+        return Content(route.upstream_name, route.repository, str(fill.digest), BLOB_MEDIA_TYPE, size)
 
     async def settle(self) -> None:
         """Wait until every fill in flight has ended, well or not."""

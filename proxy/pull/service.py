@@ -21,7 +21,7 @@ from proxy.errors import (
     UpstreamTooManyRequests,
     UpstreamUnavailable,
 )
-from proxy.metrics.events import Events
+from proxy.metrics.events import Content, Events
 from proxy.pull.answers import (
     BlobAnswer,
     BlobInfo,
@@ -116,6 +116,8 @@ class PullThrough:
             rows = [(m.route.repository_name, m.digest, m.size, m.parsed, m.tag) for m in manifests]
             await self.metadata.record_images(blobs or {}, rows)
         for m in manifests:
+            self.events.loaded(Content(m.route.upstream_name, m.route.repository, m.digest, m.parsed.media_type,
+                                       m.size, m.tag))
             # Replicas on the same bucket see loaded images, and the shared GC keeps their blobs.
             await self._publish(m.route, m.digest, m.parsed.media_type, m.tag)
         self.forget()
@@ -340,13 +342,16 @@ class PullThrough:
         digest = Digest.of(fetched.data)
         expected = reference if ":" in reference else fetched.digest
         if expected is not None and expected != str(digest):
-            self.events.digest_mismatch(route.upstream_name, "manifest")
+            self.events.digest_mismatch(
+                "manifest", Content(route.upstream_name, route.repository, expected, fetched.media_type, tag=tag))
             raise UpstreamDigestMismatch(
                 f"the upstream sent a manifest for {route.repository}:{reference} that hashes to {digest}, "
                 f"not {expected}", route.upstream_name)
         _, media_type = await self._record_manifest(route, str(digest), fetched.media_type, fetched.data, tag=tag)
         await self._publish(route, str(digest), media_type, tag)
         self.events.fetched(route.upstream_name, "manifest", len(fetched.data))
+        self.events.committed(
+            "manifest", Content(route.upstream_name, route.repository, str(digest), media_type, len(fetched.data), tag))
         return Manifest(str(digest), media_type, fetched.data, "miss")
 
     async def _record_manifest(

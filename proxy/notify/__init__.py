@@ -1,0 +1,1 @@
+"""Notifications: the distribution registry's event envelopes, posted to configured endpoints."""
