@@ -40,6 +40,10 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     router = Router(settings.upstreams, settings.default_upstream)
     access = Access(router, Policy(settings), client_auth, ClientCheck())
     middlewares: list[Middleware] = [request_context, error_middleware, access_middleware(access)]
+    if settings.tracing.enabled:
+        from proxy.tracing.otel import install  # OpenTelemetry is imported only here
+
+        middlewares[:0] = install(settings.tracing)
     app = web.Application(
         middlewares=middlewares,
         client_max_size=settings.limits.max_admin_body,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.pull.fill import Fill, SpoolSlice
+from proxy.tracing import span
 from proxy.upstream.responses import BlobStream
 from storage.lifecycle.gc import Lease
 
@@ -99,7 +100,8 @@ class FillingBlob:
 
     async def opened(self) -> int | None:
         """Waits until headers may go out; the size when known. Raises if the fetch failed."""
-        return await self._fill.opened()
+        with span("fill wait", {"regcache.digest": self.digest}):
+            return await self._fill.opened()
 
     def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
         """After ``opened``: spool slices as they land (for sendfile), or None when the

@@ -18,6 +18,7 @@ from proxy.metrics.events import BLOB_MEDIA_TYPE, Content, Events
 from proxy.pull.fill import Fill
 from proxy.pull.links import Links
 from proxy.pull.routing import Route
+from proxy.tracing import span
 from proxy.upstream.client import UpstreamClient
 from storage.backends.base import FillLease
 from storage.blobs import BlobStore
@@ -54,14 +55,17 @@ class Fills:
         return fill
 
     async def _run(self, fill: Fill, route: Route, client: UpstreamClient) -> None:
+        attributes = {"regcache.upstream": route.upstream_name, "regcache.repository": route.repository,
+                      "regcache.digest": str(fill.digest)}
         try:
             async with asyncio.timeout(self.timeout):
-                lease = await self._lease(route, fill)
-                if lease is not None:
-                    try:
-                        await self._fetch(fill, route, client)
-                    finally:
-                        await lease.release()
+                with span("fill", attributes):
+                    lease = await self._lease(route, fill)
+                    if lease is not None:
+                        try:
+                            await self._fetch(fill, route, client)
+                        finally:
+                            await lease.release()
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
                 log.warning("fill of %s timed out after %ss", fill.digest, self.timeout)
@@ -115,7 +119,8 @@ class Fills:
                     # saw is already in the metrics.
                     written = await writer.verify()
                     self.events.fetched(route.upstream_name, "blob", written)
-                    await writer.commit()
+                    with span("commit", {"regcache.digest": str(fill.digest)}):
+                        await writer.commit()
                 except BaseException as exc:
                     await writer.abort()
                     if isinstance(exc, DigestMismatch | SizeMismatch):

@@ -20,6 +20,7 @@ from yarl import URL
 
 from config.settings import ConfigError, UpstreamSettings
 from proxy.errors import UpstreamError, UpstreamUnauthorized
+from proxy.tracing import span
 from proxy.upstream.credhelper import CredentialHelper
 from storage.oci.jsonlimits import loads
 
@@ -276,7 +277,8 @@ class UpstreamAuth:
                     url.host,
                 )
         try:
-            body = await self._get_token(url, authorization)
+            with span("upstream token", {"regcache.upstream": self.name, "regcache.scope": scope}):
+                body = await self._get_token(url, authorization)
         except UpstreamUnauthorized:
             if self._helper is not None and authorization is not None:
                 self._helper.stale()

@@ -33,6 +33,7 @@ from proxy.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from proxy.tracing import client_trace_configs
 from proxy.upstream.auth import Credentials, UpstreamAuth
 from proxy.upstream.breaker import Breaker
 from proxy.upstream.responses import (
@@ -129,6 +130,8 @@ class UpstreamClient:
             # A deep receive buffer: with aiohttp's 64 KiB default a fast upstream
             # pauses and resumes the socket every few hundred KiB of a blob.
             read_bufsize=READ_BUFSIZE,
+            # With tracing on: a client span per request, and the W3C traceparent sent upstream.
+            trace_configs=client_trace_configs(),
         )
 
     async def close(self) -> None:
