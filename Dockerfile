@@ -14,7 +14,9 @@ COPY pyproject.toml README.md ./
 COPY config/ config/
 COPY proxy/ proxy/
 COPY storage/ storage/
-RUN /opt/regcache/bin/pip install .
+# Optional extras, comma-separated: --build-arg EXTRAS=tracing (OpenTelemetry), s3, fast.
+ARG EXTRAS=""
+RUN /opt/regcache/bin/pip install ".${EXTRAS:+[$EXTRAS]}"
 
 # Runtime stage: no build tools, no pip cache, a numeric non-root user (Kubernetes
 # can only prove runAsNonRoot for a numeric USER).

@@ -70,6 +70,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "s3": {"existingSecret": "s3-keys"},
         "metrics": {"prometheusRule": ON, "serviceMonitor": ON},
     },
+    "notifications-tracing": {
+        "config": {"notifications": {"endpoints": [
+            {"name": "audit", "url": "https://audit.example.com/events", "headers": {"X-Source": ["regcache"]}}]}},
+        "notifications": {"secretHeaders": {"audit": {"Authorization": "Bearer chart-webhook-secret"}}},
+        "tracing": {"enabled": True, "otlpEndpoint": "http://otel-collector.observability:4318"},
+    },
     "node-tier": {"nodeTier": ON},
     "access-rules": {
         "config": {
@@ -509,6 +515,29 @@ def test_s3_mode_needs_a_bucket() -> None:
         chart.render({"mode": "deployment"}, name=RELEASE, namespace=NAMESPACE)
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
         chart.render({"mode": "deployment", "s3": {"accessKeyId": "typo"}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_notification_header_secrets_and_tracing_reach_regcache_as_mounted_files_and_otel_variables(
+    tmp_path: Path,
+) -> None:
+    values = SCENARIOS["notifications-tracing"]
+    docs = render(values)
+    pod = pod_spec(docs)
+    (container,) = pod["containers"]
+    mounted = mount(docs, pod, container, tmp_path)
+    config = tmp_path / "etc/regcache/config.yaml"
+    assert "chart-webhook-secret" not in config.read_text()  # the ConfigMap names a file, not the value
+    config.write_text(relocate(config.read_text(), mounted))
+    settings = load_settings(config)
+    (endpoint,) = settings.notifications.endpoints
+    assert endpoint.header_files["Authorization"].read_text() == "Bearer chart-webhook-secret"
+    assert endpoint.headers == {"X-Source": ["regcache"]} and settings.tracing.enabled
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
+    # A secret header for an endpoint that does not exist is refused, not silently unused.
+    with helm.Chart.load(CHART) as chart, pytest.raises(Exception, match=r"notifications\.secretHeaders"):
+        chart.render({"notifications": {"secretHeaders": {"typo": {"Authorization": "x"}}}},
+                     name=RELEASE, namespace=NAMESPACE)
 
 
 def start_pod(docs: list[dict[str, Any]], kind: str, root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:

@@ -54,6 +54,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "upstream-%s-password" (regexReplaceAll "[^-._a-zA-Z0-9]" . "_") }}
 {{- end }}
 
+{{/* The Secret key of a notification endpoint's secret header: (list ENDPOINT HEADER). */}}
+{{- define "regcache.headerKey" -}}
+{{- printf "notify-%s-%s" (regexReplaceAll "[^-._a-zA-Z0-9]" (index . 0) "_") (regexReplaceAll "[^-._a-zA-Z0-9]" (index . 1) "_" | lower) }}
+{{- end }}
+
 {{/*
 A size in bytes, read as regcache reads sizes (config/units.py): a number and an
 optional unit, k/m/g/t/p 1000-based, ki/mi/gi/... 1024-based, case-insensitive,
@@ -127,6 +132,37 @@ mounted files hold the secrets.
 {{- end }}
 {{- if $upstreams }}
 {{- $_ := set $cfg "upstreams" $upstreams }}
+{{- end }}
+{{- $secretHeaders := default (dict) .Values.notifications.secretHeaders }}
+{{- if $secretHeaders }}
+{{- $notify := default (dict) $cfg.notifications }}
+{{- $endpoints := list }}
+{{- $names := list }}
+{{- range $notify.endpoints }}
+{{- $e := deepCopy . }}
+{{- $names = append $names (toString $e.name) }}
+{{- with get $secretHeaders (toString $e.name) }}
+{{- $files := default (dict) $e.header_files }}
+{{- range $header, $_ := . }}
+{{- $_ := set $files $header (printf "%s/%s" (include "regcache.secretDir" $) (include "regcache.headerKey" (list $e.name $header))) }}
+{{- end }}
+{{- $_ := set $e "header_files" $files }}
+{{- end }}
+{{- $endpoints = append $endpoints $e }}
+{{- end }}
+{{- range $name, $_ := $secretHeaders }}
+{{- if not (has $name $names) }}
+{{- fail (printf "notifications.secretHeaders: %q is not an endpoint in config.notifications.endpoints" $name) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $notify "endpoints" $endpoints }}
+{{- $_ := set $cfg "notifications" $notify }}
+{{- end }}
+{{- if .Values.tracing.enabled }}
+{{- $tracing := default (dict) $cfg.tracing }}
+{{- $_ := set $tracing "enabled" true }}
+{{- $_ := set $tracing "service_name" .Values.tracing.serviceName }}
+{{- $_ := set $cfg "tracing" $tracing }}
 {{- end }}
 {{- $storage := default (dict) $cfg.storage }}
 {{- if eq .Values.mode "deployment" }}

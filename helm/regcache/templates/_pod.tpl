@@ -44,8 +44,14 @@ spec:
         - --config
         - {{ include "regcache.configDir" . }}/config.yaml
       {{- $s3 := include "regcache.s3Secret" . | fromJson }}
-      {{- if or $s3 .Values.extraEnv }}
+      {{- $otlp := and .Values.tracing.enabled .Values.tracing.otlpEndpoint }}
+      {{- if or $s3 .Values.extraEnv $otlp }}
       env:
+        {{- if $otlp }}
+        # Where traces go (OTLP/HTTP); the SDK reads the standard variable.
+        - name: OTEL_EXPORTER_OTLP_ENDPOINT
+          value: {{ .Values.tracing.otlpEndpoint | quote }}
+        {{- end }}
         {{- if $s3 }}
         # The object store's key pair: botocore reads these when the config file names none.
         - name: AWS_ACCESS_KEY_ID
