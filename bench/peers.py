@@ -62,10 +62,12 @@ class Regcache:
     """One ``regcache serve`` with a config file; ``reset()`` makes it cold again."""
 
     def __init__(
-        self, workdir: Path, upstream_url: str, *, log_level: str = "warning", upstream: dict[str, Any] | None = None
+        self, workdir: Path, upstream_url: str, *, log_level: str = "warning", upstream: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         self.upstream_settings = upstream or {}  # more settings of the upstream entry
+        self.settings = settings or {}  # more top-level settings
         self.data_dir = workdir / "data"
         self.config_path = workdir / "regcache.yml"
         self.log_path = workdir / "regcache.log"
@@ -92,6 +94,7 @@ class Regcache:
             "admin": {"token": ADMIN_TOKEN},
             # Like the distribution anchors, which run with their access log off.
             "log": {"level": self.log_level, "format": "json"},
+            **self.settings,
         }
 
     def start(self) -> Regcache:

@@ -34,6 +34,7 @@ EXPECTED_ROWS = (
     "skopeo pull of a cached image (many small layers), upstream hung",
     "cold 64 KiB suffix range of a 1 MiB blob",
     "cached multi-range GET (64 ranges of 16 KiB) of a 1 MiB blob",
+    "skopeo pull, 2 small layers, cold, notification endpoint hung",
 )
 
 
