@@ -26,7 +26,7 @@ from proxy.admin.query import Ref, Resolver, refs_of
 from proxy.errors import AdminConflict
 from proxy.http.context import LOG
 from proxy.pull.routing import Router
-from proxy.resources import EVENTS, LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, STORE
+from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH, ROUTER, STORE
 from storage.blobs import BlobStore
 from storage.errors import RegcacheError
 from storage.index.listing import CachedImage, list_images
@@ -48,8 +48,6 @@ class Remover:
         self.store = store
         self.lifecycle = lifecycle
         self.router = router
-        self.freed_blobs = 0
-        self.freed_bytes = 0
 
     async def remove(self, text: str, force: bool) -> list[str]:
         images = await list_images(self.metadata)
@@ -100,10 +98,8 @@ class Remover:
             repo_id = await self.metadata.repository_id(upstream, repository)
             if repo_id is None:
                 continue
-            report = await self.lifecycle.remove_image(ImageKey(repo_id, image.digest), force=force)
-            if report is not None:
-                self.freed_blobs += report.blobs
-                self.freed_bytes += report.bytes
+            # The lifecycle reports what the removal freed (metrics, events) itself.
+            await self.lifecycle.remove_image(ImageKey(repo_id, image.digest), force=force)
         lines = [f"Untagged: {r}" for r in untag if r.tag] + [f"Untagged: {r}" for r in untag if r.digest]
         if remaining:
             return lines
@@ -127,8 +123,6 @@ async def rmi(request: web.Request) -> web.Response:
             results.append({"image": name, "error": exc.message})
     # Cached manifests and links may name what is gone (the lifecycle forgets after a removal).
     await request.config_dict[PULLTHROUGH].store_changed()
-    if remover.freed_blobs:
-        request.config_dict[EVENTS].evicted("rmi", remover.freed_blobs, remover.freed_bytes)
     request[LOG]["result"] = f"{sum('lines' in r for r in results)} removed"
     return web.json_response({"results": results})
 

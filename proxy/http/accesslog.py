@@ -91,7 +91,7 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Body bytes sent: aiohttp's ``body_length`` counts headers and misses sendfile."""
     if request.method == "HEAD" or response.status in (204, 304):
         return 0
-    finished = response.body_length > 0 or (isinstance(response, web.FileResponse) and response.prepared)
+    finished = response.body_length > 0
     if response.content_length is not None:
         # An aborted stream never wrote its end, so body_length stays 0 and so does this.
         return response.content_length if finished else 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientPayloadError, ServerDisconnectedError
 
-from config.settings import MetricsSettings, Settings, UpstreamSettings
+from config.settings import AdminSettings, MetricsSettings, Settings, UpstreamSettings
 from proxy.app import create_app
 from proxy.metrics.prometheus import metrics_app
 from proxy.resources import PULLTHROUGH
@@ -231,3 +231,20 @@ async def test_client_chosen_methods_do_not_create_new_series(fake, aiohttp_serv
     text = await scrape(proxy)
     assert not any(f'method="{m}"' in text for m in methods)
     assert sample(text, "regcache_http_request_duration_seconds_count", method="other") == len(methods)
+
+
+async def test_rmi_counts_the_blobs_it_frees_once(fake, aiohttp_server, aiohttp_client, tmp_path):
+    settings = settings_for(fake, tmp_path / "d").model_copy(update={"admin": AdminSettings(token="admin-t0ken")})
+    proxy = await start_proxy(aiohttp_server, aiohttp_client, settings)
+    fake.add_image("team/app", "1", [LAYER])
+    assert (await proxy.get("/v2/team/app/manifests/1")).status == 200
+    assert await (await proxy.get(f"/v2/team/app/blobs/{digest_of(LAYER)}")).read() == LAYER
+    await proxy.server.app[PULLTHROUGH].fills.settle()
+    blobs = tmp_path / "d" / "blobs"
+    before = {p: p.stat().st_size for p in blobs.rglob("*") if p.is_file()}
+    r = await proxy.post("/admin/rmi", json={"images": ["team/app:1"]}, headers={"Authorization": "Bearer admin-t0ken"})
+    assert r.status == 200 and "lines" in (await r.json())["results"][0]
+    assert len(before) == 2 and not [p for p in blobs.rglob("*") if p.is_file()]  # the manifest and the layer
+    text = await scrape(proxy)
+    assert sample(text, "regcache_evicted_blobs_total", reason="rmi") == 2
+    assert sample(text, "regcache_evicted_bytes_total", reason="rmi") == sum(before.values())
