@@ -56,6 +56,7 @@ class CachedImage:
     referrers: list[str] = field(default_factory=list)  # cached manifests whose subject this is
     first_pulled: float = 0.0
     last_pulled: float = 0.0
+    last_pulled_by: str | None = None  # the identity of the latest client pull, as the access log names it
     pulls: int = 0
     pinned: bool = False
 
@@ -83,6 +84,7 @@ class ImageInRepository:
     digest: str
     first_pulled: float
     last_pulled: float
+    last_pulled_by: str | None
     pulls: int
     pinned: bool
     media_type: str
@@ -98,14 +100,14 @@ class ListingQueries:
 
     async def images(self) -> list[ImageInRepository]:
         rows = await self._db.all(
-            "SELECT r.upstream, r.name, i.manifest, i.first_pulled, i.last_pulled, i.pull_count, i.pinned, "
-            "m.media_type, m.config_digest, m.content_size, m.created, m.platform "
+            "SELECT r.upstream, r.name, i.manifest, i.first_pulled, i.last_pulled, i.last_pulled_by, i.pull_count, "
+            "i.pinned, m.media_type, m.config_digest, m.content_size, m.created, m.platform "
             "FROM images i JOIN repositories r ON r.id = i.repository_id JOIN manifests m ON m.digest = i.manifest "
             "ORDER BY r.upstream, r.name",
         )
         return [
-            ImageInRepository(upstream, name, digest, first, last, pulls, bool(pinned), *manifest)
-            for upstream, name, digest, first, last, pulls, pinned, *manifest in rows
+            ImageInRepository(upstream, name, digest, first, last, by, pulls, bool(pinned), *manifest)
+            for upstream, name, digest, first, last, by, pulls, pinned, *manifest in rows
         ]
 
     async def tags(self) -> list[tuple[RepoTag, str]]:
@@ -140,6 +142,8 @@ async def list_images(metadata: Metadata, store: BlobStore | None = None) -> lis
             )
         image.repositories.append((row.upstream, row.repository))
         image.first_pulled = min(image.first_pulled, row.first_pulled)
+        if row.last_pulled_by is not None and (image.last_pulled_by is None or row.last_pulled >= image.last_pulled):
+            image.last_pulled_by = row.last_pulled_by  # the repository pulled most recently tells who
         image.last_pulled = max(image.last_pulled, row.last_pulled)
         image.pulls += row.pulls
         image.pinned = image.pinned or row.pinned

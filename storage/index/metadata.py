@@ -1,7 +1,7 @@
 """Metadata in SQLite: names, links, manifests, tags and access statistics.
 
 The hot read path (``tag``, ``is_linked``, ``manifest``) only reads. Pull
-times and counts are gathered in memory by ``note_pull`` / ``note_blob_access``
+times, counts and the last puller are gathered in memory by ``note_pull`` / ``note_blob_access``
 and written in one transaction by ``flush`` every few seconds: losing the last
 seconds of counters in a crash is fine, losing a committed tag is not, so tag
 and manifest writes commit immediately.
@@ -34,13 +34,22 @@ class TagRow:
     checked_at: float
 
 
+@dataclass(slots=True)
+class _Pulls:
+    """An image's pulls since the last flush."""
+
+    when: float = 0.0
+    count: int = 0
+    by: str | None = None
+
+
 class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = Database(path)
         # Ids as last read or written; emptied whenever GC prunes repository rows.
         self._repo_ids: dict[RepositoryName, int] = {}
-        self._pulls: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0])
+        self._pulls: dict[tuple[int, str], _Pulls] = defaultdict(_Pulls)
         self._blob_access: dict[str, float] = {}
         # What GC, replica sync and fsck read and change, each by name.
         self.collect = CollectQueries(self._db)
@@ -366,11 +375,15 @@ class Metadata:
 
     # Access statistics, batched ------------------------------------------
 
-    def note_pull(self, repository_id: int, manifest: str, count: bool = True) -> None:
+    def note_pull(self, repository_id: int, manifest: str, count: bool = True, by: str | None = None) -> None:
+        """A pull of the image; ``by``: who pulled it, as the access log names them (never a
+        secret), when a client did (a save or a referrers lookup is nobody's pull)."""
         entry = self._pulls[(repository_id, manifest)]
-        entry[0] = time.time()
+        entry.when = time.time()
         if count:
-            entry[1] += 1
+            entry.count += 1
+        if by is not None:
+            entry.by = by
 
     def note_blob_access(self, digest: str) -> None:
         self._blob_access[digest] = time.time()
@@ -378,12 +391,16 @@ class Metadata:
     async def flush(self) -> None:
         if not self._pulls and not self._blob_access:
             return
-        pulls, self._pulls = self._pulls, defaultdict(lambda: [0.0, 0])
+        pulls, self._pulls = self._pulls, defaultdict(_Pulls)
         blobs, self._blob_access = self._blob_access, {}
+        # The expressions of SET see the row before the update: the puller is replaced only
+        # by a pull at least as recent as the stored one.
         statements: list[Statement] = [
-            ("UPDATE images SET last_pulled = MAX(last_pulled, ?), pull_count = pull_count + ? "
-             "WHERE repository_id = ? AND manifest = ?", (when, int(n), repo, manifest))
-            for (repo, manifest), (when, n) in pulls.items()
+            ("UPDATE images SET last_pulled = MAX(last_pulled, ?), pull_count = pull_count + ?, "
+             "last_pulled_by = CASE WHEN ? IS NOT NULL AND ? >= last_pulled THEN ? ELSE last_pulled_by END "
+             "WHERE repository_id = ? AND manifest = ?",
+             (p.when, p.count, p.by, p.when, p.by, repo, manifest))
+            for (repo, manifest), p in pulls.items()
         ]
         statements += [
             ("UPDATE blobs SET last_access = MAX(last_access, ?) WHERE digest = ?", (when, digest))

@@ -13,7 +13,8 @@ pull counts) and reference-counting GC are plain queries:
 - ``manifest_references``: manifest -> config, layers, index children,
   subject. Reference counting walks these.
 - ``images``: a manifest as present in a repository; the unit of listing,
-  pinning and eviction, carrying last pull time and pull count.
+  pinning and eviction, carrying last pull time, pull count and who pulled it
+  last (an identity's name as the access log gives it, never a secret).
 - ``tags``: tag -> manifest per repository, with the time it was last
   confirmed against the upstream (for the tag TTL).
 - ``referrer_checks``: when the referrers of a subject in a repository were
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -102,7 +103,12 @@ CREATE TABLE IF NOT EXISTS referrer_checks (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS = {1: _V1, 2: _V2}
+# Version 3: who pulled an image last (``regcache images --pulled-by``); NULL until a client does.
+_V3 = """
+ALTER TABLE images ADD COLUMN last_pulled_by TEXT;
+"""
+
+MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
 
 
 async def migrate(db: aiosqlite.Connection) -> None:
@@ -113,10 +119,15 @@ async def migrate(db: aiosqlite.Connection) -> None:
     if current > SCHEMA_VERSION:
         raise RuntimeError(f"metadata schema {current} is newer than this regcache ({SCHEMA_VERSION})")
     for version in range(current + 1, SCHEMA_VERSION + 1):
-        await db.executescript(MIGRATIONS[version])
-        await db.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (str(version),),
-        )
-        await db.commit()
+        # One transaction per version: an ALTER TABLE cannot run twice, so a crash between
+        # the change and the version row must leave neither (SQLite's DDL is transactional).
+        try:
+            await db.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[version]}\n"
+                f"INSERT INTO meta (key, value) VALUES ('schema_version', '{int(version)}') "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value;\nCOMMIT;"
+            )
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise

@@ -241,3 +241,76 @@ async def test_a_lookup_makes_no_row_and_pruning_takes_rows_without_an_image_but
     assert await metadata.prune_repositories() == 1
     assert await metadata.repository_id(*emptied) is None
     assert (await metadata.repository_id(*newer) or 0) > emptied_id
+
+
+async def _pulled_by(metadata: Metadata) -> dict[tuple[str, str], str | None]:
+    return {(row.repository, row.digest): row.last_pulled_by for row in await metadata.listing.images()}
+
+
+async def test_the_last_puller_is_batched_and_a_pull_by_nobody_keeps_it(metadata):
+    digest = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    repo_id = await metadata.repository_id(*REPO)
+    assert repo_id is not None
+    metadata.note_pull(repo_id, digest, by="user:alice")
+    assert await _pulled_by(metadata) == {(REPO.name, digest): None}  # nothing written before a flush
+    await metadata.flush()
+    assert await _pulled_by(metadata) == {(REPO.name, digest): "user:alice"}
+    metadata.note_pull(repo_id, digest, count=False, by="anonymous")
+    metadata.note_pull(repo_id, digest, by="token:ci")
+    metadata.note_pull(repo_id, digest, count=False)  # a save or a referrers lookup: no client's pull
+    await metadata.flush()
+    assert await _pulled_by(metadata) == {(REPO.name, digest): "token:ci"}
+    assert await metadata.pull_count() == 2
+
+
+async def test_a_listed_image_names_the_puller_of_the_repository_pulled_last(metadata):
+    other = RepositoryName("up.test", "team/copy")
+    digest = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    assert await _record_image(metadata, other, "config", ["layer"], "1") == digest
+    first, second = await metadata.repository_id(*REPO), await metadata.repository_id(*other)
+    assert first is not None and second is not None
+    metadata.note_pull(second, digest, by="user:bob")
+    await metadata.flush()
+    metadata.note_pull(first, digest, by="user:alice")
+    await metadata.flush()
+    from storage.index.listing import list_images
+
+    (image,) = await list_images(metadata)
+    assert image.last_pulled_by == "user:alice"
+    metadata.note_pull(second, digest, by="user:bob")
+    await metadata.flush()
+    (image,) = await list_images(metadata)
+    assert image.last_pulled_by == "user:bob"
+
+
+async def test_a_version_2_index_gains_the_puller_column_and_keeps_its_images(tmp_path):
+    import sqlite3
+
+    from storage.index.schema import SCHEMA_VERSION
+
+    path = tmp_path / "metadata.db"
+    metadata = Metadata(path)
+    await metadata.open()
+    digest = await _record_image(metadata, REPO, "config", ["layer"], "1")
+    await metadata.close()
+    # The database as regcache before version 3 left it.
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE images DROP COLUMN last_pulled_by")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.close()
+    metadata = Metadata(path)
+    await metadata.open()
+    try:
+        assert await metadata._db.one("SELECT value FROM meta WHERE key = 'schema_version'") == (str(SCHEMA_VERSION),)
+        assert await _pulled_by(metadata) == {(REPO.name, digest): None}
+        repo_id = await metadata.repository_id(*REPO)
+        assert repo_id is not None
+        metadata.note_pull(repo_id, digest, by="user:alice")
+        await metadata.flush()
+        assert await _pulled_by(metadata) == {(REPO.name, digest): "user:alice"}
+    finally:
+        await metadata.close()
+    # Opening again migrates nothing twice.
+    metadata = Metadata(path)
+    await metadata.open()
+    await metadata.close()
