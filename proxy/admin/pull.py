@@ -44,14 +44,15 @@ def short(digest: str) -> str:
 
 
 class Puller:
-    def __init__(self, pullthrough: PullThrough, route: Route, emit: Emit) -> None:
+    def __init__(self, pullthrough: PullThrough, route: Route, emit: Emit, identity: str) -> None:
         self.pullthrough = pullthrough
         self.route = route
         self.emit = emit
+        self.identity = identity  # the admin token's name: the image's last puller
         self.fetched = False  # anything came from the upstream
 
     async def manifest(self, reference: ManifestReference) -> tuple[str, bytes, str]:
-        found = await self.pullthrough.manifest(self.route, reference, [])
+        found = await self.pullthrough.manifest(self.route, reference, [], puller=self.identity)
         if found.result in ("miss", "coalesced"):
             self.fetched = True
         return found.digest, found.data, found.media_type
@@ -147,7 +148,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     async def emit(message: dict[str, Any]) -> None:
         await response.write(json.dumps(message).encode() + b"\n")
 
-    puller = Puller(request.config_dict[PULLTHROUGH], route, emit)
+    puller = Puller(request.config_dict[PULLTHROUGH], route, emit, str(request[IDENTITY]))
     try:
         await emit({"status": f"Pulling from {route.repository}", "id": str(reference)})
         digest, data, media_type = await puller.manifest(reference)

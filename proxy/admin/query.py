@@ -265,6 +265,7 @@ def summary(
         "Children": [d for d, _ in image.children],
         "Upstreams": sorted({u for u, _ in image.repositories}),
         "LastPulled": image.last_pulled,
+        "LastPulledBy": image.last_pulled_by,
         "Pulls": image.pulls,
         "Pinned": image.pinned,
         "Referrers": [{"Digest": r.digest, "MediaType": r.media_type, "ArtifactType": r.artifact_type}

@@ -25,6 +25,7 @@ IMAGE_HEADERS = {
     "CreatedAt": "CREATED AT",
     "Size": "SIZE",
     "LastPulled": "LAST PULLED",
+    "LastPulledBy": "LAST PULLED BY",
     "Pulls": "PULLS",
     "Platforms": "PLATFORMS",
     "Pinned": "PINNED",
@@ -147,6 +148,8 @@ def _row(
         "CreatedAt": go_time(created),
         "Size": human_size(image.get("Size") or 0),
         "LastPulled": since(image.get("LastPulled"), now),
+        # user:NAME, token:NAME, admin:NAME, upstream:NAME or anonymous; N/A before any client pulled it.
+        "LastPulledBy": image.get("LastPulledBy") or "N/A",
         "Pulls": image.get("Pulls", 0),
         "Platforms": ",".join(platforms) if platforms else (image.get("Platform") or ""),
         "Pinned": bool(image.get("Pinned")),
@@ -159,13 +162,16 @@ def _row(
     }
 
 
-def default_images_format(*, digests: bool, quiet: bool, show_platforms: bool) -> str:
+def default_images_format(*, digests: bool, quiet: bool, show_platforms: bool, pulled_by: bool = False) -> str:
     if quiet:
         return "{{.ID}}"
     columns = ["{{.Repository}}", "{{.Tag}}"]
     if digests:
         columns.append("{{.Digest}}")
-    columns += ["{{.ID}}", "{{.CreatedSince}}", "{{.Size}}", "{{.LastPulled}}", "{{.Pulls}}"]
+    columns += ["{{.ID}}", "{{.CreatedSince}}", "{{.Size}}", "{{.LastPulled}}"]
+    if pulled_by:
+        columns.append("{{.LastPulledBy}}")
+    columns.append("{{.Pulls}}")
     if show_platforms:
         columns.append("{{.Platforms}}")
     return "table " + "\\t".join(columns)

@@ -50,6 +50,8 @@ def add_parsers(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("reference", nargs="?", help="only images matching REPOSITORY[:TAG] (a glob)")
     p.add_argument("-a", "--all", action="store_true", help="also the platform images of multi-arch indexes")
     p.add_argument("--digests", action="store_true", help="show digests")
+    p.add_argument("--pulled-by", action="store_true",
+                   help="show who pulled each image last (user, token or anonymous; {{.LastPulledBy}})")
     p.add_argument("--no-trunc", action="store_true", help="do not truncate output")
     p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     p.add_argument(
@@ -117,7 +119,8 @@ def _images(client: AdminClient, args: argparse.Namespace, out: IO[str]) -> int:
         out.write(render_tree(images))
         return 0
     show_platforms = any(image.get("Platforms") for image in images)
-    fmt = args.format or default_images_format(digests=args.digests, quiet=args.quiet, show_platforms=show_platforms)
+    fmt = args.format or default_images_format(digests=args.digests, quiet=args.quiet, show_platforms=show_platforms,
+                                               pulled_by=args.pulled_by)
     if args.quiet and args.format:
         fmt = "{{.ID}}"
     template = Template(fmt)

@@ -143,10 +143,12 @@ class PullThrough:
     # Manifests ---------------------------------------------------------------
 
     async def manifest(
-        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True, prefetch: bool = False
+        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True, prefetch: bool = False,
+        puller: str | None = None,
     ) -> Manifest:
         """A manifest for a client; ``prefetch`` (a client's GET): when it came from the
-        upstream, its blobs are fetched before the client asks (proxy.prefetch)."""
+        upstream, its blobs are fetched before the client asks (proxy.prefetch). ``puller``:
+        the client's identity as the access log names it, kept as the image's last puller."""
         if reference.digest is not None:
             found = await self._manifest_by_digest(route, str(reference.digest))
         else:
@@ -157,7 +159,7 @@ class PullThrough:
             raise ManifestUnknown(f"manifest is {found.media_type}, which the client does not accept")
         repo_id = await self._repository(route)
         if repo_id is not None:  # None only if GC pruned the row since
-            self.metadata.note_pull(repo_id, found.digest, count=count)
+            self.metadata.note_pull(repo_id, found.digest, count=count, by=puller)
         self.events.manifest(route.upstream_name, found.result)
         if prefetch and found.result == "miss":
             self.prefetcher.image(route, found.data, found.media_type)

@@ -62,7 +62,8 @@ async def manifest(request: web.Request) -> web.Response:
     request[LOG]["reference"] = str(reference)
     accept = merge_accept(request.headers.getall("Accept", []))
     get = request.method == "GET"
-    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=get, prefetch=get)
+    found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=get, prefetch=get,
+                                                    puller=str(request[IDENTITY]))
     request[LOG]["result"] = found.result
     request[LOG]["digest"] = found.digest
     return web.Response(

@@ -78,6 +78,21 @@ def test_rows_follow_docker_for_tags_digests_and_dangling():
     assert image_rows([dangling], digests=False, no_trunc=False)[0]["ID"] == "a" * 12
 
 
+
+def test_the_last_puller_column_is_on_request_and_na_before_any_client_pulled():
+    from proxy.cli.docker_format import IMAGE_HEADERS, default_images_format
+
+    images = [{"Id": "sha256:" + "a" * 64, "RepoTags": ["x:1"], "LastPulled": 1, "LastPulledBy": "user:alice"},
+              {"Id": "sha256:" + "b" * 64, "RepoTags": ["y:1"], "LastPulled": 0, "LastPulledBy": None}]
+    rows = image_rows(images, digests=False, no_trunc=False, now=3600)
+    assert "LastPulledBy" not in Template(default_images_format(digests=False, quiet=False,
+                                                                show_platforms=False)).fields()
+    table = render_all(Template(default_images_format(digests=False, quiet=False, show_platforms=False,
+                                                      pulled_by=True)), rows, IMAGE_HEADERS)
+    lines = table.splitlines()
+    column = lines[0].index("LAST PULLED BY")
+    assert [line[column:].split()[0] for line in lines[1:]] == ["user:alice", "N/A"]
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
