@@ -133,3 +133,4 @@ def _reload(app: web.Application, tls: ServerTLS | None, reload: Reloader | None
         access.policy.reload(fresh)
         # Answers the upstream gave under the old rules are not evidence under the new ones.
         access.check.forget_all()
+        log.info("access rules reloaded")
