@@ -211,3 +211,54 @@ async def test_access_log_names_identity_decision_and_rule_kind_never_a_secret(
     ]
     for secret in (*PASSWORDS.values(), CI_TOKEN, base64.b64encode(b"alice:alice-pw").decode()):
         assert not any(secret in t for t in text)
+
+
+FULL_ADMIN, READ_ADMIN = "admin-full-token-0123", "admin-read-token-0123"
+
+
+async def test_admin_pull_is_bound_by_the_lists_and_refused_to_a_read_token(
+    aiohttp_server, aiohttp_client, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="regcache.access")
+    fakes = {"docker.io": FakeUpstream(), "ghcr.io": FakeUpstream()}
+    for fake in fakes.values():
+        server = await aiohttp_server(fake.app, host="127.0.0.1")
+        fake.base_url = str(server.make_url("")).rstrip("/")
+    for (upstream, repository), layer in IMAGES.items():
+        fakes[upstream].add_image(repository, "1", [layer])
+    fakes["docker.io"].add_image("unlisted/app", "1", [b"unlisted\n" * 64])
+    settings = access_settings(tmp_path, fakes["docker.io"].base_url, fakes["ghcr.io"].base_url, admin={
+        "token": FULL_ADMIN, "tokens": [{"name": "dashboard", "token": READ_ADMIN, "role": "read"}]})
+    proxy = await start_proxy(aiohttp_server, aiohttp_client, settings)
+
+    def upstream_requests() -> int:
+        return sum(len(f.requests) for f in fakes.values())
+
+    async def admin_pull(token: str, image: str):  # type: ignore[no-untyped-def]
+        return await proxy.post("/admin/pull", headers={"Authorization": f"Bearer {token}"}, json={"image": image})
+
+    # The full token, refused by the lists alone: (image, upstream, repository, rule kind).
+    for image, upstream, repository, rule in (("team-b/internal:1", "docker.io", "team-b/internal", "deny_list"),
+                                              ("unlisted/app:1", "docker.io", "unlisted/app", "allow_list"),
+                                              ("ghcr.io/org/secret:1", "ghcr.io", "org/secret", "deny_list")):
+        r = await admin_pull(FULL_ADMIN, image)
+        assert r.status == 403, (image, await r.text())
+        error = (await r.json())["errors"][0]
+        assert error["code"] == "DENIED"
+        # The upstream, never the list.
+        assert error["message"] == f"access to {repository} on upstream {upstream} is denied"
+        line = json.loads([x for x in caplog.records if x.name == "regcache.access"][-1].getMessage())
+        assert (line["identity"], line["decision"], line["rule"]) == ("admin:admin", "denied", rule)
+    # A read token may not pull even what the lists allow.
+    r = await admin_pull(READ_ADMIN, "team-a/app:1")
+    assert r.status == 403
+    error = (await r.json())["errors"][0]
+    assert error["code"] == "DENIED" and "dashboard" in error["message"]
+    assert upstream_requests() == 0
+    images = await proxy.get("/admin/images", headers={"Authorization": f"Bearer {READ_ADMIN}"})
+    assert (await images.json())["images"] == []
+    # The same pull by the full token goes through: the refusals were the lists' and the role's.
+    r = await admin_pull(FULL_ADMIN, "team-a/app:1")
+    assert r.status == 200
+    assert b'"error"' not in await r.read()
+    assert upstream_requests() > 0
