@@ -9,15 +9,20 @@ fill, a writer or the store.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from proxy.errors import UpstreamError, UpstreamNotFound
 from proxy.pull.fill import Fill, SpoolSlice
 from proxy.tracing import span
-from proxy.upstream.responses import BlobStream
+from proxy.upstream.responses import BlobPart
+from storage.errors import BlobUnknown
 from storage.lifecycle.gc import Lease
 
 
@@ -74,9 +79,25 @@ class StoredBlob:
         return self.size
 
 
-# (start, length, size of the blob) -> the upstream's own 206 of those bytes, or None
-# when the upstream ignores Range (``UpstreamClient.open_blob_range`` for one repository).
-RangeFetcher = Callable[[int, int, int], AbstractAsyncContextManager[BlobStream | None]]
+# A range spec (``a-b``, ``a-``, ``-n``) -> the upstream's own answer to it, or None when the
+# upstream ignores Range (``UpstreamClient.open_blob_range`` for one repository).
+RangeFetcher = Callable[[str], AbstractAsyncContextManager[BlobPart | None]]
+
+log = logging.getLogger("regcache.pullthrough")
+
+
+class Span(Protocol):
+    @property
+    def start(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+class AskedRange(Protocol):
+    """One range as a client asked for it (``proxy.http.ranges.RangeSpec``): ``str()`` is
+    its spec (``a-b``, ``a-``, ``-n``)."""
+
+    def resolve(self, size: int) -> Span | None: ...
 
 
 class FillingBlob:
@@ -88,13 +109,19 @@ class FillingBlob:
     bytes come from the spool if they have landed, else from the upstream's own 206,
     exactly as trustworthy as the same range asked of the upstream directly. Range
     bytes are never stored; the store only ever gets the fill's verified whole blob.
+
+    A range of a blob whose fill has not heard from the upstream yet does not wait for
+    it: ``sized`` sends the client's first range to the upstream as asked (a suffix
+    needs no size) alongside the fill's GET, and takes the size from the answer.
     """
 
-    __slots__ = ("_fetch_range", "_fill", "digest", "result")
+    __slots__ = ("_early", "_fetch_range", "_fill", "_size", "digest", "result")
 
     def __init__(self, fill: Fill, result: str, fetch_range: RangeFetcher) -> None:
         self._fill = fill
         self._fetch_range = fetch_range
+        self._early: tuple[BlobPart, contextlib.AsyncExitStack] | None = None
+        self._size: int | None = None  # as the upstream's answer to ``sized`` said
         self.digest = str(fill.digest)
         self.result = result  # miss or coalesced
 
@@ -102,6 +129,48 @@ class FillingBlob:
         """Waits until headers may go out; the size when known. Raises if the fetch failed."""
         with span("fill wait", {"regcache.digest": self.digest}):
             return await self._fill.opened()
+
+    async def sized(self, first: AskedRange) -> int | None:
+        """For a range request: the size to resolve its ranges against, as soon as it is known.
+
+        When the fill has not opened yet, ``first`` (the request's first range) goes to the
+        upstream at once and its answer says the size; its bytes are kept for ``read``
+        (``release`` lets go of them if unused). Falls back to waiting for the fill when
+        the upstream ignores Range or that request fails otherwise than with a 404."""
+        if self._fill.started:
+            return await self.opened()
+        stack = contextlib.AsyncExitStack()
+        try:
+            part = await stack.enter_async_context(self._fetch_range(str(first)))
+        except UpstreamNotFound:
+            await stack.aclose()
+            raise BlobUnknown(f"blob {self.digest} unknown to the upstream") from None
+        except Exception as exc:  # the fill's own GET says whether the blob can be had
+            await stack.aclose()
+            log.debug("range of %s from the upstream failed (%s); waiting for the fill", self.digest, exc)
+            return await self.opened()
+        if part is None:
+            await stack.aclose()
+            return await self.opened()
+        expected = first.resolve(part.size)
+        if (expected is None and part.length) or (
+                expected is not None and (expected.start, expected.length) != (part.start, part.length)):
+            await stack.aclose()
+            log.warning("upstream answered %s-%s/%s to a request for bytes=%s of %s; waiting for the fill",
+                        part.start, part.start + part.length - 1, part.size, first, self.digest)
+            return await self.opened()
+        if part.length:
+            self._early = part, stack
+        else:
+            await stack.aclose()
+        self._size = part.size
+        return part.size
+
+    async def release(self) -> None:
+        """Lets go of an upstream answer ``sized`` kept that ``read`` did not take."""
+        early, self._early = self._early, None
+        if early is not None:
+            await early[1].aclose()
 
     def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
         """After ``opened``: spool slices as they land (for sendfile), or None when the
@@ -114,14 +183,25 @@ class FillingBlob:
         return self._fill.chunks()
 
     async def read(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
-        """After ``opened`` gave a size: ``length`` bytes from ``offset``, as soon as they can
-        be had (see the class). Raises (never ends cleanly) if they cannot."""
+        """After ``opened`` or ``sized`` gave a size: ``length`` bytes from ``offset``, as soon
+        as they can be had (see the class). Raises (never ends cleanly) if they cannot."""
+        early, self._early = self._early, None
+        if early is not None:
+            # Good for the first part only: an upstream answer is not held open behind others.
+            async with early[1]:
+                if (early[0].start, early[0].length) == (offset, length):
+                    async for chunk in early[0].chunks:
+                        yield chunk
+                    return
         fill = self._fill
         if not fill.covers(offset, length):
-            assert fill.size is not None
-            async with self._fetch_range(offset, length, fill.size) as stream:
-                if stream is not None:
-                    async for chunk in stream.chunks:
+            size = self._size if self._size is not None else await self.opened()
+            async with self._fetch_range(f"{offset}-{offset + length - 1}") as part:
+                if part is not None:
+                    if (part.start, part.length, part.size) != (offset, length, size):
+                        raise UpstreamError(f"upstream answered {part.start}-{part.start + part.length - 1}/"
+                                            f"{part.size} to a request for {offset}-{offset + length - 1}/{size}")
+                    async for chunk in part.chunks:
                         yield chunk
                     return
         # Landed already, or the upstream ignores Range: its bytes arrive with the fill.

@@ -79,6 +79,11 @@ class Fill:
         self._ended.set()
 
     @property
+    def started(self) -> bool:
+        """The upstream answered (``size`` is what it said) or the fill failed."""
+        return self._started.is_set()
+
+    @property
     def verified(self) -> bool:
         """Every byte may go to clients (the commit may still be running)."""
         return self._elsewhere or (self._writer is not None and self._writer.verified)

@@ -416,7 +416,10 @@ class PullThrough:
         lease.release()
         fill = self.fills.get(digest)
         if fill is not None:
-            if not linked:
+            # A fill for this very repository needs no HEAD: its own GET asks the upstream,
+            # no spool byte is readable before that GET succeeds, and a range not landed
+            # yet is asked of the upstream for this repository too.
+            if not linked and (fill.upstream, fill.repository) != (route.upstream_name, route.repository):
                 await self._confirm_blob(route, digest, None)
             self.events.blob(route.upstream_name, "coalesced", None)
             return FillingBlob(fill, "coalesced", self._range_fetcher(route, key))

@@ -105,10 +105,16 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return await _stream(request, headers, answer.size, answer.chunks())
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
+    if wanted is not None:
+        # The upstream may be asked for the first range before the fill hears from it.
+        size = await answer.sized(wanted[0])
+        try:
+            # Without a size (the upstream did not say) ranges cannot be resolved: the whole blob goes.
+            if size is not None:
+                return await _send_ranges(request, headers, size, ranges.resolve(wanted, size), answer.read)
+        finally:
+            await answer.release()
     size = await answer.opened()
-    # Without a size (the upstream did not say) ranges cannot be resolved: the whole blob goes.
-    if wanted is not None and size is not None:
-        return await _send_ranges(request, headers, size, ranges.resolve(wanted, size), answer.read)
     # Slices go to the socket past aiohttp, so past its chunked framing: only a body
     # whose length is in the headers may take them (an upstream may send none).
     if size is not None and filesend.possible(request.transport):
@@ -133,6 +139,7 @@ def _bodiless(headers: dict[str, str], status: int | None, size: int | None) -> 
 async def _send_ranges(
     request: web.Request, headers: dict[str, str], size: int, selected: list[ByteRange], read: PartReader
 ) -> web.StreamResponse:
+    request[LOG]["ranges"] = len(selected)
     response = web.StreamResponse(headers=headers)
     multipart = partial.frame(response, selected, size)
     await response.prepare(request)

@@ -37,6 +37,7 @@ from proxy.tracing import client_trace_configs
 from proxy.upstream.auth import Credentials, UpstreamAuth
 from proxy.upstream.breaker import Breaker
 from proxy.upstream.responses import (
+    BlobPart,
     BlobStream,
     FetchedManifest,
     ManifestHead,
@@ -50,8 +51,10 @@ from proxy.upstream.responses import (
     leading_int,
     link_next,
     media_type,
+    nothing,
     read_limited,
     retry_after,
+    unsatisfied_size,
     window,
 )
 from storage.errors import ManifestInvalid
@@ -83,6 +86,8 @@ MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_REFERRER_PAGES = 20
 DOCKER_HUB_INDEX = "https://index.docker.io"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# A range no byte of the blob falls in: an answer (the blob's size), not an error.
+RANGE_NOT_SATISFIABLE = frozenset({416})
 
 
 class UpstreamClient:
@@ -201,26 +206,32 @@ class UpstreamClient:
                     resp.close()  # an unread body cannot go back to the pool
 
     @contextlib.asynccontextmanager
-    async def open_blob_range(self, repository: str, digest: str, start: int, length: int, size: int
-                              ) -> AsyncIterator[BlobStream | None]:
-        """``length`` bytes from ``start`` of a blob of ``size`` bytes, from the upstream's own
-        206; None when the upstream ignores ``Range`` (a 200 with the whole blob, left unread).
-        The bytes cannot be checked against the digest: only the whole blob can."""
+    async def open_blob_range(self, repository: str, digest: str, spec: str) -> AsyncIterator[BlobPart | None]:
+        """The upstream's own answer to ``Range: bytes=<spec>`` (one range: ``a-b``, ``a-`` or
+        ``-n``, so a suffix needs no size); None when it ignores ``Range`` (a 200 with the whole
+        blob, left unread) or does not say which bytes it sent. The bytes cannot be checked
+        against the digest: only the whole blob can."""
         url = self._v2(repository, "blobs", str(Digest.parse(digest)))
         async with self._slot():
-            wanted = {"Range": f"bytes={start}-{start + length - 1}"}
-            resp = await self._open(url, "blob_range", _pull_scope(repository), wanted)
+            resp = await self._open(url, "blob_range", _pull_scope(repository), {"Range": f"bytes={spec}"},
+                                    also_ok=RANGE_NOT_SATISFIABLE)
             try:
-                if resp.status != 206:
+                answered = content_range(resp.headers.get("Content-Range"))
+                if resp.status == 416:
+                    # ``bytes */<size>`` (RFC 9110 14.4): the size, and no byte of the range.
+                    size = unsatisfied_size(resp.headers.get("Content-Range"))
+                    yield None if size is None else BlobPart(size, 0, size, nothing())
+                    return
+                start, stop, size = answered or (0, 0, None)
+                if resp.status != 206 or size is None:
                     yield None
                     return
-                answered = content_range(resp.headers.get("Content-Range"))
-                if answered != (start, start + length, size) or resp.content_length != length:
-                    raise UpstreamError(f"upstream {self.name}: blob_range answered another range",
-                                        upstream=self.name)
+                if stop > size or resp.content_length not in (None, stop - start):
+                    raise UpstreamError(f"upstream {self.name}: blob_range answered {start}-{stop - 1}/{size} "
+                                        f"with {resp.content_length} bytes", upstream=self.name)
                 chunks = self._chunks(resp)
                 try:
-                    yield BlobStream(length, chunks)
+                    yield BlobPart(start, stop - start, size, chunks)
                 finally:
                     await chunks.aclose()
             finally:
@@ -371,14 +382,16 @@ class UpstreamClient:
         return await self._retrying(operation, once)
 
     async def _open(
-        self, url: URL, operation: str, scope: str | None, extra: Mapping[str, str] | None = None
+        self, url: URL, operation: str, scope: str | None, extra: Mapping[str, str] | None = None,
+        also_ok: frozenset[int] = frozenset(),
     ) -> aiohttp.ClientResponse:
-        """A GET whose successful response is handed over unread."""
+        """A GET whose successful response (or one with a status in ``also_ok``) is handed over unread."""
 
         async def once() -> tuple[int, aiohttp.ClientResponse]:
             resp = await self._attempt("GET", url, (), scope, self._auth, extra)
             try:
-                self._check(resp, operation)
+                if resp.status not in also_ok:
+                    self._check(resp, operation)
             except BaseException:
                 resp.release()
                 raise

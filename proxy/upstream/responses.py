@@ -21,6 +21,7 @@ from storage.oci.jsonlimits import JSONTooDeep, loads
 
 READ_CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.ASCII)
+_UNSATISFIED = re.compile(r"bytes \*/([0-9]{1,19})", re.ASCII)
 _LINK_NEXT = re.compile(r'<([^>]*)>[^,]*;\s*rel="?next"?', re.IGNORECASE)
 
 
@@ -51,6 +52,18 @@ class RateLimit:
 @dataclass
 class BlobStream:
     size: int | None
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass
+class BlobPart:
+    """The upstream's own answer to one range of a blob: ``length`` bytes from ``start`` of a
+    blob of ``size`` bytes. ``length`` is 0 (and ``chunks`` yields nothing) when the upstream
+    said that no byte of the range exists (a 416 naming the size)."""
+
+    start: int
+    length: int
+    size: int
     chunks: AsyncIterator[bytes]
 
 
@@ -119,6 +132,19 @@ def content_range(value: str | None) -> tuple[int, int, int | None] | None:
         return None
     first, last, size = match.groups()
     return int(first), int(last) + 1, None if size == "*" else int(size)
+
+
+def unsatisfied_size(value: str | None) -> int | None:
+    """The size in a 416's ``bytes */<size>``."""
+    match = _UNSATISFIED.fullmatch((value or "").strip())
+    return None if match is None else int(match.group(1))
+
+
+async def nothing() -> AsyncIterator[bytes]:
+    """No bytes: the body of a range that has none."""
+    empty: tuple[bytes, ...] = ()
+    for chunk in empty:
+        yield chunk
 
 
 def link_next(header: str) -> str | None:

@@ -71,12 +71,16 @@ STATES = ["cold", "filling", "cached"]
 
 class GatedRelay:
     """In front of the registry: a whole-blob GET stops after ``HALF`` bytes until ``gate``
-    is set; ranged GETs pass at once (and are counted)."""
+    is set (with ``hold_answer``, before the registry is even asked); ranged GETs pass at
+    once (and are counted), as do HEADs (counted too)."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.gate = asyncio.Event()
+        self.hold_answer = False
         self.range_gets: list[str] = []
+        self.whole_gets = 0
+        self.heads = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -86,6 +90,13 @@ class GatedRelay:
         ranged = "Range" in request.headers
         if ranged:
             self.range_gets.append(request.headers["Range"])
+        elif "/blobs/" in request.path:
+            if request.method == "HEAD":
+                self.heads += 1
+            else:
+                self.whole_gets += 1
+                if self.hold_answer:
+                    await self.gate.wait()
         async with self._session.request(request.method, self.target + request.path_qs, headers=wanted,
                                          allow_redirects=False) as upstream:
             kept = {k: v for k, v in upstream.headers.items()
@@ -259,6 +270,26 @@ async def test_a_range_the_fill_has_landed_comes_from_the_spool(regcache) -> Non
     status, _, body = await _ask(client, PATH, {"Range": "bytes=-4096"})
     assert (status, body) == (206, BLOB[-4096:])
     assert relay.range_gets == [f"bytes={SIZE - 4096}-{SIZE - 1}"], "the rest from the upstream's own 206"
+
+
+async def test_a_cold_range_is_answered_before_the_fills_get_is_and_later_ranges_ask_no_head(regcache) -> None:
+    client, relay = await regcache("cold")
+    relay.hold_answer = True  # the fill's whole-blob GET gets no answer until the gate opens
+    pullthrough = client.app[PULLTHROUGH]
+    async with asyncio.timeout(30):  # a guard against a hang (waiting for the fill), not a pace
+        status, headers, body = await _ask(client, PATH, {"Range": "bytes=-4096"})
+    assert (status, body, headers["Content-Range"]) == (206, BLOB[-4096:], f"bytes {SIZE - 4096}-{SIZE - 1}/{SIZE}")
+    assert relay.range_gets == ["bytes=-4096"], "the suffix went to the upstream as asked"
+    # The next read of a lazy puller (the range the footer names), while the fill still waits.
+    status, headers, body = await _ask(client, PATH, {"Range": "bytes=1000-1999,3000000-3000099"})
+    parts = byteranges.parts(status, headers, body)
+    byteranges.check_against(BLOB, parts)
+    assert byteranges.covered(parts) == [(1000, 2000), (3000000, 3000100)]
+    assert relay.heads == 0, "the fill's own repository needs no HEAD"
+    assert relay.whole_gets == 1 and len(pullthrough.fills) == 1
+    relay.gate.set()
+    await pullthrough.fills.settle()
+    assert b"".join([chunk async for chunk in pullthrough.store.read(Digest.parse(DIGEST))]) == BLOB
 
 
 async def test_a_cold_range_starts_one_full_fill_and_stores_only_the_verified_blob(regcache) -> None:

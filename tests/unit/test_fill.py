@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 from config.settings import UpstreamSettings
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import RangeNotSatisfiable, UpstreamUnavailable
+from proxy.http import ranges
 from proxy.metrics.events import Events
 from proxy.pull.answers import FillingBlob, RangeFetcher
 from proxy.pull.fills import Fills
 from proxy.pull.links import Links
 from proxy.pull.routing import Route
-from proxy.upstream.responses import BlobStream
+from proxy.upstream.responses import BlobPart, BlobStream
 from storage import paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
@@ -45,23 +46,31 @@ class PushedUpstream:
         self.size = size
         self.body: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
         self.opened = 0
-        self.ranges: list[tuple[int, int, int]] = []
+        self.ranges: list[str] = []  # the specs asked for, as sent
         self.ignores_range = False
+        self.answering = asyncio.Event()  # cleared: the whole blob's GET gets no answer yet
+        self.answering.set()
 
     @contextlib.asynccontextmanager
     async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
         self.opened += 1
+        await self.answering.wait()
         yield BlobStream(self.size, self._chunks())
 
     @contextlib.asynccontextmanager
-    async def open_blob_range(self, repository: str, digest: str, start: int, length: int, size: int
-                              ) -> AsyncIterator[BlobStream | None]:
+    async def open_blob_range(self, repository: str, digest: str, spec: str) -> AsyncIterator[BlobPart | None]:
         """The upstream's own 206: the range at once, whatever the fill's body is doing."""
-        self.ranges.append((start, length, size))
+        self.ranges.append(spec)
         if self.ignores_range:
             yield None
+            return
+        specs = ranges.parse(f"bytes={spec}")
+        assert specs is not None and len(specs) == 1, spec
+        found = specs[0].resolve(len(BLOB))
+        if found is None:  # a 416
+            yield BlobPart(len(BLOB), 0, len(BLOB), _once(b""))
         else:
-            yield BlobStream(length, _once(BLOB[start : start + length]))
+            yield BlobPart(found.start, found.length, len(BLOB), _once(BLOB[found.start : found.stop]))
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while (item := await self.body.get()) != END:
@@ -258,7 +267,7 @@ async def test_a_range_the_spool_holds_comes_from_it_and_others_from_the_upstrea
     assert upstream.ranges == [], "landed bytes need no upstream request"
     tail = len(BLOB) - 4096
     assert await _read(answer, tail, 4096) == BLOB[tail:]
-    assert upstream.ranges == [(tail, 4096, len(BLOB))]
+    assert upstream.ranges == [f"{tail}-{len(BLOB) - 1}"]
     upstream.push(BLOB[FLUSH_BYTES:], END)
     assert await answer.stored() == len(BLOB)
 
@@ -274,4 +283,66 @@ async def test_when_the_upstream_ignores_range_the_range_comes_from_the_fill_as_
     assert await wanted == BLOB[FLUSH_BYTES + 10 : FLUSH_BYTES + 110]
     assert upstream.opened == 1 and len(upstream.ranges) == 1
     upstream.push(BLOB[FLUSH_BYTES + 200 :], END)
+    assert await answer.stored() == len(BLOB)
+
+
+async def test_a_cold_range_is_asked_of_the_upstream_at_once_and_the_fill_runs_beside_it(store):
+    upstream = PushedUpstream(len(BLOB))
+    upstream.answering.clear()  # the fill's GET is still waiting for the upstream's answer
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    suffix = ranges.RangeSpec(None, 4096)
+    assert await answer.sized(suffix) == len(BLOB), "the size comes from the upstream's 206"
+    tail = len(BLOB) - 4096
+    assert await _read(answer, tail, 4096) == BLOB[tail:]
+    assert upstream.ranges == ["-4096"], "the suffix went as asked: it needs no size"
+    assert not fill.started, "the fill has not heard from the upstream yet"
+    upstream.answering.set()
+    upstream.push(BLOB, END)
+    assert await answer.stored() == len(BLOB)
+    assert upstream.opened == 1, "one whole-blob GET"
+
+
+async def test_a_cold_range_past_the_end_takes_the_size_from_the_upstreams_416(store):
+    upstream = PushedUpstream(len(BLOB))
+    upstream.answering.clear()
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    past = ranges.RangeSpec(len(BLOB) + 5, None)
+    assert await answer.sized(past) == len(BLOB)
+    with pytest.raises(RangeNotSatisfiable):
+        ranges.resolve((past,), len(BLOB))
+    await answer.release()
+    upstream.answering.set()
+    upstream.push(BLOB, END)
+    assert await answer.stored() == len(BLOB)
+
+
+async def test_a_cold_range_waits_for_the_fill_when_the_upstream_ignores_range(store):
+    upstream = PushedUpstream(len(BLOB))
+    upstream.ignores_range = True
+    upstream.answering.clear()
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    sized = asyncio.create_task(answer.sized(ranges.RangeSpec(10, 109)))
+    await asyncio.sleep(0)
+    upstream.answering.set()
+    assert await sized == len(BLOB), "the fill's answer said the size"
+    wanted = asyncio.create_task(_read(answer, 10, 100))
+    upstream.push(BLOB, END)
+    assert await wanted == BLOB[10:110]
+    assert await answer.stored() == len(BLOB)
+
+
+async def test_a_range_asked_early_but_not_sent_first_is_let_go(store):
+    upstream = PushedUpstream(len(BLOB))
+    upstream.answering.clear()
+    fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    # bytes=100-199,0-149: coalesced to 0-199, which the early answer (100-199) is not.
+    assert await answer.sized(ranges.RangeSpec(100, 199)) == len(BLOB)
+    assert await _read(answer, 0, 200) == BLOB[:200]
+    assert upstream.ranges == ["100-199", "0-199"]
+    upstream.answering.set()
+    upstream.push(BLOB, END)
     assert await answer.stored() == len(BLOB)
