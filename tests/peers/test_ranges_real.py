@@ -32,6 +32,7 @@ from proxy.resources import PULLTHROUGH
 from storage.blobs import FLUSH_BYTES
 from storage.oci.digest import Digest
 from tests.support import byteranges
+from tests.support.gatedrelay import GatedRelay
 from tests.support.registry import Registry
 
 REPOSITORY = "ranges/blob"
@@ -67,60 +68,6 @@ IF_RANGES = {
     "a date": "Wed, 21 Oct 2015 07:28:00 GMT",
 }
 STATES = ["cold", "filling", "cached"]
-
-
-class GatedRelay:
-    """In front of the registry: a whole-blob GET stops after ``HALF`` bytes until ``gate``
-    is set (with ``hold_answer``, before the registry is even asked); ranged GETs pass at
-    once (and are counted), as do HEADs (counted too)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.gate = asyncio.Event()
-        self.hold_answer = False
-        self.range_gets: list[str] = []
-        self.whole_gets = 0
-        self.heads = 0
-        self._session: aiohttp.ClientSession | None = None
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        wanted = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "authorization", "range")}
-        ranged = "Range" in request.headers
-        if ranged:
-            self.range_gets.append(request.headers["Range"])
-        elif "/blobs/" in request.path:
-            if request.method == "HEAD":
-                self.heads += 1
-            else:
-                self.whole_gets += 1
-                if self.hold_answer:
-                    await self.gate.wait()
-        async with self._session.request(request.method, self.target + request.path_qs, headers=wanted,
-                                         allow_redirects=False) as upstream:
-            kept = {k: v for k, v in upstream.headers.items()
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "keep-alive")}
-            response = web.StreamResponse(status=upstream.status, headers=kept)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            sent = 0
-            hold = request.method == "GET" and "/blobs/" in request.path and not ranged
-            async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if hold and not self.gate.is_set() and sent + len(chunk) > HALF:
-                    await response.write(chunk[: HALF - sent])
-                    chunk, sent = chunk[HALF - sent :], HALF
-                    await self.gate.wait()
-                await response.write(chunk)
-                sent += len(chunk)
-            await response.write_eof()
-            return response
-
-    async def close(self) -> None:
-        self.gate.set()
-        if self._session is not None:
-            await self._session.close()
 
 
 def _push(registry: Registry) -> None:
@@ -163,7 +110,7 @@ def storage(request: pytest.FixtureRequest) -> StorageSettings:
 @pytest.fixture
 async def regcache(anchor, storage, aiohttp_server, aiohttp_client, tmp_path):  # type: ignore[no-untyped-def]
     """Starts a regcache in front of the anchor (behind the relay) with the blob in ``state``."""
-    relay = GatedRelay(anchor.url)
+    relay = GatedRelay(anchor.url, hold_at=HALF)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", relay.handle)
     relay_server = await aiohttp_server(app)
