@@ -95,6 +95,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
         request[LOG]["result"] = "hit"
         request[BLOB_LEASE] = answer.lease  # released when any response, a 416 too, is prepared
         selected = None if wanted is None else ranges.resolve(wanted, answer.size)
+        if selected is not None:
+            request[LOG]["ranges"] = len(selected)
         return BlobFileResponse(answer.path, ranges=selected, headers=headers, stall_timeout=stall)
     if isinstance(answer, StoredBlob):
         request[LOG]["result"] = "hit"

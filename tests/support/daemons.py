@@ -90,12 +90,17 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> Non
 
 
 def _unmount_below(root: Path) -> None:
-    """Lazy-unmount whatever a daemon left mounted under ``root`` (deepest first)."""
+    """Lazy-unmount whatever a daemon left mounted under ``root`` (deepest first). Rounds:
+    a mount point can hold a stack (podman's overlay driver binds its home onto itself
+    on each run)."""
     prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    for _ in range(10):
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+        if not points:
+            return
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 # --------------------------------------------------------------------------- network namespace
@@ -433,9 +438,12 @@ def registries_conf(mirrors: Mapping[str, str]) -> str:
 
 
 class Podman:
-    """Rootful podman with private storage (vfs), run inside ``netns``."""
+    """Rootful podman with private storage (vfs), run inside ``netns``.
 
-    def __init__(self, workdir: Path, netns: Netns, mirrors: Mapping[str, str]) -> None:
+    ``partial_pulls``: the overlay driver with zstd:chunked partial pulls enabled in its
+    storage.conf, as containers-storage.conf(5) documents them (``pull_options``)."""
+
+    def __init__(self, workdir: Path, netns: Netns, mirrors: Mapping[str, str], *, partial_pulls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.netns = netns
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -444,6 +452,13 @@ class Podman:
         self.registries_conf.write_text(registries_conf(mirrors))
         self.containers_conf = self.workdir / "containers.conf"
         self.containers_conf.write_text('[engine]\nevents_logger = "file"\n')
+        self.storage_driver = "overlay" if partial_pulls else "vfs"
+        self.storage_conf = self.workdir / "storage.conf"
+        options = ('[storage.options]\npull_options = {enable_partial_images = "true", '
+                   'use_hard_links = "false", ostree_repos = ""}\n') if partial_pulls else ""
+        self.storage_conf.write_text(
+            f'[storage]\ndriver = "{self.storage_driver}"\ngraphroot = "{self.workdir / "root"}"\n'
+            f'runroot = "{self.run_dir / "runroot"}"\n{options}')
 
     def podman(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {
@@ -451,6 +466,7 @@ class Podman:
             "HOME": str(self.run_dir),
             "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
+            "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "XDG_RUNTIME_DIR": str(self.run_dir),
         }
         base = [
@@ -458,7 +474,7 @@ class Podman:
             "--root", str(self.workdir / "root"),
             "--runroot", str(self.run_dir / "runroot"),
             "--tmpdir", str(self.run_dir / "tmp"),
-            "--storage-driver", "vfs",
+            "--storage-driver", self.storage_driver,
             "--cgroup-manager", "cgroupfs",
         ]
         return _run(self.netns.wrap([*base, *args]), timeout=timeout, env=env)
@@ -470,6 +486,28 @@ class Podman:
         return done.stdout.strip()
 
     def close(self) -> None:
+        # A container's cleanup (conmon runs ``podman container cleanup``) can outlive
+        # ``podman run`` and mount the overlay driver's home again: wait for it first.
+        _wait_gone(str(self.workdir / "root"), timeout=30)
         _unmount_below(self.workdir)
         _unmount_below(self.run_dir)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _wait_gone(marker: str, timeout: float) -> None:
+    """Wait (bounded) until no process has ``marker`` in its command line."""
+    deadline = time.monotonic() + timeout
+    needle = marker.encode()
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    alive = needle in Path(f"/proc/{entry}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if alive:
+                    break
+        if not alive:
+            return
+        time.sleep(0.05)
