@@ -6,6 +6,7 @@ server that produced it. curl writes to /dev/null and reports its own timings.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -157,6 +158,23 @@ def rss_bytes(pid: int) -> int:
         return 0
     found = re.search(r"^VmRSS:\s*(\d+) kB", status, re.M)
     return int(found.group(1)) * 1024 if found else 0
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time every thread of these processes has used so far (scheduler clock, ns precision)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:
+                continue  # a thread that ended: its time is lost from both samples alike
+    return total / 1e9
 
 
 def skopeo_copy(src: str, dest: str, timeout: float = 900) -> float:
