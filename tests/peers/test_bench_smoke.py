@@ -7,6 +7,9 @@ raises, a table row that went missing.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +44,18 @@ EXPECTED_ROWS = (
 def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
     argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
             "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = done.stdout.rpartition("| case | regcache |")[2]
-    assert table, done.stdout[-3000:]
+    # Its own session: on a timeout the whole group goes (the registries, nginx and regcache
+    # processes the bench started would otherwise outlive the test and hold their ports).
+    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = bench.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    table = stdout.rpartition("| case | regcache |")[2]
+    assert table, stdout[-3000:]
     for row in EXPECTED_ROWS:
         assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
     # A case that raised is reported as "failed: ..." instead of its figures.
