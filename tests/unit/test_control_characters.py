@@ -6,10 +6,7 @@ archive's RepoTag ``t/nl:v1\\n`` loaded and split the ``regcache images`` row.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,6 +19,7 @@ from storage.blobs import BlobStore
 from storage.errors import ArchiveInvalid, DigestInvalid, NameInvalid, RegcacheError, TagInvalid
 from storage.oci.digest import Digest, is_digest
 from storage.oci.reference import ImageReference, is_tag, validate_name, validate_tag
+from tests.support.archive import one_chunk, plain_tar
 
 HEX = "a" * 64
 # Whitespace and control characters a hostile archive, query or path could carry.
@@ -67,17 +65,7 @@ def _docker_archive(repo_tag: str) -> bytes:
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
     files = {"c.json": config, "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": [repo_tag],
                                                              "Layers": []}]).encode()}
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+    return plain_tar(files)
 
 
 @pytest.mark.parametrize("tail", ["\n", "\r", " ", "\x00"])
@@ -86,7 +74,7 @@ async def test_loaded_repo_tag_with_a_trailing_control_character_is_refused(tmp_
     await store.start()
     loader = ArchiveLoader(store, tmp_path / "data" / "tmp")
     try:
-        result = await loader.read(_chunks(_docker_archive(f"t/nl:v1{tail}")))
+        result = await loader.read(one_chunk(_docker_archive(f"t/nl:v1{tail}")))
     finally:
         await loader.close()
         await store.close()

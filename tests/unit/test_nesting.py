@@ -7,10 +7,7 @@ other JSON answers from upstreams.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -26,6 +23,7 @@ from storage.blobs import BlobStore
 from storage.errors import ArchiveInvalid, ManifestInvalid
 from storage.oci.jsonlimits import MAX_DEPTH, JSONTooDeep, depth, loads
 from storage.oci.manifests import OCI_INDEX, parse_manifest
+from tests.support.archive import one_chunk, plain_tar
 
 HOSTILE_DEPTH = 50_000
 
@@ -72,26 +70,13 @@ async def test_deep_admin_body_is_400_invalid(aiohttp_client):
     assert (await r.json())["errors"][0]["code"] == "INVALID"
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-async def _chunks(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
 
 async def _load(tmp_path, archive: bytes) -> None:  # type: ignore[no-untyped-def]
     store = BlobStore(FilesystemBackend(tmp_path / "data"))
     await store.start()
     loader = ArchiveLoader(store, tmp_path / "data" / "tmp")
     try:
-        await loader.read(_chunks(archive))
+        await loader.read(one_chunk(archive))
     finally:
         await loader.close()
         await store.close()
@@ -99,7 +84,7 @@ async def _load(tmp_path, archive: bytes) -> None:  # type: ignore[no-untyped-de
 
 async def test_archive_whose_index_json_nests_deep_is_archive_invalid(tmp_path):
     with pytest.raises(ArchiveInvalid, match=r"index\.json.*deeper"):
-        await _load(tmp_path, _tar({"index.json": b'{"manifests": ' + nested(1500) + b"}"}))
+        await _load(tmp_path, plain_tar({"index.json": b'{"manifests": ' + nested(1500) + b"}"}))
 
 
 async def test_archive_whose_oci_index_blob_nests_deep_is_archive_invalid(tmp_path):
@@ -107,11 +92,11 @@ async def test_archive_whose_oci_index_blob_nests_deep_is_archive_invalid(tmp_pa
     digest = hashlib.sha256(index).hexdigest()
     top = {"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": f"sha256:{digest}",
                                               "size": len(index)}]}
-    archive = _tar({f"blobs/sha256/{digest}": index, "index.json": json.dumps(top).encode()})
+    archive = plain_tar({f"blobs/sha256/{digest}": index, "index.json": json.dumps(top).encode()})
     with pytest.raises(ArchiveInvalid, match="deeper"):
         await _load(tmp_path, archive)
 
 
 async def test_docker_archive_whose_manifest_json_nests_deep_is_archive_invalid(tmp_path):
     with pytest.raises(ArchiveInvalid, match=r"manifest\.json.*deeper"):
-        await _load(tmp_path, _tar({"manifest.json": nested(1500)}))
+        await _load(tmp_path, plain_tar({"manifest.json": nested(1500)}))
