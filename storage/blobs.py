@@ -14,6 +14,7 @@ from pathlib import Path
 from storage.backends.base import BlobBackend, Upload
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
+from storage.pump import BodySource, pump
 
 # Bytes gathered before one hand-off to the worker thread: large enough that
 # thread switches cost nothing next to hashing, small enough that followers
@@ -121,6 +122,22 @@ class BlobWriter:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         await waiter
+
+    async def pump(self, body: BodySource) -> None:
+        """The rest of a body read on threads (``storage.pump``) after what ``write`` was given.
+
+        For a big blob: the loop only hears when a batch has landed. Raises what reading
+        or writing raised; the caller aborts.
+        """
+        await self.flush()
+        limit = None if self.expected_size is None else self.expected_size - self.received
+        try:
+            self.received += await pump(body, self._hasher, self._upload.write_sync, self._landed, limit,
+                                        str(self.digest))
+        except StoreFull:
+            if self._store is not None:
+                self._store.full()
+            raise
 
     async def _wait_inflight(self) -> None:
         future, self._inflight = self._inflight, None

@@ -112,8 +112,12 @@ class Fills:
                 writer = await self.store.writer(fill.digest, size)
                 fill.attach(writer, size)
                 try:
-                    async for chunk in stream.chunks:
-                        await writer.write(chunk)
+                    body = stream.body
+                    if body is None:
+                        async for chunk in stream.chunks:
+                            await writer.write(chunk)
+                    else:  # read on threads, not through the loop
+                        await writer.pump(body)
                     # Readers may take the last byte from here on, but only once this
                     # task next waits: the count below comes first, so what a client
                     # saw is already in the metrics.

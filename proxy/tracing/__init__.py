@@ -17,6 +17,8 @@ from typing import Any
 _NULL: AbstractContextManager[None] = contextlib.nullcontext()
 _start: Callable[..., AbstractContextManager[Any]] | None = None
 _client_configs: list[Any] = []
+_client_span: Callable[[str, Any], AbstractContextManager[dict[str, str]]] | None = None
+_NO_HEADERS: AbstractContextManager[dict[str, str]] = contextlib.nullcontext({})
 
 
 def span(name: str, attributes: dict[str, str] | None = None) -> AbstractContextManager[Any]:
@@ -31,6 +33,15 @@ def client_trace_configs() -> list[Any]:
     return list(_client_configs)
 
 
-def enable(start: Callable[..., AbstractContextManager[Any]], client_configs: list[Any]) -> None:
-    global _start, _client_configs
-    _start, _client_configs = start, client_configs
+def client_span(method: str, url: Any) -> AbstractContextManager[dict[str, str]]:
+    """For a request made outside aiohttp (blob bodies read on a thread): a client span
+    around it, giving the headers that carry the trace upstream; ``{}`` when tracing is off."""
+    if _client_span is None:
+        return _NO_HEADERS
+    return _client_span(method, url)
+
+
+def enable(start: Callable[..., AbstractContextManager[Any]], client_configs: list[Any],
+           client: Callable[[str, Any], AbstractContextManager[dict[str, str]]]) -> None:
+    global _start, _client_configs, _client_span
+    _start, _client_configs, _client_span = start, client_configs, client

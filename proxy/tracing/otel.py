@@ -8,11 +8,14 @@ has (``opentelemetry-instrument``, a test's in-memory exporter) is used as it is
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor, create_aiohttp_middleware
 from opentelemetry.sdk.resources import Resource
@@ -38,8 +41,18 @@ def install(settings: TracingSettings) -> list[Middleware]:
         provider = TracerProvider(resource=Resource.create(attributes))
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
-    tracing.enable(provider.get_tracer("regcache").start_as_current_span,
-                   [create_trace_config(tracer_provider=provider)])
+    tracer = provider.get_tracer("regcache")
+
+    @contextlib.contextmanager
+    def client_span(method: str, url: Any) -> Iterator[dict[str, str]]:
+        # The URL without its query: a CDN's signed URL carries credentials there.
+        attributes = {"http.request.method": method, "url.full": str(url.with_query(None))}
+        with tracer.start_as_current_span(method, kind=trace.SpanKind.CLIENT, attributes=attributes):
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+            yield headers
+
+    tracing.enable(tracer.start_as_current_span, [create_trace_config(tracer_provider=provider)], client_span)
     # instrument() sets what the server middleware reads (excluded URLs, semantic conventions,
     # its meters) and swaps web.Application for a subclass that adds the middleware to every
     # application, sub-applications too (a second, nested server span per admin request).

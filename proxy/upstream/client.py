@@ -33,7 +33,7 @@ from proxy.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
-from proxy.tracing import client_trace_configs
+from proxy.tracing import client_span, client_trace_configs
 from proxy.upstream.auth import Credentials, UpstreamAuth
 from proxy.upstream.breaker import Breaker
 from proxy.upstream.responses import (
@@ -43,6 +43,7 @@ from proxy.upstream.responses import (
     ManifestHead,
     NullObserver,
     RateLimit,
+    Reply,
     UpstreamObserver,
     content_range,
     digest_header,
@@ -57,6 +58,7 @@ from proxy.upstream.responses import (
     unsatisfied_size,
     window,
 )
+from proxy.upstream.transport import Answer, Connections
 from storage.errors import ManifestInvalid
 from storage.oci.digest import Digest, is_digest
 from storage.oci.manifests import OCI_INDEX
@@ -66,6 +68,9 @@ from storage.oci.referrers import Referrer, referrers_in_index
 log = logging.getLogger("regcache.upstream")
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Reply)
+# One HTTP request, whichever transport: (method, url, headers) -> its answer, body unread.
+Fetch = Callable[[str, URL, dict[str, str]], Awaitable[R]]
 
 CHUNK_SIZE = 256 * 1024
 READ_BUFSIZE = 1024 * 1024
@@ -113,6 +118,8 @@ class UpstreamClient:
         self.breaker = Breaker(settings.name, settings.breaker_failures, self._probe, self._observer, clock=clock)
         self.rate_limit: RateLimit | None = None  # for admin stats; metrics get it through the observer
         self._session: aiohttp.ClientSession | None = None
+        # Blob bodies: read on the fill's thread, not through the loop (``proxy.upstream.transport``).
+        self._connections: Connections | None = None
         self._ssl_own: ssl.SSLContext | None = None
         self._ssl_other: ssl.SSLContext | None = None
 
@@ -138,12 +145,16 @@ class UpstreamClient:
             # With tracing on: a client span per request, and the W3C traceparent sent upstream.
             trace_configs=client_trace_configs(),
         )
+        self._connections = Connections(s.connect_timeout, s.read_timeout)
 
     async def close(self) -> None:
         await self.breaker.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._connections is not None:
+            self._connections.close()
+            self._connections = None
 
     async def __aenter__(self) -> UpstreamClient:
         await self.start()
@@ -189,21 +200,26 @@ class UpstreamClient:
 
     @contextlib.asynccontextmanager
     async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
-        """Stream a blob; retries happen only before the first byte is handed out."""
+        """Stream a blob; retries happen only before the first byte is handed out.
+
+        The body is meant for a reader on a thread (``BlobStream.body``); ``chunks``
+        reads the same body from the loop, for consumers that want pieces.
+        """
         url = self._v2(repository, "blobs", str(Digest.parse(digest)))
         # The slot is held until the stream is closed: an open body is an
         # upstream connection in use.
         async with self._slot():
-            resp = await self._open(url, "blob", _pull_scope(repository))
-            chunks = self._chunks(resp)
+            answer = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_blocking)
             try:
-                yield BlobStream(resp.content_length, chunks)
+                yield BlobStream(answer.content_length, _answer_chunks(answer), answer)
+            except (ConnectionError, TimeoutError) as exc:  # the body, read on a thread, failed
+                error = self._translate(exc, "blob body")
+                self.breaker.failed(error)
+                self._observer.error(self.name, error.kind)
+                raise error from exc
             finally:
-                await chunks.aclose()
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()  # an unread body cannot go back to the pool
+                # Draining a short rest or closing: no network wait worth a thread.
+                answer.release()
 
     @contextlib.asynccontextmanager
     async def open_blob_range(self, repository: str, digest: str, spec: str) -> AsyncIterator[BlobPart | None]:
@@ -214,7 +230,7 @@ class UpstreamClient:
         url = self._v2(repository, "blobs", str(Digest.parse(digest)))
         async with self._slot():
             resp = await self._open(url, "blob_range", _pull_scope(repository), {"Range": f"bytes={spec}"},
-                                    also_ok=RANGE_NOT_SATISFIABLE)
+                                    also_ok=RANGE_NOT_SATISFIABLE, fetch=self._fetch_aiohttp)
             try:
                 answered = content_range(resp.headers.get("Content-Range"))
                 if resp.status == 416:
@@ -345,7 +361,7 @@ class UpstreamClient:
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         try:
             async with asyncio.timeout(min(PROBE_TIMEOUT, s.connect_timeout + s.read_timeout)):
-                resp = await self._send("GET", URL(f"{s.base_url}/v2/"), headers, None)
+                resp = await self._send("GET", URL(f"{s.base_url}/v2/"), headers, None, self._fetch_aiohttp)
                 resp.release()
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             error = self._translate(exc, "probe")
@@ -372,7 +388,7 @@ class UpstreamClient:
         chosen = self._auth if auth == "own" else auth
 
         async def once() -> tuple[int, T]:
-            resp = await self._attempt(method, url, accept, scope, chosen)
+            resp = await self._attempt(method, url, accept, scope, chosen, self._fetch_aiohttp)
             try:
                 self._check(resp, operation)
                 return resp.status, await read(resp)
@@ -383,12 +399,12 @@ class UpstreamClient:
 
     async def _open(
         self, url: URL, operation: str, scope: str | None, extra: Mapping[str, str] | None = None,
-        also_ok: frozenset[int] = frozenset(),
-    ) -> aiohttp.ClientResponse:
+        also_ok: frozenset[int] = frozenset(), *, fetch: Fetch[R],
+    ) -> R:
         """A GET whose successful response (or one with a status in ``also_ok``) is handed over unread."""
 
-        async def once() -> tuple[int, aiohttp.ClientResponse]:
-            resp = await self._attempt("GET", url, (), scope, self._auth, extra)
+        async def once() -> tuple[int, R]:
+            resp = await self._attempt("GET", url, (), scope, self._auth, fetch, extra)
             try:
                 if resp.status not in also_ok:
                     self._check(resp, operation)
@@ -438,7 +454,7 @@ class UpstreamClient:
         elif isinstance(exc, UpstreamUnavailable):
             # A bad certificate will not get better; a second timeout means each
             # further try costs another full timeout.
-            if isinstance(exc.__cause__, aiohttp.ClientSSLError) or timeouts > 1:
+            if isinstance(exc.__cause__, aiohttp.ClientSSLError | ssl.SSLError) or timeouts > 1:
                 return None
             delay = min(BACKOFF_BASE * 2**attempt, BACKOFF_CAP)
         else:
@@ -458,14 +474,15 @@ class UpstreamClient:
         accept: Sequence[str],
         scope: str | None,
         authority: UpstreamAuth | None,
+        fetch: Fetch[R],
         extra: Mapping[str, str] | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> R:
         """One try: known credentials first, then at most one answered 401."""
         headers = {"User-Agent": self._user_agent, "Accept-Encoding": "identity", **(extra or {})}
         if accept:
             headers["Accept"] = ", ".join(accept)
         auth = await authority.known(scope) if authority is not None else None
-        resp = await self._send(method, url, headers, auth)
+        resp = await self._send(method, url, headers, auth, fetch)
         if authority is None or resp.status != 401 or not self._is_upstream(resp.url):
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
@@ -474,18 +491,14 @@ class UpstreamClient:
         auth = await authority.answer(challenge, scope)
         if auth is None:
             raise UpstreamUnauthorized(f"upstream {self.name}: authentication required", upstream=self.name)
-        return await self._send(method, url, headers, auth)
+        return await self._send(method, url, headers, auth, fetch)
 
-    async def _send(self, method: str, url: URL, headers: dict[str, str], auth: str | None) -> aiohttp.ClientResponse:
-        if self._session is None:
-            raise RuntimeError("UpstreamClient.start() was not called")
+    async def _send(self, method: str, url: URL, headers: dict[str, str], auth: str | None, fetch: Fetch[R]) -> R:
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = dict(headers)
             if auth is not None and self._is_upstream(url):
                 hop_headers["Authorization"] = auth
-            resp = await self._session.request(
-                method, url, headers=hop_headers, allow_redirects=False, ssl=self._ssl_for(url)
-            )
+            resp = await fetch(method, url, hop_headers)
             if resp.status not in _REDIRECT_STATUSES:
                 return resp
             location = resp.headers.get("Location")
@@ -496,7 +509,19 @@ class UpstreamClient:
             url = target
         raise UpstreamError(f"upstream {self.name}: more than {MAX_REDIRECTS} redirects", upstream=self.name)
 
-    def _check(self, resp: aiohttp.ClientResponse, operation: str) -> None:
+    async def _fetch_aiohttp(self, method: str, url: URL, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        return await self._session.request(method, url, headers=headers, allow_redirects=False, ssl=self._ssl_for(url))
+
+    async def _fetch_blocking(self, method: str, url: URL, headers: dict[str, str]) -> Answer:
+        connections = self._connections
+        if connections is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        with client_span(method, url) as trace_headers:
+            return await connections.fetch(method, url, headers | trace_headers, self._ssl_for(url))
+
+    def _check(self, resp: Reply, operation: str) -> None:
         self._note_rate_limit(resp)
         status = resp.status
         if 200 <= status < 300:
@@ -515,7 +540,7 @@ class UpstreamClient:
             raise UpstreamServerError(message, upstream=self.name)
         raise UpstreamError(message, upstream=self.name)
 
-    def _note_rate_limit(self, resp: aiohttp.ClientResponse) -> None:
+    def _note_rate_limit(self, resp: Reply) -> None:
         limit, remaining = resp.headers.get("RateLimit-Limit"), resp.headers.get("RateLimit-Remaining")
         if limit is None and remaining is None:
             return
@@ -610,3 +635,10 @@ def _pull_scope(repository: str) -> str:
 
 def _checked_reference(reference: str) -> str:
     return reference if is_digest(reference) else validate_tag(reference)
+
+
+async def _answer_chunks(answer: Answer) -> AsyncGenerator[bytes, None]:
+    """A blocking body as pieces for the loop: a trip to a thread per piece."""
+    buffer = memoryview(bytearray(CHUNK_SIZE))
+    while count := await asyncio.to_thread(answer.readinto, buffer):
+        yield bytes(buffer[:count])

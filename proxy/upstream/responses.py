@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from proxy.errors import UpstreamError
 from storage.oci.digest import is_digest
@@ -49,10 +51,32 @@ class RateLimit:
     seen_at: float  # wall clock
 
 
+class Reply(Protocol):
+    """What the request machinery reads of an answer, whichever transport brought it."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def url(self) -> URL: ...
+    def release(self) -> Any: ...
+
+
+class BlockingBody(Protocol):
+    """A body for a reader on a thread: ``readinto`` until it returns 0. ``interrupt``
+    (any thread) makes a blocked ``readinto`` return or raise at once. Failures raise
+    ``ConnectionError`` or ``TimeoutError``."""
+
+    def readinto(self, buffer: memoryview, /) -> int: ...
+    def interrupt(self) -> None: ...
+
+
 @dataclass
 class BlobStream:
     size: int | None
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[bytes]  # the body, in pieces as they come
+    body: BlockingBody | None = None  # the same body for a reader on a thread, when the transport has one
 
 
 @dataclass

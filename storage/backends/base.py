@@ -31,7 +31,7 @@ class Upload(abc.ABC):
     spool_path: Path
 
     @abc.abstractmethod
-    def write_sync(self, data: bytes) -> None:
+    def write_sync(self, data: bytes | memoryview) -> None:
         """Append bytes; called from a worker thread, or on the loop for a small batch."""
 
     async def reserve(self, size: int) -> None:  # noqa: B027 - optional hook

@@ -32,7 +32,7 @@ class FileUpload(Upload):
         self._file = open(self.spool_path, "xb")  # noqa: SIM115 - closed in commit/abort
         self._closed = False
 
-    def write_sync(self, data: bytes) -> None:
+    def write_sync(self, data: bytes | memoryview) -> None:
         try:
             self._file.write(data)
             # Followers read the spool file by path: make the bytes visible to them.

@@ -85,7 +85,7 @@ class S3Upload(Upload):
 
     # Called from a worker thread (BlobWriter hashes and writes off the loop), or
     # on the loop for a small batch: part uploads are scheduled either way.
-    def write_sync(self, data: bytes) -> None:
+    def write_sync(self, data: bytes | memoryview) -> None:
         self._file.write(data)
         self._file.flush()  # followers read the spool by path
         self._written += len(data)
