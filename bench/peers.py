@@ -168,6 +168,10 @@ class Distribution:
     def stop(self) -> None:
         self.registry.stop()
 
+    def pids(self) -> list[int]:
+        pid = self.registry.pid
+        return [] if pid is None else [pid]
+
     def reset(self) -> Distribution:
         """A proxy's cache emptied (same port): the next pull through it is cold."""
         self.registry.stop()

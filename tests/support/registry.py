@@ -467,6 +467,10 @@ class Registry:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> Registry:
