@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -74,11 +74,13 @@ class Answer:
 
     def interrupt(self) -> None:
         """From any thread: makes a ``readinto`` blocked on this body return or raise now."""
-        conn = self._conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        _shut(self._conn)
+
+    def close(self) -> None:
+        """Done with the answer, its body unwanted: the connection is closed."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def release(self) -> None:
         """Done with the answer: the connection goes back to the pool if its body was
@@ -100,6 +102,18 @@ class Answer:
         self._pool.put(self._origin, conn)
 
 
+class _Asking:
+    """A request on a thread, as the loop sees it: ``interrupt`` cuts its connection."""
+
+    def __init__(self) -> None:
+        self.conn: http.client.HTTPConnection | None = None
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        _shut(self.conn)
+
+
 class Connections:
     """Keep-alive connections per origin, for requests made on threads."""
 
@@ -110,14 +124,27 @@ class Connections:
         self._lock = threading.Lock()
         self._closed = False
         self._threads = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="regcache-upstream")
+        self._asking: set[_Asking] = set()
 
     async def fetch(self, method: str, url: URL, headers: Mapping[str, str], tls: ssl.SSLContext | bool) -> Answer:
         """``request`` on this pool's own threads: a silent upstream holds one of them for
-        up to the read timeout, never one of the loop's default workers."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self.request, method, url, headers, tls)
+        up to the read timeout, never one of the loop's default workers. Cancelled (a
+        fill given up, shutdown), the request's connection is cut so its thread is free
+        at once, and an answer that still comes is closed."""
+        asking = _Asking()
+        self._asking.add(asking)
+        future = self._threads.submit(self.request, method, url, headers, tls, asking)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            asking.interrupt()
+            future.add_done_callback(_close_unwanted)
+            raise
+        finally:
+            self._asking.discard(asking)
 
-    def request(self, method: str, url: URL, headers: Mapping[str, str], tls: ssl.SSLContext | bool) -> Answer:
+    def request(self, method: str, url: URL, headers: Mapping[str, str], tls: ssl.SSLContext | bool,
+                asking: _Asking | None = None) -> Answer:
         """Send ``method url`` and read the status line and headers, the body left unread.
         A kept-alive connection the server has closed meanwhile is replaced once,
         transparently: nothing of the request was answered."""
@@ -128,6 +155,11 @@ class Connections:
             conn, reused = self._take(origin), True
             if conn is None:
                 conn, reused = self._open(url, context), False
+            if asking is not None:
+                asking.conn = conn
+                if asking.interrupted:
+                    conn.close()
+                    raise ConnectionError("request interrupted")
             try:
                 conn.request(method, target, headers=dict(headers))
                 response = conn.getresponse()
@@ -153,6 +185,8 @@ class Connections:
             idle.append((time.monotonic(), conn))
 
     def close(self) -> None:
+        for asking in list(self._asking):
+            asking.interrupt()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
@@ -185,6 +219,19 @@ class Connections:
             # From here on each wait (for the answer, for more of the body) may last this long.
             conn.sock.settimeout(self._read_timeout)
         return conn
+
+
+def _shut(conn: http.client.HTTPConnection | None) -> None:
+    """Any thread: a read or write blocked on ``conn`` returns or fails now."""
+    sock = conn.sock if conn is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close_unwanted(future: Future[Answer]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 _DEFAULT_CONTEXT: ssl.SSLContext | None = None
