@@ -64,13 +64,19 @@ class Answer:
         ``ConnectionError``; a silent one ``TimeoutError`` after the read timeout.
         """
         try:
-            return self._response.readinto(buffer)
+            count = self._response.readinto(buffer)
         except TimeoutError:
             raise
         except http.client.IncompleteRead as exc:
             raise ConnectionError(f"body ended after {len(exc.partial)} more bytes") from None
         except (http.client.HTTPException, OSError, ValueError) as exc:  # ValueError: closed by ``interrupt``
             raise ConnectionError(f"body unreadable: {type(exc).__name__}") from None
+        # http.client ends a body the server closed before Content-Length bytes as if it
+        # were complete (0, and the response closed); ``length`` is then what never came.
+        missing = self._response.length
+        if count == 0 and len(buffer) and missing:
+            raise ConnectionError(f"body ended {missing} bytes short")
+        return count
 
     def interrupt(self) -> None:
         """From any thread: makes a ``readinto`` blocked on this body return or raise now."""

@@ -313,6 +313,24 @@ async def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(
         assert server.connections == 1
 
 
+async def test_a_body_shorter_than_its_content_length_is_a_connection_error(connections):
+    async def cut_short(server, reader, writer):
+        await server.request(reader)
+        writer.write(head(1000) + b"x" * 300)
+        await writer.drain()
+
+    async with RawServer(cut_short) as server:
+        answer = await get(connections, server.url)
+        assert answer.content_length == 1000
+        buffer = memoryview(bytearray(4096))
+        assert await blocking(answer.readinto, buffer) == 300
+        with pytest.raises(ConnectionError, match="700 bytes short"):
+            await blocking(answer.readinto, buffer)
+        with pytest.raises(ConnectionError):  # and stays short, not over
+            await blocking(answer.readinto, buffer)
+        await blocking(answer.release)
+
+
 async def test_a_chunked_body_cut_short_is_a_connection_error(connections):
     async def cut_short(server, reader, writer):
         await server.request(reader)
