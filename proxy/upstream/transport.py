@@ -56,6 +56,7 @@ class Answer:
         self._origin = origin
         self._conn: http.client.HTTPConnection | None = conn
         self._response = response
+        self._broken = False  # a read failed or was interrupted: the connection is not reused
 
     def readinto(self, buffer: memoryview) -> int:
         """Fill ``buffer`` from the body; fewer bytes only at its end, 0 after it.
@@ -66,20 +67,25 @@ class Answer:
         try:
             count = self._response.readinto(buffer)
         except TimeoutError:
+            self._broken = True
             raise
         except http.client.IncompleteRead as exc:
+            self._broken = True
             raise ConnectionError(f"body ended after {len(exc.partial)} more bytes") from None
         except (http.client.HTTPException, OSError, ValueError) as exc:  # ValueError: closed by ``interrupt``
+            self._broken = True
             raise ConnectionError(f"body unreadable: {type(exc).__name__}") from None
         # http.client ends a body the server closed before Content-Length bytes as if it
         # were complete (0, and the response closed); ``length`` is then what never came.
         missing = self._response.length
         if count == 0 and len(buffer) and missing:
+            self._broken = True
             raise ConnectionError(f"body ended {missing} bytes short")
         return count
 
     def interrupt(self) -> None:
         """From any thread: makes a ``readinto`` blocked on this body return or raise now."""
+        self._broken = True
         _shut(self._conn)
 
     def close(self) -> None:
@@ -89,23 +95,21 @@ class Answer:
             conn.close()
 
     def release(self) -> None:
-        """Done with the answer: the connection goes back to the pool if its body was
-        read to the end (a short rest is read first), else it is closed."""
+        """Done with the answer, without waiting: the connection goes back to the pool if
+        its body was read to the end, or once a short rest has been read on the pool's
+        threads (a redirect's or an error's few bytes); else it is closed."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
         response = self._response
-        try:
-            if not response.isclosed() and (response.length is None or response.length > DRAIN_LIMIT):
-                raise ConnectionError("body left unread")
-            response.read()
-        except (OSError, http.client.HTTPException, ValueError):
+        if self._broken or response.will_close:
             conn.close()
-            return
-        if response.will_close:
+        elif response.isclosed():
+            self._pool.put(self._origin, conn)
+        elif response.length is not None and response.length <= DRAIN_LIMIT:
+            self._pool.drain(self._origin, conn, response)
+        else:
             conn.close()
-            return
-        self._pool.put(self._origin, conn)
 
 
 class _Asking:
@@ -182,6 +186,22 @@ class Connections:
                 raise
             return Answer(self, origin, conn, response, url)
 
+    def drain(self, origin: Origin, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Read the short rest of ``response`` on a pool thread, then pool ``conn``."""
+
+        def rest() -> None:
+            try:
+                response.read()
+            except (OSError, http.client.HTTPException, ValueError):
+                conn.close()
+                return
+            self.put(origin, conn)
+
+        try:
+            self._threads.submit(rest)
+        except RuntimeError:  # shut down
+            conn.close()
+
     def put(self, origin: Origin, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(origin, [])
@@ -189,6 +209,11 @@ class Connections:
                 conn.close()
                 return
             idle.append((time.monotonic(), conn))
+
+    def idle(self) -> int:
+        """Connections kept alive for reuse, over every origin."""
+        with self._lock:
+            return sum(len(conns) for conns in self._idle.values())
 
     def close(self) -> None:
         for asking in list(self._asking):

@@ -36,6 +36,11 @@ async def connections():
     pool.close()
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 async def guarded(awaitable: Awaitable[T]) -> T:
     """``awaitable``'s outcome; a hang fails the test (not as a ``TimeoutError``, which some tests expect)."""
     try:
@@ -157,7 +162,8 @@ async def test_a_short_unread_rest_is_drained_and_the_connection_pooled(origin, 
     answer = await get(connections, origin.url / "blob" / str(DRAIN_LIMIT))
     buffer = memoryview(bytearray(1000))
     assert await blocking(answer.readinto, buffer) == 1000
-    await blocking(answer.release)  # DRAIN_LIMIT - 1000 bytes left: read, not closed
+    answer.release()  # DRAIN_LIMIT - 1000 bytes left: read on a pool thread, not closed
+    await guarded(until(lambda: connections.idle() == 1))
 
     answer = await get(connections, origin.url / "blob" / "10")
     assert await read_all(answer) == BODY[:10]
