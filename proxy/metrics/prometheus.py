@@ -20,6 +20,7 @@ answers the scrape reports its own recent snapshot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -200,15 +201,33 @@ class Metrics(Events):
             registry=r,
         )
 
+        # The series each request touches, looked up once per set of label values: prometheus-client's
+        # labels() takes a lock and converts every value on each call, a few microseconds a time on
+        # every cached manifest. Children are never removed, so a remembered one stays the metric's own.
+        self._result_series = functools.cache(self._series_of_result)
+        self._http_series = functools.cache(self._series_of_http)
+        self._served_series = functools.cache(self._series_of_served)
+
+    def _series_of_result(self, upstream: str, kind: str, result: str) -> tuple[Counter, ...]:
+        series = [self.requests.labels(upstream, kind, result), self.proxy_requests.labels(kind)]
+        if result in _HITS:
+            series.append(self.proxy_hits.labels(kind))
+        elif result in _MISSES:
+            series.append(self.proxy_misses.labels(kind))
+        return tuple(series)
+
+    def _series_of_http(self, route: str, method: str, status: int) -> Histogram:
+        return self.http_seconds.labels(route, method, str(status))
+
+    def _series_of_served(self, upstream: str, kind: str, result: str) -> tuple[Counter, Counter]:
+        source = "cache" if result in _HITS else "upstream"
+        return self.served_bytes.labels(upstream, kind, source), self.proxy_pushed.labels(kind)
+
     # -- Events -------------------------------------------------------------
 
     def _result(self, upstream: str, kind: str, result: str) -> None:
-        self.requests.labels(upstream, kind, result).inc()
-        self.proxy_requests.labels(kind).inc()
-        if result in _HITS:
-            self.proxy_hits.labels(kind).inc()
-        elif result in _MISSES:
-            self.proxy_misses.labels(kind).inc()
+        for series in self._result_series(upstream, kind, result):
+            series.inc()
 
     def manifest(self, upstream: str, result: str) -> None:
         self._result(upstream, "manifest", result)
@@ -220,9 +239,9 @@ class Metrics(Events):
         self.prefetched_blobs.labels(upstream).inc()
 
     def served(self, upstream: str, kind: str, result: str, size: int) -> None:
-        source = "cache" if result in _HITS else "upstream"
-        self.served_bytes.labels(upstream, kind, source).inc(size)
-        self.proxy_pushed.labels(kind).inc(size)
+        by_source, pushed = self._served_series(upstream, kind, result)
+        by_source.inc(size)
+        pushed.inc(size)
 
     def stale(self, upstream: str, reason: str) -> None:
         self.stale_served.labels(upstream, reason).inc()
@@ -257,9 +276,8 @@ class Metrics(Events):
     def http_request(
         self, route: str, method: str, status: int, seconds: float, sent: int, upstream: str | None, result: str | None
     ) -> None:
-        # Clients choose the method: only known ones become label values.
-        method_label = method if method in _METHODS else "other"
-        self.http_seconds.labels(route, method_label, str(status)).observe(seconds)
+        # Clients choose the method: only known ones become label values (or keys of the series cache).
+        self._http_series(route, method if method in _METHODS else "other", status).observe(seconds)
         kind = CONTENT_ROUTES.get(route)
         if kind is None or upstream is None or method != "GET":
             return
