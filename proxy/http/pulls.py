@@ -17,6 +17,8 @@ KINDS = {"manifest": "manifests", "blob": "blobs"}  # route name -> path segment
 
 def report_pull(events: Events, request: web.BaseRequest, response: web.StreamResponse, route: str,
                 fields: dict[str, object]) -> None:
+    if not events.listens("pulled"):
+        return
     segment = KINDS.get(route)
     result, upstream, repository, digest = (fields.get(k) for k in ("result", "upstream", "repository", "digest"))
     if segment is None or response.status >= 400 or result in (None, "aborted"):

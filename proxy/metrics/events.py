@@ -48,6 +48,11 @@ CLIENT_REQUEST: ContextVar[ClientRequest | None] = ContextVar("regcache_client_r
 
 
 class Events:
+    def listens(self, event: str) -> bool:
+        """Whether a subclass gives the method named ``event`` a body: what only that event would use
+        (a pulled content's URL, built on every cached manifest) need not be built otherwise."""
+        return getattr(type(self), event) is not getattr(Events, event)
+
     def manifest(self, upstream: str, result: str) -> None:
         """A manifest was served: hit, miss, stale, revalidated or coalesced."""
 
@@ -110,6 +115,10 @@ class Fanout(Events):
 
     def __init__(self, *sinks: Events) -> None:
         self.sinks = sinks
+        self._heard = frozenset(name for name in _EVENTS if any(sink.listens(name) for sink in sinks))
+
+    def listens(self, event: str) -> bool:
+        return event in self._heard
 
     def find(self, kind: type[T]) -> T | None:
         return next((s for s in self.sinks if isinstance(s, kind)), None)
@@ -125,9 +134,10 @@ def _forward(name: str) -> Callable[..., None]:
 
 
 # Generated rather than written out, so a method added to Events reaches every sink.
-for _name, _value in list(vars(Events).items()):
-    if callable(_value) and not _name.startswith("_"):
-        setattr(Fanout, _name, _forward(_name))
+_EVENTS = [name for name, value in vars(Events).items() if callable(value) and not name.startswith("_")
+           and name != "listens"]
+for _name in _EVENTS:
+    setattr(Fanout, _name, _forward(_name))
 
 
 def find_sink(events: Events, kind: type[T]) -> T | None:
