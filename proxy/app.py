@@ -16,7 +16,7 @@ from proxy.access.gate import ACCESS, Access, access_middleware
 from proxy.access.policy import Policy
 from proxy.admin.guard import admin_tokens
 from proxy.http import health
-from proxy.http.accesslog import request_context, response_started
+from proxy.http.accesslog import request_context_for, response_started
 from proxy.http.clientauth import AUTH
 from proxy.http.errors import API_HEADERS, error_middleware
 from proxy.metrics.events import Events, Fanout
@@ -37,9 +37,16 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
         from proxy.http.clientauth import ClientAuth
 
         client_auth = ClientAuth(settings.auth)
+    if events is None:
+        events = Metrics() if settings.metrics.enabled else Events()
+    if settings.notifications.endpoints:
+        from proxy.notify.notifier import Notifier
+
+        events = Fanout(events, Notifier(settings.notifications, settings.host_port[1], observer=events))
     router = Router(settings.upstreams, settings.default_upstream)
     access = Access(router, Policy(settings), client_auth, ClientCheck())
-    middlewares: list[Middleware] = [request_context, error_middleware, access_middleware(access)]
+    middlewares: list[Middleware] = [
+        request_context_for(events.reads_client_request), error_middleware, access_middleware(access)]
     if settings.tracing.enabled:
         from proxy.tracing.otel import install  # OpenTelemetry is imported only here
 
@@ -50,12 +57,6 @@ def create_app(settings: Settings, events: Events | None = None) -> web.Applicat
     )
     app[SETTINGS] = settings
     app[ACCESS] = access
-    if events is None:
-        events = Metrics() if settings.metrics.enabled else Events()
-    if settings.notifications.endpoints:
-        from proxy.notify.notifier import Notifier
-
-        events = Fanout(events, Notifier(settings.notifications, settings.host_port[1], observer=events))
     app[EVENTS] = events
     if client_auth is not None:
         app[AUTH] = client_auth

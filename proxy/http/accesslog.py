@@ -25,7 +25,7 @@ import uuid
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from proxy.http.context import ERROR, LOG, LOGGED, REQUEST_ID, RESPONSE
 from proxy.http.pulls import report_pull
@@ -37,17 +37,32 @@ log = logging.getLogger("regcache.access")
 CLIENT_CLOSED = 499
 
 
-@web.middleware
-async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[LOG] = {}
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
-    # Each request runs in its own task: the value lives as long as the request and what it starts.
-    CLIENT_REQUEST.set(ClientRequest(request[REQUEST_ID], request.remote or "", request.host, request.method,
-                                     request.headers.get("User-Agent", "")[:512]))
-    task = asyncio.current_task()
-    if task is not None:
-        task.add_done_callback(functools.partial(_log_if_cut, request, time.monotonic()))
-    return await handler(request)
+def request_context_for(name_requests: bool) -> Middleware:
+    """The first middleware: the access log's fields, the request id and the hook on the task's end.
+
+    ``name_requests``: also set ``CLIENT_REQUEST``, for an app whose events read it
+    (notifications); elsewhere building it would be work on every request for nobody.
+    """
+
+    @web.middleware
+    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[LOG] = {}
+        request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+        request[REQUEST_ID] = request_id
+        if name_requests:
+            # Each request runs in its own task: the value lives as long as the request and what it starts.
+            CLIENT_REQUEST.set(ClientRequest(request_id, request.remote or "", request.host, request.method,
+                                             request.headers.get("User-Agent", "")[:512]))
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(functools.partial(_log_if_cut, request, time.monotonic()))
+        return await handler(request)
+
+    return request_context
+
+
+# For an application put together by hand: every request named, whoever reads it.
+request_context = request_context_for(name_requests=True)
 
 
 async def response_started(request: web.Request, response: web.StreamResponse) -> None:

@@ -48,6 +48,9 @@ CLIENT_REQUEST: ContextVar[ClientRequest | None] = ContextVar("regcache_client_r
 
 
 class Events:
+    # Whether this sink reads CLIENT_REQUEST: only then is it set for every request.
+    reads_client_request = False
+
     def listens(self, event: str) -> bool:
         """Whether a subclass gives the method named ``event`` a body: what only that event would use
         (a pulled content's URL, built on every cached manifest) need not be built otherwise."""
@@ -116,6 +119,7 @@ class Fanout(Events):
     def __init__(self, *sinks: Events) -> None:
         self.sinks = sinks
         self._heard = frozenset(name for name in _EVENTS if any(sink.listens(name) for sink in sinks))
+        self.reads_client_request = any(sink.reads_client_request for sink in sinks)
 
     def listens(self, event: str) -> bool:
         return event in self._heard

@@ -24,6 +24,8 @@ from proxy.notify.envelope import event
 
 
 class Notifier(Events):
+    reads_client_request = True  # every event names the client request that caused it
+
     def __init__(self, settings: NotificationSettings, port: int, observer: Events) -> None:
         self.endpoints = [Endpoint(e, observer) for e in settings.endpoints]
         # The registry's source: this instance, as other hosts reach it.
