@@ -35,6 +35,11 @@ class Route:
         return RepositoryName(self.upstream.name, self.repository)
 
 
+# Routes kept by what the client sent: the same few names come again and again, and resolving one
+# costs a regular expression. The names are the clients' to choose: past this many, start over.
+MAX_CACHED_ROUTES = 4096
+
+
 def _looks_like_registry(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost"
 
@@ -47,6 +52,7 @@ class Router:
         for upstream in upstreams:
             for name in upstream.names:
                 self._by_name[name.lower()] = upstream
+        self._routes: dict[tuple[str, str | None], Route] = {}
 
     def _lookup(self, name: str) -> UpstreamSettings | None:
         # ASCII only: str.lower() folds some non-ASCII letters into ASCII ones (K, the Kelvin sign, to k).
@@ -59,6 +65,16 @@ class Router:
         return found
 
     def resolve(self, name: str, ns: str | None = None) -> Route:
+        key = (name, ns)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._resolve(name, ns)  # raises for what names nothing: never kept
+            if len(self._routes) >= MAX_CACHED_ROUTES:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
+
+    def _resolve(self, name: str, ns: str | None) -> Route:
         if ns:
             return self._route(self.upstream(ns), name)
         first, sep, rest = name.partition("/")

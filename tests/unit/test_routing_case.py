@@ -34,3 +34,18 @@ def test_non_ascii_look_alikes_do_not_fold_into_a_configured_registry():
 def test_repository_names_stay_case_sensitive():
     with pytest.raises(NameInvalid):
         ROUTER.resolve("Library/Busybox", ns="DOCKER.IO")
+
+
+def test_resolved_routes_are_kept_within_a_bound_and_refusals_never(monkeypatch):
+    monkeypatch.setattr("proxy.pull.routing.MAX_CACHED_ROUTES", 3)
+    router = Router([HUB, GHCR], HUB)
+    first = router.resolve("busybox")
+    assert router.resolve("busybox") is first
+    assert router.resolve("busybox", ns="ghcr.io").upstream is GHCR  # the same name, another ns
+    for _ in range(2):
+        with pytest.raises(NameInvalid):
+            router.resolve("Busybox")
+    for i in range(10):
+        router.resolve(f"app{i}")
+    assert len(router._routes) <= 3
+    assert router.resolve("busybox") == first
