@@ -37,7 +37,6 @@ from proxy.http.context import IDENTITY, LOG, ROUTE
 from proxy.pull.routing import Route, Router
 from proxy.resources import UPSTREAMS
 from proxy.upstream.auth import CLIENT_CREDENTIALS, Credentials
-from proxy.upstream.client import UpstreamClient
 from storage.errors import NameInvalid
 
 REPOSITORY_ROUTES = frozenset({"manifest", "blob", "tags", "referrers"})
@@ -65,10 +64,11 @@ class Access:
             raise Unauthorized("authentication required", challenge=self.challenge)
         raise Denied(f"access to {route.repository} on upstream {route.upstream_name} is denied")
 
-    async def admit(self, request: web.Request, route: Route, client: UpstreamClient) -> Credentials | None:
+    async def admit(self, request: web.Request, route: Route) -> Credentials | None:
         """Judge a repository request; the client's upstream credentials when they were verified."""
         authorization = request.headers.get("Authorization")
         if route.upstream.verifies_clients:
+            client = request.app[UPSTREAMS][route.upstream_name]
             credentials = _basic_credentials(authorization)
             identity = Identity("upstream", credentials[0] if credentials is not None else "")
             request[IDENTITY] = identity
@@ -82,7 +82,8 @@ class Access:
                 request[LOG].update(decision="denied", rule="upstream")
                 raise Denied(f"upstream {route.upstream_name} does not let these credentials read {route.repository}")
             return credentials
-        identity = await self._identify(request, authorization)
+        # No credentials to check (the common case, and all there is without auth): no await.
+        identity = ANONYMOUS if self.auth is None or not authorization else await self._identify(request, authorization)
         request[IDENTITY] = identity
         self.judge(request, identity, route)
         return None
@@ -135,12 +136,12 @@ def _basic_credentials(authorization: str | None) -> Credentials | None:
     return (user, password) if sep and user else None
 
 
-def resolve_route(request: web.Request) -> Route:
+def resolve_route(request: web.Request, router: Router) -> Route:
     """The upstream and repository a repository route names; the routing step of every such request."""
     # No valid name, tag or digest contains "%": an encoded "/" or "." is a trick.
     if "%" in request.raw_path.partition("?")[0]:
         raise NameInvalid("percent-encoded characters are not allowed in registry paths")
-    route = request.app[ACCESS].router.resolve(request.match_info["name"], request.query.get("ns"))
+    route = router.resolve(request.match_info["name"], request.query.get("ns"))
     request[LOG].update(upstream=route.upstream_name, repository=route.repository)
     return route
 
@@ -151,8 +152,8 @@ def access_middleware(access: Access) -> Middleware:
         if request.match_info.route.name not in REPOSITORY_ROUTES or request.method not in ("GET", "HEAD"):
             await access.admit_other(request)
             return await handler(request)
-        route = resolve_route(request)
-        credentials = await access.admit(request, route, request.app[UPSTREAMS][route.upstream_name])
+        route = resolve_route(request, access.router)
+        credentials = await access.admit(request, route)
         request[ROUTE] = route
         if credentials is None:
             return await handler(request)

@@ -23,7 +23,7 @@ can rename it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from config.globs import matches
 from config.settings import AccessRule, AccessSettings, Settings
@@ -51,6 +51,15 @@ class Decision:
     rule: RuleKind
 
 
+# Every decision there can be, made once: decide() runs before every repository request.
+_DECISIONS = {(allowed, rule): Decision(allowed, rule) for allowed in (True, False) for rule in get_args(RuleKind)}
+_NO_LISTS: tuple[list[str], list[str]] = ([], [])
+
+
+def _decision(allowed: bool, rule: RuleKind) -> Decision:
+    return _DECISIONS[allowed, rule]
+
+
 def _permits(rules: list[AccessRule], upstream: str, repository: str) -> bool:
     return any(
         rule.upstream in ("*", upstream) and any(matches(glob, repository) for glob in rule.repositories)
@@ -74,23 +83,24 @@ class Policy:
         self._auth_on = settings.auth is not None
 
     def decide(self, identity: Identity, upstream: str, repository: str) -> Decision:
-        allow, deny = self._lists.get(upstream, ([], []))
-        if any(matches(glob, repository) for glob in deny):
-            return Decision(False, "deny_list")
+        allow, deny = self._lists.get(upstream, _NO_LISTS)
+        if deny and any(matches(glob, repository) for glob in deny):
+            return _decision(False, "deny_list")
         if allow and not any(matches(glob, repository) for glob in allow):
-            return Decision(False, "allow_list")
+            return _decision(False, "allow_list")
         if identity.kind in ("upstream", "admin"):
-            return Decision(True, "upstream" if identity.kind == "upstream" else "open")
+            return _decision(True, "upstream" if identity.kind == "upstream" else "open")
         rules = self._rules(identity)
         if rules is None:
             # No rule set: anonymous clients are refused when auth is on, anyone else may pull.
             if identity.kind == "anonymous" and self._auth_on:
-                return Decision(False, "anonymous")
-            return Decision(True, "open")
+                return _decision(False, "anonymous")
+            return _decision(True, "open")
         if identity.kind == "anonymous":
-            return Decision(_permits(rules, upstream, repository), "anonymous")
+            return _decision(_permits(rules, upstream, repository), "anonymous")
         anonymous = self._rules(ANONYMOUS) or []
-        return Decision(_permits(rules, upstream, repository) or _permits(anonymous, upstream, repository), "identity")
+        return _decision(_permits(rules, upstream, repository) or _permits(anonymous, upstream, repository),
+                         "identity")
 
     @property
     def anonymous_allowed(self) -> bool:
