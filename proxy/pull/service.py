@@ -143,8 +143,8 @@ class PullThrough:
     # Manifests ---------------------------------------------------------------
 
     async def manifest(
-        self, route: Route, reference: ManifestReference, accept: list[str], count: bool = True, prefetch: bool = False,
-        puller: str | None = None,
+        self, route: Route, reference: ManifestReference, accept: Sequence[str], count: bool = True,
+        prefetch: bool = False, puller: str | None = None,
     ) -> Manifest:
         """A manifest for a client; ``prefetch`` (a client's GET): when it came from the
         upstream, its blobs are fetched before the client asks (proxy.prefetch). ``puller``:

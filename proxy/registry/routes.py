@@ -8,6 +8,7 @@ renders them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -56,11 +57,30 @@ async def base(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION)
 
 
+# What clients send for a manifest, parsed once: each sends the same few references and Accept
+# headers over and over. Refusals raise and are not kept (a valid reference is short); the
+# bounds are for what clients make up.
+_reference = functools.lru_cache(maxsize=1024)(ManifestReference.parse)
+MAX_KEPT_ACCEPT = 1024
+
+
+def _accepted(request: web.Request) -> tuple[str, ...]:
+    # Several Accept lines say what one comma list of them says.
+    accept = ",".join(request.headers.getall(hdrs.ACCEPT, ()))
+    return _merged_accept(accept) if len(accept) <= MAX_KEPT_ACCEPT else tuple(merge_accept([accept]))
+
+
+@functools.lru_cache(maxsize=64)
+def _merged_accept(accept: str) -> tuple[str, ...]:
+    return tuple(merge_accept([accept]))
+
+
 async def manifest(request: web.Request) -> web.Response:
     route = request[ROUTE]
-    reference = ManifestReference.parse(request.match_info["reference"])
-    request[LOG]["reference"] = str(reference)
-    accept = merge_accept(request.headers.getall("Accept", []))
+    text = request.match_info["reference"]
+    reference = _reference(text)
+    request[LOG]["reference"] = text
+    accept = _accepted(request)
     get = request.method == "GET"
     found = await request.app[PULLTHROUGH].manifest(route, reference, accept, count=get, prefetch=get,
                                                     puller=str(request[IDENTITY]))

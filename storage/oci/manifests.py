@@ -6,6 +6,7 @@ at (for linking, reference counting and listing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from storage.errors import DigestInvalid, ManifestInvalid
@@ -127,7 +128,7 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> ParsedManifest
     return ParsedManifest(kind, unique)
 
 
-def accepts(accept: list[str], media_type: str) -> bool:
+def accepts(accept: Sequence[str], media_type: str) -> bool:
     """Whether a client that sent these Accept values can take ``media_type``.
 
     No Accept at all means "anything" (curl, crane); schema1 clients are long gone.
