@@ -35,6 +35,8 @@ from proxy.resources import EVENTS
 log = logging.getLogger("regcache.access")
 
 CLIENT_CLOSED = 499
+# One encoder for every line: json.dumps(default=...) builds a new JSONEncoder on each call.
+_to_json = json.JSONEncoder(default=str).encode
 
 
 def request_context_for(name_requests: bool) -> Middleware:
@@ -148,7 +150,7 @@ def record(
         if error is not None:
             entry.setdefault("result", "error")
             entry["error"] = getattr(error, "message", None) or type(error).__name__
-        logger.info(json.dumps(entry, default=str))
+        logger.info(_to_json(entry))
     app = _routed(request, "app")
     events = app.get(EVENTS) if isinstance(app, web.Application) else None
     if events is not None:
@@ -179,7 +181,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _to_json(entry)
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
