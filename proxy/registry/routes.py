@@ -312,11 +312,14 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/v2/", base, name="base")
     r.add_get("/v2/_catalog", catalog, name="catalog")
+    # aiohttp tries these patterns in this order. The upload ones come first: they also match
+    # paths that end like a manifest or a blob (/v2/a/blobs/uploads/b/manifests/c). Then the
+    # most frequent requests: no path matches more than one of the last four, whatever their order.
     r.add_route("*", "/v2/{name:.+}/blobs/uploads/{rest:.*}", unsupported, name="upload")
     r.add_route("*", "/v2/{name:.+}/blobs/uploads", unsupported)
-    r.add_get("/v2/{name:.+}/tags/list", tags, name="tags")
-    r.add_get("/v2/{name:.+}/referrers/{digest}", referrers, name="referrers")
     r.add_get("/v2/{name:.+}/manifests/{reference}", manifest, name="manifest")
     r.add_route("*", "/v2/{name:.+}/manifests/{reference}", unsupported)
     r.add_get("/v2/{name:.+}/blobs/{digest}", blob, name="blob")
     r.add_route("*", "/v2/{name:.+}/blobs/{digest}", unsupported)
+    r.add_get("/v2/{name:.+}/tags/list", tags, name="tags")
+    r.add_get("/v2/{name:.+}/referrers/{digest}", referrers, name="referrers")
