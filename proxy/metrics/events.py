@@ -50,11 +50,17 @@ CLIENT_REQUEST: ContextVar[ClientRequest | None] = ContextVar("regcache_client_r
 class Events:
     # Whether this sink reads CLIENT_REQUEST: only then is it set for every request.
     reads_client_request = False
+    # The events this class gives a body, found once as each subclass is defined.
+    _heard: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._heard = frozenset(name for name in _EVENTS if getattr(cls, name) is not getattr(Events, name))
 
     def listens(self, event: str) -> bool:
-        """Whether a subclass gives the method named ``event`` a body: what only that event would use
-        (a pulled content's URL, built on every cached manifest) need not be built otherwise."""
-        return getattr(type(self), event) is not getattr(Events, event)
+        """Whether this sink does something on ``event`` (a method's name): what only that event
+        would use (a pulled content's URL, built on every cached manifest) need not be built otherwise."""
+        return event in self._heard
 
     def manifest(self, upstream: str, result: str) -> None:
         """A manifest was served: hit, miss, stale, revalidated or coalesced."""
@@ -113,6 +119,10 @@ class Events:
         """A client request ended (called by the access logger after the last byte)."""
 
 
+_EVENTS = [name for name, value in vars(Events).items()
+           if callable(value) and not name.startswith("_") and name != "listens"]
+
+
 class Fanout(Events):
     """Every event to each of several consumers, in order (metrics first, then notifications)."""
 
@@ -120,9 +130,6 @@ class Fanout(Events):
         self.sinks = sinks
         self._heard = frozenset(name for name in _EVENTS if any(sink.listens(name) for sink in sinks))
         self.reads_client_request = any(sink.reads_client_request for sink in sinks)
-
-    def listens(self, event: str) -> bool:
-        return event in self._heard
 
     def find(self, kind: type[T]) -> T | None:
         return next((s for s in self.sinks if isinstance(s, kind)), None)
@@ -138,8 +145,6 @@ def _forward(name: str) -> Callable[..., None]:
 
 
 # Generated rather than written out, so a method added to Events reaches every sink.
-_EVENTS = [name for name, value in vars(Events).items() if callable(value) and not name.startswith("_")
-           and name != "listens"]
 for _name in _EVENTS:
     setattr(Fanout, _name, _forward(_name))
 
