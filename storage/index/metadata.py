@@ -114,8 +114,9 @@ class Metadata:
         """The repository's id; None while nothing was ever recorded in it (a lookup makes no row:
         any client can ask for any name)."""
         key = RepositoryName(upstream, name)
-        if key in self._repo_ids:
-            return self._repo_ids[key]
+        known = self._repo_ids.get(key)
+        if known is not None:
+            return known
         row = await self._db.one("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key)
         if row is None:
             return None
