@@ -136,9 +136,10 @@ class PullThrough:
     def _client(self, route: Route) -> UpstreamClient:
         return self.upstreams[route.upstream_name]
 
-    async def _repository(self, route: Route) -> int | None:
-        """The repository's id; None while nothing is recorded in it (a request makes no row)."""
-        return await self.metadata.repository_id(route.upstream_name, route.repository)
+    def _repository(self, route: Route) -> Awaitable[int | None]:
+        """The repository's id; None while nothing is recorded in it (a request makes no row).
+        Metadata's own coroutine, not one more around it: every manifest asks twice."""
+        return self.metadata.repository_id(route.upstream_name, route.repository)
 
     # Manifests ---------------------------------------------------------------
 
