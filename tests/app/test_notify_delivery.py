@@ -109,3 +109,20 @@ async def test_ignored_actions_and_media_types_are_never_sent(fake, aiohttp_serv
     await pull_all(proxy, [digest_of(layer) for layer in LAYERS])
     await find_sink(proxy.server.app[EVENTS], Notifier).drain()  # type: ignore[union-attr]
     assert [(e["action"], e["target"]["digest"]) for e in hook.events] == [("pull", fake_manifest_digest(fake))]
+
+
+async def test_events_name_the_client_request_that_caused_them(fake, aiohttp_server, aiohttp_client, tmp_path):
+    """The fill a client's GET started and the pull it made both carry that request's id, method
+    and user agent, as the distribution registry's events do."""
+    hook = await start_webhook(aiohttp_server)
+    proxy = await start_proxy(aiohttp_server, aiohttp_client, settings_for(fake, tmp_path / "d", url=hook.url))
+    fake.add_image("team/app", "1", LAYERS)
+    headers = {"X-Request-Id": "req-42", "User-Agent": "containerd/2.0"}
+    assert (await proxy.get("/v2/team/app/manifests/1", headers=headers)).status == 200
+    await proxy.server.app[PULLTHROUGH].settle()
+    await find_sink(proxy.server.app[EVENTS], Notifier).drain()  # type: ignore[union-attr]
+    named = {e["action"]: e["request"] for e in hook.events}
+    assert set(named) == {"fill", "pull"}
+    for request in named.values():
+        assert (request["id"], request["method"], request["useragent"]) == ("req-42", "GET", "containerd/2.0")
+        assert request["addr"] == "127.0.0.1" and request["host"]
