@@ -11,25 +11,52 @@ import contextlib
 import itertools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import aiosqlite
 
 from storage.errors import StoreFull
 from storage.index.schema import migrate
 
+T = TypeVar("T")
 Statement = tuple[str, tuple]
-# Statements worked out inside the transaction that runs them (from rows it reads first).
-Prepared = Callable[[aiosqlite.Connection], Awaitable[list[Statement]]]
+# Statements worked out inside the transaction that runs them (from rows it reads first),
+# on the connection's thread.
+Prepared = Callable[[sqlite3.Connection], list[Statement]]
 
 
 async def fetch(connection: aiosqlite.Connection, sql: str, args: tuple = ()) -> list[tuple]:
-    """Every row of one query; inside a ``writing`` block, on that transaction's connection."""
-    async with connection.execute(sql, args) as cur:
-        # No row factory is set: the rows are plain tuples.
-        return cast("list[tuple]", list(await cur.fetchall()))
+    """Every row of one query; inside a ``writing`` block, on that transaction's connection.
+
+    One trip to the connection's thread (a cursor's execute, fetch and close are three)."""
+    # No row factory is set: the rows are plain tuples.
+    return cast("list[tuple]", list(await connection.execute_fetchall(sql, args)))
+
+
+def _execute(connection: sqlite3.Connection, statements: list[Statement]) -> None:
+    # Consecutive rows of one statement go in one executemany (a manifest's ~2 per layer).
+    for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):
+        rows = [args for _, args in group]
+        if len(rows) == 1:
+            connection.execute(sql, rows[0])
+        else:
+            connection.executemany(sql, rows)
+
+
+def _atomically(connection: sqlite3.Connection, job: Callable[[sqlite3.Connection], T]) -> T:
+    """``job`` in one write transaction, on the connection's thread: committed, or rolled back and raised."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        result = job(connection)
+        connection.execute("COMMIT")
+    except BaseException:
+        # SQLite may already have rolled back (a full disk does that).
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    return result
 
 
 class Database:
@@ -75,20 +102,37 @@ class Database:
         return rows[0] if rows else None
 
     async def transaction(self, statements: list[Statement] | Prepared) -> None:
+        """Statements (or those ``statements`` works out from what it reads) in one write transaction."""
+        if callable(statements):
+            prepare = statements
+            await self.atomically(lambda connection: _execute(connection, prepare(connection)))
+        else:
+            await self.atomically(lambda connection: _execute(connection, statements))
+
+    async def atomically(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """``job``'s result, once it ran in one write transaction that committed.
+
+        The whole transaction is one trip to the connection's thread: each trip
+        costs two thread wake-ups, and a fill records its blob in one. ``job`` runs
+        on that thread, so it only calls the ``sqlite3`` connection it is given
+        (and must not block on the loop). Cancelled, this stops waiting but the
+        transaction still runs to its end: it is queued on the connection's thread
+        before anything later, so it never overlaps another.
+        """
         started = time.perf_counter()
-        async with self.writing() as connection:
-            if callable(statements):
-                statements = await statements(connection)
-            # Each call is a trip to the connection's thread and back: consecutive
-            # rows of one statement go in one executemany (a manifest's ~2 per layer).
-            for sql, group in itertools.groupby(statements, key=lambda statement: statement[0]):
-                rows = [args for _, args in group]
-                if len(rows) == 1:
-                    await connection.execute(sql, rows[0])
-                else:
-                    await connection.executemany(sql, rows)
+        async with self._write_lock:
+            connection = self.connection
+            try:
+                # aiosqlite runs each call on the connection's one thread, in order;
+                # ``_execute`` queues any callable there (its public calls queue one statement).
+                result = cast(T, await connection._execute(_atomically, connection._conn, job))
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise StoreFull("no space left for the metadata database") from exc
+                raise
         if self.observe:
             self.observe("write", time.perf_counter() - started)
+        return result
 
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -9,6 +9,7 @@ and manifest writes commit immediately.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
-import aiosqlite
-
 from storage.index.collect import CollectQueries
 from storage.index.consistency import ConsistencyQueries
-from storage.index.database import Database, Statement, fetch
+from storage.index.database import Database, Statement
 from storage.index.listing import ListingQueries
 from storage.index.referrers import ReferrerQueries
 from storage.index.replicas import ReplicaQueries
@@ -132,12 +131,11 @@ class Metadata:
         empty, so a concurrent prune cannot take it between the two."""
         ids: dict[RepositoryName, int] = {}
 
-        async def prepare(db: aiosqlite.Connection) -> list[Statement]:
+        def prepare(db: sqlite3.Connection) -> list[Statement]:
             for key in dict.fromkeys(repositories):
-                await db.execute(
-                    "INSERT INTO repositories (upstream, name, created_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT(upstream, name) DO NOTHING", (*key, time.time()))
-                ids[key] = (await fetch(db, "SELECT id FROM repositories WHERE upstream = ? AND name = ?", key))[0][0]
+                db.execute("INSERT INTO repositories (upstream, name, created_at) VALUES (?, ?, ?) "
+                           "ON CONFLICT(upstream, name) DO NOTHING", (*key, time.time()))
+                ids[key] = db.execute("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key).fetchone()[0]
             return statements(ids)
 
         await self._db.transaction(prepare)

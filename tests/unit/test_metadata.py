@@ -72,6 +72,38 @@ async def test_a_transaction_cancelled_during_its_commit_stays_cancelled_and_com
         await metadata.close()
 
 
+async def test_a_one_trip_transaction_rolls_back_on_error_and_commits_when_its_waiter_is_cancelled(tmp_path):
+    import asyncio
+
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    db = metadata._db
+    slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) SELECT count(*) FROM n"
+
+    def failing(connection):
+        connection.execute("INSERT INTO meta (key, value) VALUES ('a', '1')")
+        raise ValueError("half way")
+
+    try:
+        with pytest.raises(ValueError):
+            await db.atomically(failing)
+        assert await db.one("SELECT value FROM meta WHERE key = 'a'") is None
+        assert not db.connection.in_transaction
+        # Queued behind a slow read, then its waiter goes: the transaction still runs, whole.
+        busy = asyncio.ensure_future(db.all(slow))
+        await asyncio.sleep(0)
+        task = asyncio.create_task(db.transaction([("INSERT INTO meta (key, value) VALUES ('b', '2')", ())]))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await busy
+        assert await db.one("SELECT value FROM meta WHERE key = 'b'") == ("2",)
+        assert await db.atomically(lambda c: c.execute("SELECT value FROM meta WHERE key = 'b'").fetchone()) == ("2",)
+    finally:
+        await metadata.close()
+
+
 REPO = RepositoryName("up.test", "team/app")
 
 
