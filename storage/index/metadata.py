@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
+from storage.index.batched import Batched
 from storage.index.collect import CollectQueries
 from storage.index.consistency import ConsistencyQueries
 from storage.index.database import Database, Statement
@@ -25,6 +26,32 @@ from storage.index.referrers import ReferrerQueries
 from storage.index.replicas import ReplicaQueries
 from storage.index.rows import BlobRow, ImageKey, ManifestRow, RepositoryName, StoreSummary
 from storage.oci.manifests import ParsedManifest
+
+# (repository to link it to, digest, size) of a committed blob.
+_BlobRow = tuple[RepositoryName | None, str, int]
+
+
+def _repository_rows(db: sqlite3.Connection, repositories: list[RepositoryName]) -> dict[RepositoryName, int]:
+    """The ids of ``repositories``, each row made first when missing; inside a write transaction."""
+    ids = {}
+    for key in dict.fromkeys(repositories):
+        db.execute("INSERT INTO repositories (upstream, name, created_at) VALUES (?, ?, ?) "
+                   "ON CONFLICT(upstream, name) DO NOTHING", (*key, time.time()))
+        ids[key] = db.execute("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key).fetchone()[0]
+    return ids
+
+
+def _record_blobs(db: sqlite3.Connection, blobs: list[_BlobRow]) -> list[int | None]:
+    """The rows of committed blobs and their links, in one transaction: each one's repository id."""
+    now = time.time()
+    ids = _repository_rows(db, [repository for repository, _, _ in blobs if repository is not None])
+    db.executemany("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(digest) DO UPDATE SET size = excluded.size",
+                   [(digest, size, now, now) for _, digest, size in blobs])
+    db.executemany("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT DO UPDATE SET size = excluded.size",
+                   [(ids[repo], digest, size, now) for repo, digest, size in blobs if repo is not None])
+    return [None if repository is None else ids[repository] for repository, _, _ in blobs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,7 @@ class Metadata:
         self.consistency = ConsistencyQueries(self._db)
         self.listing = ListingQueries(self._db)
         self.referrers = ReferrerQueries(self._db)
+        self._blob_rows: Batched[_BlobRow, int | None] = Batched(self._db, _record_blobs)
 
     @property
     def observe(self) -> Callable[[str, float], None] | None:
@@ -71,6 +99,7 @@ class Metadata:
 
     async def close(self) -> None:
         if self._db.is_open:
+            await self._blob_rows.settle()
             await self.flush()
             await self._db.close()
 
@@ -132,10 +161,7 @@ class Metadata:
         ids: dict[RepositoryName, int] = {}
 
         def prepare(db: sqlite3.Connection) -> list[Statement]:
-            for key in dict.fromkeys(repositories):
-                db.execute("INSERT INTO repositories (upstream, name, created_at) VALUES (?, ?, ?) "
-                           "ON CONFLICT(upstream, name) DO NOTHING", (*key, time.time()))
-                ids[key] = db.execute("SELECT id FROM repositories WHERE upstream = ? AND name = ?", key).fetchone()[0]
+            ids.update(_repository_rows(db, repositories))
             return statements(ids)
 
         await self._db.transaction(prepare)
@@ -350,19 +376,14 @@ class Metadata:
     async def record_blob(self, repository: None, digest: str, size: int) -> None: ...
 
     async def record_blob(self, repository: RepositoryName | None, digest: str, size: int) -> int | None:
-        """A committed blob, linked to ``repository`` when given; that repository's id."""
-        now = time.time()
-        blob: Statement = ("INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT(digest) DO UPDATE SET size = excluded.size", (digest, size, now, now))
-        if repository is None:
-            await self._db.transaction([blob])
-            return None
-        ids = await self._recording([repository], lambda ids: [
-            blob,
-            ("INSERT INTO repository_blobs (repository_id, digest, size, linked_at) VALUES (?, ?, ?, ?) "
-             "ON CONFLICT DO UPDATE SET size = excluded.size", (ids[repository], digest, size, now)),
-        ])
-        return ids[repository]
+        """A committed blob, linked to ``repository`` when given; that repository's id.
+
+        Returns once the row is committed; blobs recorded meanwhile share a transaction."""
+        repository_id = await self._blob_rows.write((repository, digest, size))
+        if repository is not None:
+            assert repository_id is not None
+            self._repo_ids[repository] = repository_id
+        return repository_id
 
     async def link_blob(self, repository: RepositoryName, digest: str, size: int | None) -> int:
         """The upstream confirmed the repository has the blob; the repository's id."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 
 import pytest
@@ -346,3 +347,53 @@ async def test_a_version_2_index_gains_the_puller_column_and_keeps_its_images(tm
     metadata = Metadata(path)
     await metadata.open()
     await metadata.close()
+
+
+async def test_blobs_recorded_while_a_transaction_runs_share_the_next_one(metadata):
+    import asyncio
+
+    writes: list[str] = []
+    metadata.observe = lambda operation, seconds: writes.append(operation)
+    other = RepositoryName("up.test", "team/other")
+    ids = await asyncio.gather(*(
+        metadata.record_blob(REPO if i % 2 else other, _digest(f"blob{i}"), i) for i in range(10)))
+    # All ten were queued before the first transaction could start: they share it.
+    assert writes == ["write"]
+    assert len(set(ids)) == 2 and ids[1] == ids[3] == await metadata.repository_id(*REPO)
+    for i in range(10):
+        assert await metadata.blob_size(_digest(f"blob{i}")) == i
+        assert await metadata.link(ids[i], _digest(f"blob{i}")) == (True, i)
+
+
+async def test_a_failed_batch_fails_each_of_its_writers_and_the_next_batch_goes_on(metadata):
+    import asyncio
+
+    connection = metadata._db.connection
+    await connection.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON blobs WHEN NEW.size = 13 BEGIN SELECT RAISE(ABORT, 'no'); END")
+    writes: list[str] = []
+    metadata.observe = lambda operation, seconds: writes.append(operation)
+    first = asyncio.ensure_future(metadata.record_blob(REPO, _digest("first"), 1))
+    for _ in range(3):  # its transaction is on the connection's thread: later ones wait for the next
+        await asyncio.sleep(0)
+    batch = [asyncio.ensure_future(metadata.record_blob(REPO, _digest(f"b{size}"), size)) for size in (12, 13)]
+    assert await first
+    for task in batch:
+        with pytest.raises(sqlite3.IntegrityError):
+            await task
+    assert writes == ["write"]  # the first one's; the two others shared one that failed
+    assert await metadata.blob_size(_digest("b12")) is None
+    await metadata.record_blob(REPO, _digest("after"), 2)
+    assert await metadata.blob_size(_digest("after")) == 2
+
+
+async def test_a_blob_row_is_written_when_its_writer_stops_waiting(metadata):
+    import asyncio
+
+    task = asyncio.create_task(metadata.record_blob(REPO, _digest("left"), 3))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await metadata._blob_rows.settle()
+    assert await metadata.blob_size(_digest("left")) == 3
