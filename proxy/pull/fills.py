@@ -45,16 +45,18 @@ class Fills:
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(str(digest))
 
-    def start(self, digest: Digest, route: Route, client: UpstreamClient) -> Fill:
-        """A new fill of ``digest`` from ``client``; the caller has made sure none is running."""
+    def start(self, digest: Digest, route: Route, client: UpstreamClient, descriptor_size: int | None = None) -> Fill:
+        """A new fill of ``digest`` from ``client``; the caller has made sure none is running.
+        ``descriptor_size``: the size the repository's manifests gave the blob, when the caller
+        knows it (otherwise the fill asks the index)."""
         fill = Fill(digest, route.upstream_name, route.repository, self.store)
         self._fills[str(digest)] = fill
-        task = asyncio.create_task(self._run(fill, route, client))
+        task = asyncio.create_task(self._run(fill, route, client, descriptor_size))
         self._tasks[task] = fill
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return fill
 
-    async def _run(self, fill: Fill, route: Route, client: UpstreamClient) -> None:
+    async def _run(self, fill: Fill, route: Route, client: UpstreamClient, descriptor_size: int | None) -> None:
         attributes = {"regcache.upstream": route.upstream_name, "regcache.repository": route.repository,
                       "regcache.digest": str(fill.digest)}
         try:
@@ -63,7 +65,7 @@ class Fills:
                     lease = await self._lease(route, fill)
                     if lease is not None:
                         try:
-                            await self._fetch(fill, route, client)
+                            await self._fetch(fill, route, client, descriptor_size)
                         finally:
                             await lease.release()
         except BaseException as exc:
@@ -98,10 +100,11 @@ class Fills:
             if lease is not None:
                 return lease
 
-    async def _fetch(self, fill: Fill, route: Route, client: UpstreamClient) -> None:
+    async def _fetch(self, fill: Fill, route: Route, client: UpstreamClient, expected: int | None) -> None:
         # The repository's row is made when the blob is recorded, not before: the
         # upstream may not have it, and a request for a made-up name leaves nothing.
-        expected = await self.metadata.descriptor_size(route.repository_name, str(fill.digest))
+        if expected is None:
+            expected = await self.metadata.descriptor_size(route.repository_name, str(fill.digest))
         self.events.fill_started(route.upstream_name)
         try:
             async with client.open_blob(route.repository, str(fill.digest)) as stream:
@@ -139,7 +142,7 @@ class Fills:
         finally:
             self.events.fill_finished(route.upstream_name)
         repo_id = await self.metadata.record_blob(route.repository_name, str(fill.digest), written)
-        self.links.add(repo_id, str(fill.digest))
+        self.links.add(repo_id, str(fill.digest), written, stored=True)
         fill.succeed(written)
         self.events.committed("blob", self._content(route, fill, written))
 

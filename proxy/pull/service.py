@@ -185,9 +185,9 @@ class PullThrough:
             return False
         if (repo_id, digest) in self.links:
             return True
-        linked, _ = await self.metadata.link(repo_id, digest)
+        linked, size = await self.metadata.link(repo_id, digest)
         if linked:
-            self.links.add(repo_id, digest)
+            self.links.add(repo_id, digest, size)
         return linked
 
     async def _manifest_by_digest(self, route: Route, digest: str) -> Manifest:
@@ -374,10 +374,10 @@ class PullThrough:
         # The rows just written link what the manifest references: the client's
         # GETs of its config and layers, next, need no query (which would wait
         # behind the fills' commits on the one connection).
-        self.links.add(repo_id, digest)
+        self.links.add(repo_id, digest, len(data))
         for ref in parsed.references:
             if ref.kind in ("config", "layer", "manifest"):
-                self.links.add(repo_id, str(ref.digest))
+                self.links.add(repo_id, str(ref.digest), ref.size if ref.size >= 0 else None)
         return repo_id, parsed.media_type
 
     async def _publish(self, route: Route, digest: str, media_type: str, tag: str | None) -> None:
@@ -428,7 +428,7 @@ class PullThrough:
         # makes concurrent misses share a single upstream fetch.
         client = self._client(route)
         client.breaker.check()  # an unreachable upstream: 503 at once, no fill
-        fill = self.fills.start(digest, route, client)
+        fill = self.fills.start(digest, route, client, self._descriptor_size(repo_id, key))
         self.events.blob(route.upstream_name, "miss", None)
         return FillingBlob(fill, "miss", self._range_fetcher(route, key))
 
@@ -437,15 +437,20 @@ class PullThrough:
         fill brings the whole blob (proxy.pull.answers.FillingBlob)."""
         return partial(self._client(route).open_blob_range, route.repository, digest)
 
+    def _descriptor_size(self, repo_id: int | None, digest: str) -> int | None:
+        """The size the repository's manifests gave the blob, when remembered (None: the fill asks the index)."""
+        return None if repo_id is None else self.links.size(repo_id, digest)
+
     async def _prefetch_blob(self, route: Route, digest: Digest) -> Fill | None:
         """Start a fill nobody asked for yet; None when the blob is stored or filling."""
         if await self.store.stat(digest) is not None:
             return None
+        repo_id = await self._repository(route)  # remembered: the manifest was just recorded
         # No await from here to the start: a fill begun meanwhile is found (single flight).
         # Prefetch pauses while the upstream is unreachable: clients' own GETs will ask.
         if self.fills.get(digest) is not None or self._client(route).breaker.is_open:
             return None
-        fill = self.fills.start(digest, route, self._client(route))
+        fill = self.fills.start(digest, route, self._client(route), self._descriptor_size(repo_id, str(digest)))
         self.events.prefetched(route.upstream_name)
         return fill
 

@@ -29,7 +29,7 @@ from proxy.upstream.responses import BlobPart, BlobStream
 from storage import paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
-from storage.errors import DigestMismatch
+from storage.errors import DigestMismatch, SizeMismatch
 from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
 
@@ -98,11 +98,14 @@ async def _read(answer: FillingBlob, offset: int, length: int) -> bytes:
 class Index:
     """The two index calls a fill makes."""
 
-    def __init__(self) -> None:
+    def __init__(self, descriptor_size: int | None = None) -> None:
         self.recorded: list[tuple[RepositoryName, str, int]] = []
+        self.descriptor_size_asked = 0
+        self._descriptor_size = descriptor_size
 
     async def descriptor_size(self, repository: RepositoryName, digest: str) -> int | None:
-        return None
+        self.descriptor_size_asked += 1
+        return self._descriptor_size
 
     async def record_blob(self, repository: RepositoryName, digest: str, size: int) -> int:
         self.recorded.append((repository, digest, size))
@@ -346,3 +349,27 @@ async def test_a_range_asked_early_but_not_sent_first_is_let_go(store):
     upstream.answering.set()
     upstream.push(BLOB, END)
     assert await answer.stored() == len(BLOB)
+
+
+async def test_a_size_the_caller_knows_from_a_descriptor_spares_the_index_query(store):
+    # No Content-Length: the descriptor's size is the one the fill checks the body against.
+    upstream = PushedUpstream(None)
+    index = Index()
+    fill = make_fills(store, index).start(DIGEST, ROUTE, upstream, len(BLOB))  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    upstream.push(BLOB, END)
+    assert await answer.opened() == len(BLOB)
+    assert await answer.stored() == len(BLOB)
+    assert index.descriptor_size_asked == 0
+
+
+async def test_without_a_size_from_the_caller_the_fill_asks_the_index(store):
+    upstream = PushedUpstream(None)
+    index = Index(descriptor_size=len(BLOB) - 1)
+    fill = make_fills(store, index).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    upstream.push(BLOB, END)
+    assert await answer.opened() == len(BLOB) - 1
+    with pytest.raises(SizeMismatch):
+        await answer.stored()
+    assert index.descriptor_size_asked == 1

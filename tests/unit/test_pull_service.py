@@ -117,6 +117,25 @@ async def test_a_stored_blob_is_served_to_another_repository_only_once_the_upstr
     assert upstream.count("GET", f"/blobs/{digest}") == 1
 
 
+async def test_a_blob_of_an_image_just_fetched_is_filled_without_asking_the_index_its_size(pull, upstream):
+    upstream.add_image("team/app", "1", [LAYER])
+    route, digest = route_to("team/app"), Digest.parse(digest_of(LAYER))
+    await pull.manifest(route, ManifestReference(tag="1"), [OCI_MANIFEST])
+    asked: list[str] = []
+
+    async def descriptor_size(repository: object, digest: str) -> int | None:
+        asked.append(digest)
+        return None
+
+    pull.metadata.descriptor_size = descriptor_size  # type: ignore[method-assign]
+    miss = await pull.blob(route, digest)
+    assert isinstance(miss, FillingBlob)
+    assert await body(miss) == LAYER
+    assert await miss.stored() == len(LAYER)
+    assert asked == [], "the manifest's descriptor said the size"
+    assert pull.links.size(await pull.metadata.repository_id("fake.test", "team/app"), str(digest)) == len(LAYER)
+
+
 async def test_a_manifest_is_a_miss_then_a_hit(pull, upstream):
     digest = upstream.add_image("team/app", "1", [LAYER])
     route = route_to("team/app")
