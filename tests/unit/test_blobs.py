@@ -12,7 +12,7 @@ import pytest
 from storage import paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
-from storage.errors import DigestMismatch, SizeMismatch
+from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
 
 BIG = os.urandom(3 * FLUSH_BYTES + 12345)  # several batches, through the worker thread
@@ -146,3 +146,38 @@ async def test_a_spool_reader_wakes_when_the_writer_aborts(store):
 async def _chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
     for part in parts:
         yield part
+
+
+async def test_a_small_blob_is_reserved_and_written_on_the_loop_and_committed_in_one_thread_job(store, monkeypatch):
+    jobs: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(function, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        jobs.append(function.__name__)
+        return await to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    small = os.urandom(48 * 1024)
+    writer = await store.writer(digest_of(small), len(small))
+    await writer.write(small[:1000])
+    await writer.write(small[1000:])
+    assert await writer.finish() == len(small)
+    assert jobs == ["_commit_sync"]
+    assert await read_all(store, digest_of(small)) == small
+    # A big one's reservation goes to a thread: posix_fallocate may write every block.
+    jobs.clear()
+    writer = await store.writer(digest_of(BIG), len(BIG))
+    assert jobs == ["_reserve_sync"]
+    await writer.abort()
+
+
+async def test_a_small_reservation_the_filesystem_refuses_is_store_full(store, monkeypatch):
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    full: list[bool] = []
+    store.on_full = lambda: full.append(True)
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    with pytest.raises(StoreFull):
+        await store.writer(digest_of(b"x" * 100), 100)
+    assert full == [True]
