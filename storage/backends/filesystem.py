@@ -1,7 +1,8 @@
 """Blobs as files under the data directory (the layout in ``storage.paths``).
 
 Commit is fsync of the temp file, ``os.replace`` into place and fsync of the
-directory, so a crash leaves either the whole verified blob or nothing. The
+directory (a prefix directory made for it is fsynced in its parent first), so
+a crash leaves either the whole verified blob or nothing. The
 spool file is not handed to the disk early (sync_file_range while filling):
 that made a fill as slow as the disk, and clients no longer wait for the
 commit's fsync (their last byte goes out once the digest is verified).
@@ -71,8 +72,14 @@ class FileUpload(Upload):
         self._file.close()
         self._closed = True
         directory = os.path.dirname(self.final_path)
-        os.makedirs(directory, exist_ok=True)
-        os.replace(self.spool_path, self.final_path)
+        try:
+            os.replace(self.spool_path, self.final_path)
+        except FileNotFoundError:
+            # The first blob under its prefix (or the spool file is gone, which the
+            # second try raises): the directory is made first. Not made up front, since
+            # every syscall here takes the GIL back while the loop may hold it.
+            _make_dirs(directory)
+            os.replace(self.spool_path, self.final_path)
         _fsync_dir(directory)
 
     async def commit(self) -> None:
@@ -89,6 +96,18 @@ class FileUpload(Upload):
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _make_dirs(directory: str) -> None:
+    """``os.makedirs``, each new directory made durable in its parent, as a committed blob's name is."""
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(parent):
+        _make_dirs(parent)
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        return
+    _fsync_dir(parent)
 
 
 def _fsync_dir(path: str) -> None:

@@ -181,3 +181,28 @@ async def test_a_small_reservation_the_filesystem_refuses_is_store_full(store, m
     with pytest.raises(StoreFull):
         await store.writer(digest_of(b"x" * 100), 100)
     assert full == [True]
+
+
+async def test_a_commit_makes_a_missing_prefix_directory_durable_and_an_existing_one_costs_nothing(
+    store, tmp_path, monkeypatch
+):
+    from storage.backends import filesystem
+
+    synced: list[str] = []
+    made: list[str] = []
+    fsync_dir, mkdir = filesystem._fsync_dir, os.mkdir
+    monkeypatch.setattr(filesystem, "_fsync_dir", lambda path: (synced.append(path), fsync_dir(path))[1])
+    monkeypatch.setattr(os, "mkdir", lambda path, *a: (made.append(str(path)), mkdir(path, *a))[1])
+    first = os.urandom(1000)
+    await store.put(digest_of(first), first)
+    prefix = os.path.dirname(paths.blob_path(tmp_path, digest_of(first)))
+    algorithm = os.path.dirname(prefix)
+    assert made == [algorithm, prefix]
+    assert synced == [str(tmp_path / paths.BLOBS), algorithm, prefix]
+    synced.clear()
+    made.clear()
+    hexes = digest_of(first).hex[:2]
+    sibling = next(data for data in (os.urandom(1000) for _ in range(100_000)) if digest_of(data).hex[:2] == hexes)
+    await store.put(digest_of(sibling), sibling)
+    assert made == [] and synced == [prefix]
+    assert await read_all(store, digest_of(sibling)) == sibling
