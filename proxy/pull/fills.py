@@ -84,9 +84,13 @@ class Fills:
         A replica that loses the race waits for the holder's commit and then
         serves the blob from the store (None here); if the holder gives up or
         dies, its lease is released or expires and this replica takes over.
-        A store nobody else writes to grants the lease at once.
+        A store nobody else writes to grants the lease at once, and asks no
+        second look: only this process commits there, one fill per digest at a
+        time (a load committing the same digest meanwhile writes the same bytes).
         """
         backend = self.store.backend
+        if backend.shared is None:
+            return FillLease()
         while True:
             lease = await backend.acquire_fill_lease(fill.digest)
             # Committed by another replica between our first look and now?

@@ -231,7 +231,23 @@ async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
     assert b"".join([os.pread(p.fd, p.length, p.offset) async for p in slices]) == BLOB
 
 
-async def test_a_blob_another_replica_stored_first_is_read_from_the_store(store):
+class SharedFilesystem(FilesystemBackend):
+    """A filesystem store as if other replicas wrote to it too (as an S3 bucket is shared)."""
+
+    stats = 0
+
+    @property
+    def shared(self):  # type: ignore[override]
+        return object()
+
+    async def stat(self, digest: Digest) -> int | None:
+        self.stats += 1
+        return await super().stat(digest)
+
+
+async def test_a_blob_another_replica_stored_first_is_read_from_the_store(tmp_path):
+    store = BlobStore(SharedFilesystem(tmp_path))
+    await store.start()
     await store.put(DIGEST, BLOB)
     upstream = PushedUpstream(len(BLOB))
     index = Index()
@@ -373,3 +389,17 @@ async def test_without_a_size_from_the_caller_the_fill_asks_the_index(store):
     with pytest.raises(SizeMismatch):
         await answer.stored()
     assert index.descriptor_size_asked == 1
+
+
+async def test_a_store_nobody_else_writes_to_takes_no_second_look_before_the_fetch(tmp_path):
+    class Alone(SharedFilesystem):
+        shared = None  # type: ignore[assignment]
+
+    for backend, looks in ((Alone(tmp_path / "alone"), 0), (SharedFilesystem(tmp_path / "shared"), 1)):
+        store = BlobStore(backend)
+        await store.start()
+        upstream = PushedUpstream(len(BLOB))
+        fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+        upstream.push(BLOB, END)
+        assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(BLOB)
+        assert backend.stats == looks
