@@ -204,8 +204,11 @@ async def _send_slices(
     response.content_length = size
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
-    assert request.transport is not None
-    sender = filesend.FileSender(request.transport)
+    transport = request.transport
+    assert transport is not None
+    # Made for the first slice too big to copy here: a small blob's slices never need
+    # one (nor its duplicated socket, stop event and address check).
+    sender: filesend.FileSender | None = None
     try:
         try:
             async with contextlib.aclosing(slices) as landed:
@@ -214,6 +217,8 @@ async def _send_slices(
                     on_loop = 1 if last else 0
                     # A small range costs less to copy here than to hand to a thread and back.
                     if length - on_loop > INLINE_RANGE:
+                        if sender is None:
+                            sender = filesend.FileSender(transport)
                         await sender.send(fd, offset, length - on_loop, stall)
                         offset, length = offset + length - on_loop, on_loop
                     if length:
@@ -224,7 +229,8 @@ async def _send_slices(
         except filesend.Stalled:
             raise slowclient.cut(request, stall) from None
         finally:
-            sender.close()
+            if sender is not None:
+                sender.close()
     except Exception as exc:
         _abort(request, exc)
     await response.write_eof()
