@@ -21,6 +21,7 @@ from pathlib import Path
 from storage import paths
 from storage.backends.base import BlobBackend, Upload
 from storage.errors import BlobUnknown, StoreFull, StoreUnavailable
+from storage.jobs import Jobs
 from storage.oci.digest import Digest
 
 READ_CHUNK = 1024 * 1024
@@ -28,6 +29,10 @@ READ_CHUNK = 1024 * 1024
 # glibc's block-by-block fallback where the filesystem has no fallocate) costs less
 # than the hand-off to a thread and back, as the small writes that follow it do.
 INLINE_RESERVE = 64 * 1024
+# Commits (fsync, rename, directory fsync) run here: one per blob, so the hand-off is
+# the light one (storage.jobs). Enough threads that a big blob's slow fsync does not
+# hold small ones back.
+_COMMITS = Jobs("regcache-commit", max_threads=16)
 
 
 class FileUpload(Upload):
@@ -83,7 +88,7 @@ class FileUpload(Upload):
         _fsync_dir(directory)
 
     async def commit(self) -> None:
-        await asyncio.to_thread(self._commit_sync)
+        await _COMMITS.run(self._commit_sync)
 
     async def abort(self) -> None:
         if not self._closed:

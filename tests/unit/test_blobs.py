@@ -156,7 +156,16 @@ async def test_a_small_blob_is_reserved_and_written_on_the_loop_and_committed_in
         jobs.append(function.__name__)
         return await to_thread(function, *args, **kwargs)
 
+    from storage.backends import filesystem
+
+    run = filesystem._COMMITS.run
+
+    async def committed(function):  # type: ignore[no-untyped-def]
+        jobs.append(function.__name__)
+        return await run(function)
+
     monkeypatch.setattr(asyncio, "to_thread", counted)
+    monkeypatch.setattr(filesystem._COMMITS, "run", committed)
     small = os.urandom(48 * 1024)
     writer = await store.writer(digest_of(small), len(small))
     await writer.write(small[:1000])
