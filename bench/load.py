@@ -53,10 +53,11 @@ class Transfer:
         return max(d.ttfb for d in self.downloads)
 
 
-def download(urls: Sequence[str], timeout: float = 600, headers: Sequence[str] = ()) -> Transfer:
-    """GET every URL at the same time, one curl process each, with the same ``headers``."""
+def download(urls: Sequence[str], timeout: float = 600, headers: Sequence[str] = (), follow: bool = False) -> Transfer:
+    """GET every URL at the same time, one curl process each, with the same ``headers``;
+    ``follow`` follows redirects (the times then include the redirect's round trip)."""
     start = time.perf_counter()
-    sent = [arg for header in headers for arg in ("-H", header)]
+    sent = [arg for header in headers for arg in ("-H", header)] + (["-L"] if follow else [])
     procs = [
         subprocess.Popen(
             ["curl", "-sS", "--max-time", str(int(timeout)), *sent, "-o", "/dev/null", "-w", _CURL_FORMAT, url],
@@ -175,6 +176,24 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system time of these processes so far (``/proc/PID/stat``, clock ticks): unlike
+    the per-thread ``cpu_seconds`` it keeps the time of threads that have ended."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # The command name may hold spaces: the fields after it are counted from its ')'.
+                fields = f.read().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _TICK
 
 
 def skopeo_copy(src: str, dest: str, timeout: float = 900) -> float:

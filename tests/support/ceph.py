@@ -39,8 +39,10 @@ class CephError(RuntimeError):
 class CephRGW:
     """``with CephRGW(workdir) as rgw:`` gives ``rgw.endpoint``, keys and ``make_bucket()``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, memstore_bytes: int = 2 << 30) -> None:
+        """``memstore_bytes`` caps the RAM the OSD may fill (memstore allocates only what is stored)."""
         self.workdir = Path(workdir)
+        self.memstore_bytes = memstore_bytes
         self.fsid = str(uuid.uuid4())
         self.mon_port = free_port()
         self.rgw_port = free_port()
@@ -127,6 +129,22 @@ class CephRGW:
             out += [item["Key"] for item in page.get("Contents", [])]
         return out
 
+    def empty_bucket(self, bucket: str) -> None:
+        """Delete every object and incomplete multipart upload in ``bucket``, then collect RGW's
+        garbage: deleted objects' data stays in the OSD (in RAM, with memstore) until RGW's
+        garbage collection runs, two hours later by default."""
+        client = self.client()
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for key in self.keys(bucket):
+            client.delete_object(Bucket=bucket, Key=key)
+        self._run(["radosgw-admin", "-c", str(self.conf), "gc", "process", "--include-all"])
+
+    def pids(self) -> list[int]:
+        """The monitor, the OSD and radosgw: whose CPU time an S3 request costs."""
+        return [proc.pid for proc in self._procs if proc.poll() is None]
+
     def s3_settings(self, bucket: str, **extra: object) -> dict[str, object]:
         """A ``storage.s3`` settings mapping for regcache."""
         return {
@@ -155,7 +173,7 @@ mon data = {w}/mon/$cluster-$id
 osd data = {w}/osd/$cluster-$id
 rgw data = {w}/rgw/$cluster-$id
 osd objectstore = memstore
-memstore device bytes = 2G
+memstore device bytes = {self.memstore_bytes}
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8

@@ -416,7 +416,9 @@ class Registry:
         startup_timeout: float = 30.0,
     ) -> None:
         """``htpasswd`` maps user -> password; ``proxy_remote_url`` runs distribution as a
-        pull-through cache of that registry; ``extra_config`` is deep-merged into the config."""
+        pull-through cache of that registry; ``extra_config`` is deep-merged into the config
+        (a None value removes the key: ``{"storage": {"filesystem": None, "s3": {...}}}``,
+        as distribution refuses a config naming two storage drivers)."""
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="regcache-registry-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -469,6 +471,7 @@ class Registry:
 
     @property
     def pid(self) -> int | None:
+        """The registry process's id while it runs (benchmarks read its CPU time)."""
         return self._proc.pid if self.running and self._proc is not None else None
 
     # ---------------------------------------------------------------- lifecycle
@@ -571,8 +574,10 @@ class Registry:
         # JSON is YAML, so no YAML writer is needed.
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         # distribution maps REGISTRY_* variables onto its config (REGISTRY_AUTH_FILE, set for
-        # skopeo, would become an unknown auth backend), so the child gets none of them.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        # skopeo, would become an unknown auth backend), so the child gets none of them; nor
+        # AWS_*: its s3 driver takes its settings from the config, and an AWS_CA_BUNDLE in the
+        # environment makes it panic at start ("unable to load custom CA bundle").
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "AWS_"))}
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -747,7 +752,9 @@ class _AddressInUse(RegistryError):
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
