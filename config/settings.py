@@ -204,6 +204,10 @@ class S3Settings(_Model):
     lease_renew_interval: Duration | None = Field(default=None, gt=0)
     # Parts of a multipart upload; S3 needs at least 5 MiB for every part but the last.
     part_size: Size = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # SHA-256 every request body for its SigV4 signature (botocore's default over plain http,
+    # and over TLS when no checksum header goes along): only for a store that refuses
+    # UNSIGNED-PAYLOAD (storage.backends.s3.client says why it is off).
+    sign_payload: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> S3Settings:

@@ -7,12 +7,14 @@ session's Ceph RGW and a closed port.
 
 from __future__ import annotations
 
+import hashlib
+
 import aiohttp
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from config.settings import S3Settings
-from storage.backends.s3.client import S3Client, translate, translated
+from storage.backends.s3.client import S3Client, read_body, translate, translated
 from storage.errors import StoreObjectExists, StoreObjectUnknown, StoreRejected, StoreUnavailable
 from tests.support.daemons import closed_port
 
@@ -112,3 +114,20 @@ async def test_a_store_nobody_listens_on_is_unavailable() -> None:
             await client.head_bucket()
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("sign_payload", [False, True])
+async def test_bodies_go_unsigned_unless_sign_payload_and_the_real_store_takes_both(
+    rgw, make_client, sign_payload
+) -> None:
+    client = await make_client(bucket=rgw.make_bucket(), sign_payload=sign_payload)
+    sent: list[bytes] = []
+    client.api.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(request.headers["X-Amz-Content-SHA256"])
+    )
+    body = b"part of a blob" * 1000
+    await client.api.put_object(Bucket=client.bucket, Key="blob", Body=body)
+    got = await client.api.get_object(Bucket=client.bucket, Key="blob")
+    assert await read_body(got, "blob") == body
+    # Signed, the header is the body's SHA-256: botocore hashed every byte of it.
+    assert sent == [hashlib.sha256(body).hexdigest().encode() if sign_payload else b"UNSIGNED-PAYLOAD"]

@@ -119,7 +119,16 @@ class S3Client:
     async def open(self) -> None:
         s = self.settings
         config = AioConfig(
-            s3={"addressing_style": "path" if s.path_style else "auto"},
+            s3={
+                "addressing_style": "path" if s.path_style else "auto",
+                # botocore hashes every body it sends for the signature, on the event loop, over plain
+                # http and over TLS alike (no checksum header goes along): a second SHA-256 of every
+                # blob on top of its digest's, which the store computes again to check. It protects
+                # the upload only; a network that could alter it could alter every GET's body, which
+                # no signature covers. Blobs are verified before their upload is completed and
+                # clients verify digests themselves. UNSIGNED-PAYLOAD is part of SigV4 for S3.
+                "payload_signing_enabled": s.sign_payload,
+            },
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=64,
             connect_timeout=10,
