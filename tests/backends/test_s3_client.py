@@ -131,3 +131,22 @@ async def test_bodies_go_unsigned_unless_sign_payload_and_the_real_store_takes_b
     assert await read_body(got, "blob") == body
     # Signed, the header is the body's SHA-256: botocore hashed every byte of it.
     assert sent == [hashlib.sha256(body).hexdigest().encode() if sign_payload else b"UNSIGNED-PAYLOAD"]
+
+
+async def test_part_bodies_reach_the_http_layer_as_the_bytes_given(rgw, make_client) -> None:
+    # botocore's default wraps them in a BytesIO, which aiohttp copies twice on the event loop.
+    client = await make_client(bucket=rgw.make_bucket())
+    bodies: list[object] = []
+    client.api.meta.events.register("before-send.s3.UploadPart", lambda request, **_: bodies.append(request.body))
+    part = b"x" * (5 * 1024 * 1024)
+    created = await client.api.create_multipart_upload(Bucket=client.bucket, Key="blob")
+    sent = await client.api.upload_part(
+        Bucket=client.bucket, Key="blob", UploadId=created["UploadId"], PartNumber=1, Body=part
+    )
+    await client.api.complete_multipart_upload(
+        Bucket=client.bucket, Key="blob", UploadId=created["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": sent["ETag"]}]},
+    )
+    assert len(bodies) == 1 and bodies[0] is part
+    got = await client.api.get_object(Bucket=client.bucket, Key="blob")
+    assert await read_body(got, "blob") == part

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import warnings
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -20,6 +21,7 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import convert_body_to_file_like_object
 
 from config.settings import S3Settings
 from storage.errors import (
@@ -29,6 +31,11 @@ from storage.errors import (
     StoreRejected,
     StoreUnavailable,
 )
+
+# Bodies go to aiohttp as the bytes they are (``S3Client.open``): its warning that a big bytes
+# body "might lock the event loop" does not apply, the socket takes what fits at once and the
+# rest is sent as it drains, without a copy.
+warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning)
 
 # What the client and the bodies it streams raise (botocore wraps most of aiohttp's, not all).
 FAILURES: tuple[type[BaseException], ...] = (ClientError, BotoCoreError, aiohttp.ClientError)
@@ -148,6 +155,13 @@ class S3Client:
                 "s3", endpoint_url=s.endpoint, region_name=s.region, config=config, verify=verify, **_credentials(s)
             )
         )
+        # botocore wraps a bytes body in a BytesIO, which aiohttp copies whole to size it and again
+        # in 256 KiB reads, on the event loop: two copies of every part for nothing, as retries
+        # resend bytes as they are.
+        for operation in ("UploadPart", "PutObject"):
+            self.api.meta.events.unregister(
+                f"before-parameter-build.s3.{operation}", convert_body_to_file_like_object
+            )
 
     async def close(self) -> None:
         await self._stack.aclose()
