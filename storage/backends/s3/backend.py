@@ -25,7 +25,8 @@ The client is aiobotocore: it exposes the multipart calls one by one (so
 input stream ending), ListMultipartUploads to clean up after killed replicas,
 conditional PUT for leases and presigned URLs, and it runs on aiohttp, the
 HTTP stack regcache already uses. Its errors never leave this package: ``client``
-turns them into regcache's.
+turns them into regcache's. The bytes of parts and of whole-blob GETs move on
+worker threads through presigned URLs instead (``transfer``), off the event loop.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from config.settings import S3Settings
 from storage import paths
 from storage.backends.base import BlobBackend, FillLease, ReplicaIndex, Upload
-from storage.backends.s3.client import S3Client, translated
+from storage.backends.s3.client import CONNECT_TIMEOUT, READ_TIMEOUT, S3Client, translated
 from storage.backends.s3.leases import Leases, S3Lease
 from storage.backends.s3.records import S3Records
+from storage.backends.s3.transfer import Transfers
 from storage.errors import BlobUnknown, StoreObjectUnknown, StoreUnavailable
 from storage.oci.digest import Digest
 
@@ -63,6 +65,9 @@ PARALLEL_PARTS = 4
 # A replica that takes over a dead one's fill aborts its upload at once.
 ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
 SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
+# Threads for blob bodies (``transfer``); part uploads take at most PARALLEL_PARTS.
+TRANSFER_THREADS = 32
+T = TypeVar("T")
 
 
 class S3Upload(Upload):
@@ -114,6 +119,13 @@ class S3Upload(Upload):
     async def _upload_part(self, number: int, offset: int, length: int) -> dict[str, Any]:
         async with self._backend.part_slots:
             upload_id = await self._multipart_id()
+            transfers = self._backend.transfers
+            if transfers is not None:
+                url = await self._client.presign("upload_part", self._key, UploadId=upload_id, PartNumber=number)
+                # The thread's own descriptor: an abort may close the spool while a part is on its way.
+                fd = os.dup(self._read_fd)
+                etag = await self._backend.blocking(_put_part, transfers, url, fd, offset, length, self._key)
+                return {"PartNumber": number, "ETag": etag}
             data = await asyncio.to_thread(os.pread, self._read_fd, length, offset)
             if len(data) != length:
                 raise OSError(f"spool file shorter than {offset + length} bytes")
@@ -176,16 +188,32 @@ class S3Upload(Upload):
             os.unlink(self.spool_path)
 
 
+def _put_part(transfers: Transfers, url: str, fd: int, offset: int, length: int, key: str) -> str:
+    try:
+        return transfers.put_part(url, fd, offset, length, key)
+    finally:
+        os.close(fd)
+
+
 class S3Backend(BlobBackend):
     name = "s3"
 
-    def __init__(self, settings: S3Settings, data_dir: Path) -> None:
+    def __init__(self, settings: S3Settings, data_dir: Path, *, direct: bool = True) -> None:
+        """``direct=False`` keeps every request on aiobotocore, as a proxy for the endpoint does."""
         self.settings = settings
         self.spool_dir = paths.tmp_dir(data_dir)
         self.client = S3Client(settings)
         self.leases = Leases(self.client, settings.lease_ttl, settings.lease_renewal)
         self.records = S3Records(self.client)
         self.part_slots: asyncio.Semaphore
+        self._direct = direct
+        # Blob bodies on worker threads (``transfer``).
+        self.transfers: Transfers | None = None
+        self._threads = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="regcache-s3")
+
+    async def blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on a transfer thread (never the default pool, which hashes fills)."""
+        return await asyncio.wrap_future(self._threads.submit(call, *args))
 
     async def start(self) -> None:
         # Local spool files of a killed process were never visible anywhere.
@@ -199,6 +227,9 @@ class S3Backend(BlobBackend):
         except StoreUnavailable as exc:
             await self.client.close()
             raise StoreUnavailable(f"bucket {self.client.bucket!r} at {self.settings.endpoint}: {exc}") from exc
+        direct, tls = await self.client.direct_tls()
+        if direct and self._direct:
+            self.transfers = Transfers(tls, CONNECT_TIMEOUT, READ_TIMEOUT)
         await self._abort_abandoned_uploads()
 
     async def _abort_uploads(self, prefix: str, initiated_before: datetime.datetime) -> int:
@@ -227,6 +258,9 @@ class S3Backend(BlobBackend):
     async def close(self) -> None:
         await self.leases.close()
         await self.client.close()
+        if self.transfers is not None:
+            self.transfers.close()
+        self._threads.shutdown(wait=False)
 
     async def stat(self, digest: Digest) -> int | None:
         found = await self.stat_with_time(digest)
@@ -290,14 +324,7 @@ class S3Backend(BlobBackend):
     async def redirect_url(self, digest: Digest) -> str | None:
         if not self.settings.redirect:
             return None
-        key = self._key(digest)
-        with translated(key):
-            url: str = await self.client.api.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.client.bucket, "Key": key},
-                ExpiresIn=max(1, int(self.settings.redirect_ttl)),
-            )
-        return url
+        return await self.client.presign("get_object", self._key(digest), self.settings.redirect_ttl)
 
     async def writable(self) -> bool:
         try:

@@ -10,18 +10,24 @@ bucket, 5xx, a connection that fails or times out) ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import contextlib
+import os
+import ssl
 import warnings
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.handlers import convert_body_to_file_like_object
+from botocore.httpsession import get_cert_path
+from botocore.utils import get_environ_proxies
 
 from config.settings import S3Settings
 from storage.errors import (
@@ -39,6 +45,11 @@ warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes"
 
 # What the client and the bodies it streams raise (botocore wraps most of aiohttp's, not all).
 FAILURES: tuple[type[BaseException], ...] = (ClientError, BotoCoreError, aiohttp.ClientError)
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0  # seconds without a byte from the store
+# How long a presigned URL for one transfer stays valid: a part or a blob body sent at the
+# slowest pace a fill tolerates still starts well within it (S3 checks it when a request begins).
+PRESIGN_TTL = 3600.0
 # HEAD answers carry no error body, hence the bare status code among the names.
 NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
 
@@ -49,15 +60,21 @@ def translate(exc: BaseException, what: str) -> RegcacheError:
         return StoreUnavailable(f"object store unreachable for {what}: {exc}")
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return answer_error(status, code, what, exc)
+
+
+def answer_error(status: int | None, code: str, what: str, detail: object) -> RegcacheError:
+    """The regcache error for the store's error answer (its status and S3 error code) about ``what``;
+    also for the answers ``transfer`` reads itself."""
     if code == "NoSuchBucket":  # the whole store is unusable, not one key missing
-        return StoreUnavailable(f"object store has no bucket for {what}: {exc}")
+        return StoreUnavailable(f"object store has no bucket for {what}: {detail}")
     if status == 404 or code in NOT_FOUND:
         return StoreObjectUnknown(f"no object {what}")
     if status == 412 or code == "PreconditionFailed":
         return StoreObjectExists(f"object {what} exists")
     if status in (400, 501) or code == "NotImplemented":
-        return StoreRejected(f"object store rejected the request for {what}: {exc}")
-    return StoreUnavailable(f"object store refused {what}: {exc}")
+        return StoreRejected(f"object store rejected the request for {what}: {detail}")
+    return StoreUnavailable(f"object store refused {what}: {detail}")
 
 
 class translated:
@@ -138,8 +155,8 @@ class S3Client:
             },
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=64,
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
             # Trailing CRC checksums (aws-chunked bodies) are not understood by every
             # S3-compatible store; bytes are verified against their digest anyway.
             request_checksum_calculation="when_required",
@@ -165,6 +182,33 @@ class S3Client:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+    async def presign(self, operation: str, key: str, expires: float = PRESIGN_TTL, **params: object) -> str:
+        """A URL that lets anyone holding it make this one request on ``key`` until it expires
+        (no body hash in it: query-signed S3 requests are UNSIGNED-PAYLOAD)."""
+        with translated(key):
+            url: str = await self.api.generate_presigned_url(
+                operation, Params={"Bucket": self.bucket, "Key": key, **params}, ExpiresIn=max(1, int(expires))
+            )
+        return url
+
+    async def direct_tls(self) -> tuple[bool, ssl.SSLContext | None]:
+        """Whether ``transfer`` may reach the store past aiobotocore, and the TLS context for an
+        https endpoint. Not when a proxy applies to it: botocore honours HTTP(S)_PROXY and
+        NO_PROXY, ``transfer`` does not, so every request then goes through aiobotocore."""
+        url = urlsplit(await self.presign("head_object", "probe"))
+        if get_environ_proxies(url.geturl()).get(url.scheme):
+            return False, None
+        if url.scheme != "https":
+            return True, None
+        if self.settings.insecure:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return True, context
+        # As botocore verifies: the configured bundle, then AWS_CA_BUNDLE, then its default bundle.
+        bundle = self.settings.ca_bundle or os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+        return True, await asyncio.to_thread(ssl.create_default_context, cafile=str(bundle))
 
     def key(self, relative: str) -> str:
         return self.prefix + relative
