@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeGuard
 
+from storage.backends.base import BlockingBody
+
 # One thread per blob body being sent; threads blocked in poll() cost little.
 _POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="regcache-send")
 # Bytes per sendfile(2) call: the call returns early when the socket buffer is full anyway.
@@ -90,6 +92,21 @@ class FileSender:
             self._stop.set()  # the thread stops at its next look; its done callback closes the fds
             raise
 
+    async def send_body(self, body: BlockingBody, count: int, stall_timeout: float) -> None:
+        """Send ``count`` bytes of a remote store's ``body`` (``BlobBackend.open_body``), read and
+        written on a pool thread; raises on a gone or stalled client or a body cut short."""
+        await self._drain_transport(stall_timeout)
+        self._jobs += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            _POOL, _relay_blocking, self._sock, body, count, stall_timeout, self._stop
+        )
+        future.add_done_callback(lambda _: self._job_done(None))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._stop.set()
+            raise
+
     async def _drain_transport(self, stall_timeout: float) -> None:
         # Headers (or an earlier write) may still sit in the transport's buffer: they go first.
         deadline = time.monotonic() + stall_timeout
@@ -102,8 +119,9 @@ class FileSender:
         if self._transport.is_closing():
             raise ConnectionResetError("connection lost")
 
-    def _job_done(self, fd: int) -> None:
-        os.close(fd)
+    def _job_done(self, fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
         self._jobs -= 1
         if self._closing and self._jobs == 0:
             self._close_socket()
@@ -173,6 +191,35 @@ def _copy_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: f
             continue
         pending = pending[sent:]
         waiter.progressed()
+
+
+def _relay_blocking(
+    sock: int, body: BlockingBody, count: int, stall_timeout: float, stop: threading.Event
+) -> None:
+    """As ``_copy_blocking``, from a body that arrives over the network instead of a file. Two
+    copies in all (the store's socket into the buffer, the buffer into the client's socket); the
+    body is closed here whatever happens, so its connection goes back to its pool or away."""
+    try:
+        buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
+        waiter = _Writable(sock, stall_timeout)
+        while count > 0:
+            got = body.readinto(buffer[: min(count, len(buffer))])
+            if got == 0:
+                raise OSError("store body shorter than its announced size")
+            count -= got
+            pending = buffer[:got]
+            while pending:
+                if stop.is_set():
+                    raise ConnectionResetError("response abandoned")
+                try:
+                    sent = os.write(sock, pending)
+                except BlockingIOError:
+                    waiter.wait()
+                    continue
+                pending = pending[sent:]
+                waiter.progressed()
+    finally:
+        body.close()
 
 
 class _Writable:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from proxy.errors import UpstreamError, UpstreamNotFound
 from proxy.pull.fill import Fill, SpoolSlice
 from proxy.tracing import span
 from proxy.upstream.responses import BlobPart
+from storage.backends.base import BlockingBody
 from storage.errors import BlobUnknown
 from storage.lifecycle.gc import Lease
 
@@ -64,6 +65,8 @@ class StoredBlob:
     redirect: str | None
     # (offset, length or None for the rest) -> the stored bytes
     reader: Callable[[int, int | None], AsyncGenerator[bytes, None]] = field(compare=False)
+    # The whole blob for a thread to copy to the client, if the backend can (BlobBackend.open_body).
+    opener: Callable[[], Awaitable[BlockingBody | None]] | None = field(default=None, compare=False)
 
     @property
     def result(self) -> str:
@@ -74,6 +77,9 @@ class StoredBlob:
 
     def read(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         return self.reader(offset, length)
+
+    async def open_body(self) -> BlockingBody | None:
+        return None if self.opener is None else await self.opener()
 
     async def stored(self) -> int:
         return self.size

@@ -413,7 +413,9 @@ class PullThrough:
                 return LocalBlob(key, size, path, lease)
             lease.release()
             redirect = await self.store.backend.redirect_url(digest)
-            return StoredBlob(key, size, redirect, partial(self.store.read, digest))
+            return StoredBlob(
+                key, size, redirect, partial(self.store.read, digest), partial(self.store.backend.open_body, digest)
+            )
         lease.release()
         fill = self.fills.get(digest)
         if fill is not None:

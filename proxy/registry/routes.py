@@ -27,6 +27,8 @@ from proxy.http.partial import PartReader
 from proxy.http.ranges import ByteRange
 from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
 from proxy.resources import METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS
+from storage.backends.base import BlockingBody
+from storage.errors import StoreUnavailable
 from storage.oci.digest import Digest
 from storage.oci.manifests import OCI_INDEX, merge_accept
 from storage.oci.reference import ManifestReference
@@ -124,6 +126,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
             raise web.HTTPTemporaryRedirect(answer.redirect, headers=headers)
         if wanted is not None:
             return await _send_ranges(request, headers, answer.size, ranges.resolve(wanted, answer.size), answer.read)
+        if filesend.possible(request.transport):
+            # Opened before the headers go out: a store that fails now is an error answer, not a cut.
+            body = await answer.open_body()
+            if body is not None:
+                return await _send_body(request, headers, answer.size, body)
         return await _stream(request, headers, answer.size, answer.chunks())
     assert isinstance(answer, FillingBlob)
     request[LOG]["result"] = answer.result
@@ -233,6 +240,35 @@ async def _send_slices(
                 sender.close()
     except Exception as exc:
         _abort(request, exc)
+    await response.write_eof()
+    return response
+
+
+async def _send_body(
+    request: web.Request, headers: dict[str, str], size: int, body: BlockingBody
+) -> web.StreamResponse:
+    """A stored blob read from its store and written to the client on a pool thread
+    (proxy.filesend), past the event loop."""
+    try:
+        if body.size != size:
+            raise StoreUnavailable(f"store answered {body.size} bytes for a blob of {size}")
+        response = web.StreamResponse(headers=headers)
+        response.content_length = size
+        await response.prepare(request)
+        stall = request.app[SETTINGS].limits.client_timeout
+        assert request.transport is not None
+        sender = filesend.FileSender(request.transport)
+        try:
+            try:
+                await sender.send_body(body, size, stall)
+            except filesend.Stalled:
+                raise slowclient.cut(request, stall) from None
+            finally:
+                sender.close()
+        except Exception as exc:
+            _abort(request, exc)
+    finally:
+        body.close()
     await response.write_eof()
     return response
 

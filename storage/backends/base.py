@@ -21,8 +21,22 @@ import abc
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from storage.oci.digest import Digest
+
+
+class BlockingBody(Protocol):
+    """A stored blob's body for a worker thread to copy on (``BlobBackend.open_body``)."""
+
+    size: int
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Blocks for the next bytes, put at the start of ``buffer``; 0 at the end. A body the
+        store cuts short raises, never ends early."""
+
+    def close(self) -> None:
+        """Done with it (read to the end or not); idempotent."""
 
 
 class Upload(abc.ABC):
@@ -96,6 +110,12 @@ class BlobBackend(abc.ABC):
 
     def local_path(self, digest: Digest) -> Path | None:
         """A path for sendfile when the bytes are on a local disk."""
+        return None
+
+    async def open_body(self, digest: Digest) -> BlockingBody | None:
+        """The whole blob from a remote store, for a thread to copy to a client past the event
+        loop; None when this backend has no such path (``read`` is the one that always works).
+        Raises ``BlobUnknown`` or the store's error before anything is sent."""
         return None
 
     async def redirect_url(self, digest: Digest) -> str | None:

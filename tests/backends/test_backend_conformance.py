@@ -44,6 +44,7 @@ class Subject:
     backend: BlobBackend
     leftovers: Callable[[], list[str]]
     vanish: Callable[[], None]  # take the store itself away (the directory tree, the bucket)
+    opens_bodies: bool = False  # open_body gives a blocking body (else always None)
 
 
 def _files(directory: Path) -> list[str]:
@@ -73,7 +74,7 @@ def _s3(rgw: Any, tmp_path: Path, direct: bool = True) -> Subject:
             client.delete_object(Bucket=bucket, Key=key)
         client.delete_bucket(Bucket=bucket)
 
-    return Subject(backend, leftovers=leftovers, vanish=vanish)
+    return Subject(backend, leftovers=leftovers, vanish=vanish, opens_bodies=direct)
 
 
 # "s3-botocore": every request through aiobotocore, as when a proxy applies to the endpoint;
@@ -156,6 +157,50 @@ async def test_reading_a_missing_digest_raises_blob_unknown(backend):
 
 async def test_an_empty_store_lists_nothing(backend):
     assert await listed(backend) == {}
+
+
+async def read_body(backend: BlobBackend, digest: Digest, stop_after: int | None = None) -> bytes | None:
+    """The blob through ``open_body``, read as a sending thread reads it; None when it opens none."""
+    body = await backend.open_body(digest)
+    if body is None:
+        return None
+    out = bytearray()
+    try:
+        buffer = memoryview(bytearray(1024 * 1024))
+        while stop_after is None or len(out) < stop_after:
+            got = await asyncio.to_thread(body.readinto, buffer)
+            if not got:
+                break
+            out += buffer[:got]
+    finally:
+        body.close()
+    if stop_after is None:
+        assert body.size == len(out)
+    return bytes(out)
+
+
+async def test_an_opened_body_is_the_whole_blob(subject):
+    digest = await committed(subject.backend, BIG)
+    found = await read_body(subject.backend, digest)
+    assert (found is not None) == subject.opens_bodies
+    assert found in (None, BIG)
+
+
+async def test_a_body_left_half_read_does_not_spoil_the_next_one(subject):
+    # Its connection must not go back to the pool with the rest of the body still unread.
+    if not subject.opens_bodies:
+        pytest.skip("this backend opens no bodies")
+    digest = await committed(subject.backend, BIG)
+    assert await read_body(subject.backend, digest, stop_after=1) is not None
+    assert await read_body(subject.backend, digest) == BIG
+    assert await read_body(subject.backend, await committed(subject.backend, SMALL)) == SMALL
+
+
+async def test_opening_the_body_of_a_missing_blob_raises_blob_unknown(subject):
+    if not subject.opens_bodies:
+        pytest.skip("this backend opens no bodies")
+    with pytest.raises(BlobUnknown):
+        await subject.backend.open_body(digest_of(b"never written"))
 
 
 # --------------------------------------------------------------------------- upload and commit

@@ -48,7 +48,32 @@ def _read_all(sock: socket.socket, into: bytearray, slow: bool) -> None:
             threading.Event().wait(0.0005)
 
 
-@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+class FileBody:
+    """A remote store's body (``BlobBackend.open_body``) played from a file, in small reads."""
+
+    def __init__(self, fd: int, offset: int, size: int, fail_after: int | None = None) -> None:
+        self.fd, self.offset, self.size, self.fail_after = fd, offset, size, fail_after
+        self.closed = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self.fail_after is not None and self.offset >= self.fail_after:
+            raise OSError("the store broke off")
+        got = os.preadv(self.fd, [buffer[: 100_000]], self.offset)
+        self.offset += got
+        return got
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def _relay_file(sock: int, fd: int, offset: int, count: int, stall: float, stop: threading.Event) -> None:
+    filesend._relay_blocking(sock, FileBody(fd, offset, count), count, stall, stop)
+
+
+SENDERS = [filesend._sendfile_blocking, filesend._copy_blocking, _relay_file]
+
+
+@pytest.mark.parametrize("send", SENDERS)
 @pytest.mark.parametrize("slow", [False, True], ids=["fast-reader", "slow-reader"])
 def test_a_range_arrives_whole(tmp_path: Path, send, slow: bool) -> None:  # type: ignore[no-untyped-def]
     # Several MiB against a small socket buffer: every slice boundary and every
@@ -87,27 +112,52 @@ def _blob_and_connection(tmp_path: Path, body: bytes) -> Iterator[tuple[socket.s
         client.close()
 
 
-@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+@pytest.mark.parametrize("send", SENDERS)
 def test_a_client_that_takes_nothing_is_stalled(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
     blob = _blob_and_connection(tmp_path, os.urandom(16 * 1024 * 1024))
     with blob as (server, fd), pytest.raises(filesend.Stalled):
         send(server.fileno(), fd, 0, 16 * 1024 * 1024, 0.3, threading.Event())
 
 
-@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+@pytest.mark.parametrize("send", SENDERS)
 def test_a_file_shorter_than_announced_is_an_error(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
     blob = _blob_and_connection(tmp_path, b"x" * 1000)
     with blob as (server, fd), pytest.raises(OSError, match="shorter"):
         send(server.fileno(), fd, 0, 2000, 5, threading.Event())
 
 
-@pytest.mark.parametrize("send", [filesend._sendfile_blocking, filesend._copy_blocking])
+@pytest.mark.parametrize("send", SENDERS)
 def test_an_abandoned_response_stops(tmp_path: Path, send) -> None:  # type: ignore[no-untyped-def]
     stop = threading.Event()
     threading.Timer(0.2, stop.set).start()
     blob = _blob_and_connection(tmp_path, os.urandom(16 * 1024 * 1024))
     with blob as (server, fd), pytest.raises(ConnectionResetError, match="abandoned"):
         send(server.fileno(), fd, 0, 16 * 1024 * 1024, 30, stop)
+
+
+@pytest.mark.parametrize("fail_after", [None, 3 * 1024 * 1024], ids=["whole", "store-breaks-off"])
+def test_a_relayed_body_is_closed_whatever_happens(tmp_path: Path, fail_after: int | None) -> None:
+    # Its connection goes back to the store's pool or away: a relay never leaves it open.
+    data = os.urandom(5 * 1024 * 1024)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    server, client = _connected_pair()
+    received = bytearray()
+    reader = threading.Thread(target=_read_all, args=(client, received, False))
+    reader.start()
+    fd = os.open(path, os.O_RDONLY)
+    body = FileBody(fd, 0, len(data), fail_after)
+    try:
+        with pytest.raises(OSError, match="broke off") if fail_after else contextlib.nullcontext():
+            filesend._relay_blocking(server.fileno(), body, len(data), 10, threading.Event())
+    finally:
+        os.close(fd)
+        server.close()
+        reader.join(timeout=30)
+        client.close()
+    assert body.closed == 1
+    assert bytes(received) == (data if fail_after is None else data[: len(received)])
+    assert fail_after is None or len(received) < len(data)
 
 
 @pytest.mark.parametrize(("peer", "copies"), [(("127.0.0.1", 40000), True), (("192.0.2.7", 40000), False)])

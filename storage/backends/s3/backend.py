@@ -51,7 +51,7 @@ from storage.backends.base import BlobBackend, FillLease, ReplicaIndex, Upload
 from storage.backends.s3.client import CONNECT_TIMEOUT, READ_TIMEOUT, S3Client, translated
 from storage.backends.s3.leases import Leases, S3Lease
 from storage.backends.s3.records import S3Records
-from storage.backends.s3.transfer import Transfers
+from storage.backends.s3.transfer import StoreBody, Transfers
 from storage.errors import BlobUnknown, StoreObjectUnknown, StoreUnavailable
 from storage.oci.digest import Digest
 
@@ -65,7 +65,8 @@ PARALLEL_PARTS = 4
 # A replica that takes over a dead one's fill aborts its upload at once.
 ABANDONED_UPLOAD_AGE = datetime.timedelta(days=1)
 SWEEP_LEASE = "gc"  # leases/gc: one replica sweeps the bucket at a time
-# Threads for blob bodies (``transfer``); part uploads take at most PARALLEL_PARTS.
+# Threads for blob bodies: PARALLEL_PARTS part uploads, the rest for warm GETs until their
+# headers (the bodies are then copied on proxy.http.filesend's threads).
 TRANSFER_THREADS = 32
 T = TypeVar("T")
 
@@ -195,6 +196,11 @@ def _put_part(transfers: Transfers, url: str, fd: int, offset: int, length: int,
         os.close(fd)
 
 
+def _close_unclaimed(future: concurrent.futures.Future[StoreBody]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
 class S3Backend(BlobBackend):
     name = "s3"
 
@@ -207,7 +213,7 @@ class S3Backend(BlobBackend):
         self.records = S3Records(self.client)
         self.part_slots: asyncio.Semaphore
         self._direct = direct
-        # Blob bodies on worker threads (``transfer``).
+        # Blob bodies on worker threads (``transfer``): parts, and warm GETs until their headers.
         self.transfers: Transfers | None = None
         self._threads = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="regcache-s3")
 
@@ -306,6 +312,20 @@ class S3Backend(BlobBackend):
                     yield chunk
         finally:
             body.close()
+
+    async def open_body(self, digest: Digest) -> StoreBody | None:
+        if self.transfers is None:
+            return None
+        key = self._key(digest)
+        url = await self.client.presign("get_object", key)
+        opening = self._threads.submit(self.transfers.get, url, key)
+        try:
+            return await asyncio.wrap_future(opening)
+        except StoreObjectUnknown:
+            raise BlobUnknown(f"blob {digest} is not in the store") from None
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unclaimed)  # nobody will read what it opens
+            raise
 
     async def read_small(self, digest: Digest) -> bytes:
         return b"".join([chunk async for chunk in self.read(digest)])
