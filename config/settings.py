@@ -208,6 +208,10 @@ class S3Settings(_Model):
     # and over TLS when no checksum header goes along): only for a store that refuses
     # UNSIGNED-PAYLOAD (storage.backends.s3.client says why it is off).
     sign_payload: bool = False
+    # When a fill's parts go to the store: while the fill runs, or once it is verified (and its
+    # client has every byte). "auto": after the fill when the store answers on this host, where
+    # its CPU is the fill's (storage.backends.s3.backend says what that measured), else during.
+    part_uploads: Literal["auto", "during_fill", "after_fill"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> S3Settings:

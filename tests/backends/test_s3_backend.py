@@ -17,6 +17,7 @@ from aiohttp import ClientPayloadError, ServerDisconnectedError
 from config.settings import S3Settings, Settings, StorageSettings, UpstreamSettings
 from proxy.app import create_app
 from proxy.resources import PULLTHROUGH
+from storage.backends.s3 import S3Backend
 from tests.support.fake_upstream import Fault, digest_of
 from tests.support.s3 import PART, blob_key, leases
 
@@ -80,13 +81,16 @@ async def test_blobs_are_committed_to_the_bucket_and_served_by_every_replica(fak
         assert fake.count("GET", f"/blobs/{digest_of(data)}") == 1
 
 
-@pytest.mark.parametrize("size", ["multipart", "single-put"])
-async def test_corrupt_upstream_blob_never_becomes_readable_in_the_bucket(fake, rgw, bucket, replicas, size):
+@pytest.mark.parametrize(("size", "part_uploads"), [("multipart", "during_fill"), ("multipart", "after_fill"),
+                                                     ("single-put", "auto")])
+async def test_corrupt_upstream_blob_never_becomes_readable_in_the_bucket(
+    fake, rgw, bucket, replicas, size, part_uploads
+):
     data = BIG if size == "multipart" else SMALL
     fake.add_image("team/app", "1", [data])
     digest = digest_of(data)
     fake.faults[digest] = Fault("corrupt", times=1)
-    (proxy,) = await replicas(1)
+    (proxy,) = await replicas(1, part_uploads=part_uploads)
     with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
         r = await proxy.get(f"/v2/team/app/blobs/{digest}")
         await r.read()
@@ -97,6 +101,38 @@ async def test_corrupt_upstream_blob_never_becomes_readable_in_the_bucket(fake, 
     # The next request fetches again and commits the right bytes.
     assert await get_blob(proxy, "team/app", digest) == data
     assert await settled(lambda: blob_key(digest) in rgw.keys(bucket), attempts=600)  # committed after the last byte
+
+
+@pytest.mark.parametrize("part_uploads", ["during_fill", "after_fill"])
+async def test_parts_go_to_the_store_during_the_fill_or_after_it_as_configured(
+    fake, rgw, bucket, replicas, part_uploads
+):
+    # Half of it (then a pause) is more than a part plus the batch the writer may still hold back.
+    data = os.urandom(3 * PART + 12345)
+    fake.add_image("team/app", "1", [data])
+    digest = digest_of(data)
+    gate = asyncio.Event()
+    fake.faults[digest] = Fault("hold", gate=gate, times=1)
+    (proxy,) = await replicas(1, part_uploads=part_uploads)
+    response = await proxy.get(f"/v2/team/app/blobs/{digest}")
+    assert await response.content.readexactly(PART) == data[:PART]  # a whole part is in the spool
+    during = part_uploads == "during_fill"
+    uploading = await settled(lambda: bool(rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads")),
+                              attempts=100 if during else 20)
+    assert uploading is during
+    gate.set()
+    assert await response.read() == data[PART:]
+    assert await settled(lambda: blob_key(digest) in rgw.keys(bucket), attempts=600)
+    assert rgw.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+async def test_a_store_on_this_host_gets_the_parts_after_the_fill_by_default(rgw, bucket, tmp_path):
+    backend = S3Backend(S3Settings(**rgw.s3_settings(bucket)), tmp_path / "data")
+    await backend.start()
+    try:
+        assert backend.parts_after_fill  # RGW answers on 127.0.0.1
+    finally:
+        await backend.close()
 
 
 async def test_twenty_concurrent_cold_requests_over_three_replicas_fetch_once(fake, rgw, bucket, replicas):

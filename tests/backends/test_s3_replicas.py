@@ -112,7 +112,8 @@ async def test_replica_killed_mid_fill_is_taken_over_within_30s_leaving_no_uploa
     fake.faults[digest] = Fault("slow", delay=60, times=1)  # the first fetch stalls after half the body
     bucket = rgw.make_bucket()
     entry = {"name": "fake.test", "url": fake.base_url, "default": True, "retries": 0}
-    settings = {"storage": {"backend": "s3", "s3": rgw.s3_settings(bucket)}}
+    # Parts go while the fill runs, as to a store on another host: the kill leaves an upload behind.
+    settings = {"storage": {"backend": "s3", "s3": rgw.s3_settings(bucket, part_uploads="during_fill")}}
     doomed, survivor = [await asyncio.to_thread(regcache_factory, [entry], settings=settings) for _ in range(2)]
     async with aiohttp.ClientSession() as session:
         response = await session.get(f"{doomed.url}/v2/team/app/blobs/{digest}")

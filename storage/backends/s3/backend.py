@@ -10,7 +10,8 @@ Any number of regcache replicas may share one bucket. Keys under ``prefix``::
 
 Writing a blob: every byte goes to a local spool file first (followers of the
 fill tail it, exactly as with the filesystem backend) and, as each part fills
-up, that part is uploaded to a multipart upload. The upload is *completed*
+up, that part is uploaded to a multipart upload; to a store on this host, the
+parts go once the fill is verified (``part_uploads``). The upload is *completed*
 only in ``commit``, which ``BlobWriter`` calls after size and digest matched;
 on a mismatch, an upstream error or a cancelled fill it is aborted. An
 incomplete multipart upload is never readable under its key, so nothing
@@ -95,6 +96,10 @@ class S3Upload(Upload):
         self._file.write(data)
         self._file.flush()  # followers read the spool by path
         self._written += len(data)
+        if not self._backend.parts_after_fill:
+            self._submit_full_parts()
+
+    def _submit_full_parts(self) -> None:
         while self._written - self._submitted >= self._part_size:
             self._submit(self._part_size)
 
@@ -138,6 +143,7 @@ class S3Upload(Upload):
 
     async def commit(self) -> None:
         await asyncio.to_thread(self._file.flush)
+        self._submit_full_parts()  # all of them, when parts wait for the end of the fill
         try:
             if not self._parts:
                 # Smaller than one part: one PUT of the verified bytes.
@@ -213,6 +219,12 @@ class S3Backend(BlobBackend):
         self.records = S3Records(self.client)
         self.part_slots: asyncio.Semaphore
         self._direct = direct
+        # A store on this host shares its cores with the fill: parts then go once the fill's last
+        # byte has been verified (and its client has it), not while the client waits for bytes.
+        # On RGW here, a cold 1 GiB GET: client 113-128 MiB/s with parts going during the fill,
+        # 202-240 after it; blob readable in the bucket after 8.3-9.3 s and 8.9-11.5 s. A store
+        # elsewhere takes them while the fill runs: the blob is readable right after verification.
+        self.parts_after_fill = settings.part_uploads == "after_fill"
         # Blob bodies on worker threads (``transfer``): parts, and warm GETs until their headers.
         self.transfers: Transfers | None = None
         self._threads = concurrent.futures.ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="regcache-s3")
@@ -236,6 +248,12 @@ class S3Backend(BlobBackend):
         direct, tls = await self.client.direct_tls()
         if direct and self._direct:
             self.transfers = Transfers(tls, CONNECT_TIMEOUT, READ_TIMEOUT)
+        if self.settings.part_uploads == "auto" and self.transfers is not None:
+            url = await self.client.presign("head_object", "probe")
+            try:
+                self.parts_after_fill = await self.blocking(self.transfers.on_this_host, url)
+            except OSError as exc:
+                log.warning("could not tell where the object store runs (%s): parts go while fills run", exc)
         await self._abort_abandoned_uploads()
 
     async def _abort_uploads(self, prefix: str, initiated_before: datetime.datetime) -> int:

@@ -144,9 +144,19 @@ class Transfers:
         conn.sock.settimeout(self._read_timeout)
         return conn
 
-    def give_back(self, conn: http.client.HTTPConnection, answer: http.client.HTTPResponse) -> None:
-        """Back to the pool once ``answer`` has been read to its end, if the store keeps it open."""
-        if answer.will_close or not answer.isclosed():
+    def on_this_host(self, url: str) -> bool:
+        """Whether the store at ``url`` runs on this host (connects once to see)."""
+        conn = self._take(url)
+        assert conn.sock is not None
+        try:
+            return _loopback(conn.sock)
+        finally:
+            self.give_back(conn, None)
+
+    def give_back(self, conn: http.client.HTTPConnection, answer: http.client.HTTPResponse | None) -> None:
+        """Back to the pool once ``answer`` (if any) has been read to its end, if the store keeps
+        the connection open."""
+        if answer is not None and (answer.will_close or not answer.isclosed()):
             conn.close()
             return
         with self._lock:
