@@ -18,6 +18,8 @@ going first.
   stores the blob with a second upstream GET in the background; regcache
   verifies the digest before the client's last byte and completes its multipart
   upload only after that.
+  A third peer, regcache on its filesystem backend (no object store at all),
+  gives the bound of regcache's verified path (hash, spool, send) here.
 - warm: both stream the stored blob from the bucket to the client.
 - redirect: both answer 307 to a presigned URL of the bucket (regcache
   ``storage.s3.redirect: true``, distribution's default), curl follows it.
@@ -122,6 +124,36 @@ class RegcacheS3:
         self.peer.settings = self._settings()
         self.peer.stop()
         self.peer.start()
+
+    def stop(self) -> None:
+        self.peer.stop()
+
+
+class RegcacheFilesystem:
+    """regcache on its filesystem backend: a cold fill with no object store at all, the bound of
+    what regcache's verified path (hash, spool, send) gives a client on this machine."""
+
+    name = "regcache-fs"
+    bucket = ""
+
+    def __init__(self, workdir: Path, upstream_url: str) -> None:
+        self.peer = Regcache(workdir, upstream_url)
+
+    @property
+    def url(self) -> str:
+        return self.peer.url
+
+    def pids(self) -> list[int]:
+        return self.peer.pids()
+
+    def key(self, digest: str) -> str:
+        return ""
+
+    def fresh(self, bucket: str) -> None:
+        self.peer.reset()
+
+    def redirect(self, on: bool) -> None:
+        pass
 
     def stop(self) -> None:
         self.peer.stop()
@@ -284,6 +316,14 @@ def throughput_rows(case: str, runs: dict[str, list[Run]], note: str) -> list[Ro
     return [Row(case, reg, rate(reg), ANCHOR, dist, rate(dist), target=(">=", 1.0), note=note)]
 
 
+def bound_rows(case: str, runs: dict[str, list[Run]]) -> list[Row]:
+    fs = max(r.transfer.throughput for r in _good(runs["regcache-fs"]))
+    dist = max(r.transfer.throughput for r in _good(runs["distribution"]))
+    return [Row(case, fs, rate(fs), ANCHOR, dist, rate(dist),
+                note="client throughput of regcache on its filesystem backend, no object store: "
+                     "the bound of its verified path here")]
+
+
 def readable_rows(case: str, runs: dict[str, list[Run]], size: int) -> list[Row]:
     def fastest(side: str) -> float:
         times = [r.readable for r in _good(runs[side]) if r.readable is not None]
@@ -348,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"Ceph idle: {meter.ceph_idle:.3f} CPU s/s")
 
             def cold(side: Side) -> Run:
+                if isinstance(side, RegcacheFilesystem):
+                    side.fresh("")
+                    return meter.run(side, lambda: download([side.url + path]), None)
                 old = side.bucket
                 side.fresh(rgw.make_bucket())
                 rgw.empty_bucket(old)  # the last run's copy would fill the OSD's RAM
@@ -358,8 +401,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if "cold" in wanted:
                 say(f"cold {args.size_mib} MiB blob GET, fresh buckets")
-                runs = alternating(sides, args.repeats, cold)
+                bound = RegcacheFilesystem(workdir / "regcache-fs", upstream.url)
+                bound.peer.start()
+                try:
+                    runs = alternating([*sides, bound], args.repeats, cold)
+                finally:
+                    bound.stop()
                 rows += throughput_rows("cold GET", runs, "client throughput")
+                rows += bound_rows("cold GET", runs)
                 rows += readable_rows("cold GET", runs, size)
                 rows += cpu_rows("cold GET", runs, size)
             for side in sides:  # warm rows start from a stored blob on each side
