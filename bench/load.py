@@ -104,15 +104,19 @@ def wrk(url: str, *, headers: Sequence[str] = (), seconds: float = 3, connection
 
 
 def hey(
-    url: str, *, method: str = "HEAD", headers: Sequence[str] = (), seconds: float = 3, connections: int = 50
+    url: str, *, method: str = "HEAD", headers: Sequence[str] = (), seconds: float = 3, connections: int = 50,
+    expect: int = 200,
 ) -> Rate:
-    """Like ``wrk`` for methods wrk cannot measure: wrk waits for a HEAD response's body."""
+    """Like ``wrk`` for methods wrk cannot measure: wrk waits for a HEAD response's body.
+    ``expect`` other than 200 (a 307) also stops hey from following redirects."""
     args = ["hey", "-z", f"{max(100, round(seconds * 1000))}ms", "-c", str(connections), "-m", method]
+    if expect != 200:
+        args.append("-disable-redirects")
     for header in headers:
         args += ["-H", header]
     out = subprocess.run([*args, url], capture_output=True, text=True, timeout=seconds + 60).stdout
     rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    bad = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out) if code != "200")
+    bad = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out) if code != str(expect))
     errors = out.partition("Error distribution:")[2]
     bad += sum(int(n) for n in re.findall(r"\[(\d+)\]\s", errors))
     return Rate(float(rps.group(1)) if rps else 0.0, bad)

@@ -23,6 +23,8 @@ going first.
 - warm: both stream the stored blob from the bucket to the client.
 - redirect: both answer 307 to a presigned URL of the bucket (regcache
   ``storage.s3.redirect: true``, distribution's default), curl follows it.
+  Then the 307 alone, with hey: answers per second and CPU per answer, what a
+  replica spends per blob request in redirect mode.
 
 CPU: user plus system seconds per GiB (``/proc/PID/stat``) of the proxy, of
 Ceph (radosgw, OSD, monitor) and of the upstream, from a run's start until
@@ -51,9 +53,9 @@ from typing import Any, Protocol
 if __package__ in (None, ""):  # run as a script: the project root is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import Transfer, download, process_cpu_seconds
+from bench.load import Transfer, download, hey, process_cpu_seconds
 from bench.peers import Regcache
-from bench.report import MIB, Row, cells, markdown, rate, seconds
+from bench.report import MIB, Row, cells, markdown, per_second, rate, seconds
 from storage import paths
 from storage.oci.digest import Digest
 from tests.support import images as image_builder
@@ -345,6 +347,43 @@ def cpu_rows(case: str, runs: dict[str, list[Run]], size: int) -> list[Row]:
     return rows
 
 
+ANSWER_CONNECTIONS = 50
+ANSWER_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Answers:
+    per_second: float
+    proxy_ms: float  # CPU per answer
+    ceph_ms: float
+
+
+def answers(meter: Meter, side: Side, path: str) -> Answers:
+    """The blob GET's 307 alone, many times over: what a replica spends per request in redirect mode."""
+    meter.settle(side)
+    t0, proxy0, ceph0, _ = meter.snapshot(side)
+    found = hey(side.url + path, method="GET", seconds=ANSWER_SECONDS, connections=ANSWER_CONNECTIONS, expect=307)
+    t1, proxy1, ceph1, _ = meter.snapshot(side)
+    count = found.requests_per_second * ANSWER_SECONDS or 1.0
+    ceph = max(0.0, ceph1 - ceph0 - meter.ceph_idle * (t1 - t0))
+    made = Answers(found.requests_per_second, (proxy1 - proxy0) * 1000 / count, ceph * 1000 / count)
+    say(f"  {side.name:<12} {made.per_second:,.0f} answers/s, CPU per answer: proxy {made.proxy_ms:.2f} ms, "
+        f"ceph {made.ceph_ms:.2f} ms{f' ({found.bad} not 307)' if found.bad else ''}")
+    return made
+
+
+def answer_rows(runs: dict[str, list[Answers]]) -> list[Row]:
+    case = f"blob GET answered 307 (hey, {ANSWER_CONNECTIONS} connections, not followed)"
+    reg, dist = runs["regcache"], runs["distribution"]
+    best_reg, best_dist = max(a.per_second for a in reg), max(a.per_second for a in dist)
+    rows = [Row(case, best_reg, per_second(best_reg), ANCHOR, best_dist, per_second(best_dist), target=(">=", 1.0))]
+    for what, pick in (("proxy process", lambda a: a.proxy_ms), ("Ceph (radosgw, OSD, mon)", lambda a: a.ceph_ms)):
+        r, d = min(pick(a) for a in reg), min(pick(a) for a in dist)
+        rows.append(Row(f"{case}: CPU ms per answer, {what}", r, f"{r:.2f} ms", ANCHOR, d, f"{d:.2f} ms",
+                        note="lower is better"))
+    return rows
+
+
 def build(work: Path, size_mib: int) -> dict[str, object]:
     # Random bytes do not compress: gzip stores them (level 0), seconds instead of ~40 s per GiB.
     image_builder._BIG_GZIP_LEVEL = 0
@@ -426,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs = alternating(sides, args.repeats, warm(True))
                 rows += throughput_rows("warm GET with redirect", runs, "307 to a presigned URL, curl -L")
                 rows += cpu_rows("warm GET with redirect", runs, size)
+                say(f"307 answers, hey, {ANSWER_CONNECTIONS} connections, not followed")
+                rows += answer_rows({side.name: [answers(meter, side, path) for _ in range(args.repeats)]
+                                     for side in sides})
             for side in sides:
                 side.stop()
     finally:
