@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where to put everything (default: a new temporary directory)")
     args = p.parse_args(argv)
     defaults = (8, 4, 4, 1, 1.0) if args.quick else (1024, 128, 40, 3, 3.0)
+    if args.quick:
+        cases.QUIET_TIMEOUT = 2.0
     for name, default in zip(("big_mib", "mid_mib", "small_layers", "repeats", "seconds"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
