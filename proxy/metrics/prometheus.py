@@ -207,6 +207,13 @@ class Metrics(Events):
         self._result_series = functools.cache(self._series_of_result)
         self._http_series = functools.cache(self._series_of_http)
         self._served_series = functools.cache(self._series_of_served)
+        # And those each fill touches (a small layer's costs a few of these per blob). Label
+        # values come from the configuration or from small fixed sets (kinds, HTTP statuses).
+        self._fill_series = functools.cache(self.fills.labels)
+        self._prefetched_series = functools.cache(self.prefetched_blobs.labels)
+        self._fetched_series = functools.cache(self._series_of_fetched)
+        self._upstream_series = functools.cache(self.upstream_seconds.labels)
+        self._sqlite_series = functools.cache(self.sqlite_seconds.labels)
 
     def _series_of_result(self, upstream: str, kind: str, result: str) -> tuple[Counter, ...]:
         series = [self.requests.labels(upstream, kind, result), self.proxy_requests.labels(kind)]
@@ -223,6 +230,9 @@ class Metrics(Events):
         source = "cache" if result in _HITS else "upstream"
         return self.served_bytes.labels(upstream, kind, source), self.proxy_pushed.labels(kind)
 
+    def _series_of_fetched(self, upstream: str, kind: str) -> tuple[Counter, Counter]:
+        return self.fetched_bytes.labels(upstream, kind), self.proxy_pulled.labels(kind)
+
     # -- Events -------------------------------------------------------------
 
     def _result(self, upstream: str, kind: str, result: str) -> None:
@@ -236,7 +246,7 @@ class Metrics(Events):
         self._result(upstream, "blob", result)
 
     def prefetched(self, upstream: str) -> None:
-        self.prefetched_blobs.labels(upstream).inc()
+        self._prefetched_series(upstream).inc()
 
     def served(self, upstream: str, kind: str, result: str, size: int) -> None:
         by_source, pushed = self._served_series(upstream, kind, result)
@@ -247,8 +257,9 @@ class Metrics(Events):
         self.stale_served.labels(upstream, reason).inc()
 
     def fetched(self, upstream: str, kind: str, size: int) -> None:
-        self.fetched_bytes.labels(upstream, kind).inc(size)
-        self.proxy_pulled.labels(kind).inc(size)
+        by_upstream, pulled = self._fetched_series(upstream, kind)
+        by_upstream.inc(size)
+        pulled.inc(size)
 
     def digest_mismatch(self, kind: str, content: Content) -> None:
         self.digest_mismatches.labels(content.upstream, kind).inc()
@@ -257,10 +268,10 @@ class Metrics(Events):
         self.notifications.labels(endpoint, outcome).inc(events)
 
     def fill_started(self, upstream: str) -> None:
-        self.fills.labels(upstream).inc()
+        self._fill_series(upstream).inc()
 
     def fill_finished(self, upstream: str) -> None:
-        self.fills.labels(upstream).dec()
+        self._fill_series(upstream).dec()
 
     def store_full(self) -> None:
         self.store_full_total.inc()
@@ -290,7 +301,7 @@ class Metrics(Events):
     # -- UpstreamObserver -----------------------------------------------------
 
     def request_done(self, upstream: str, operation: str, status: str, seconds: float) -> None:
-        self.upstream_seconds.labels(upstream, operation, status).observe(seconds)
+        self._upstream_series(upstream, operation, status).observe(seconds)
 
     def error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
@@ -312,7 +323,7 @@ class Metrics(Events):
     # -- Metadata.observe -----------------------------------------------------
 
     def sqlite(self, operation: str, seconds: float) -> None:
-        self.sqlite_seconds.labels(operation).observe(seconds)
+        self._sqlite_series(operation).observe(seconds)
 
     # -- exposition -----------------------------------------------------------
 

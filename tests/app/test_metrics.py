@@ -248,3 +248,24 @@ async def test_rmi_counts_the_blobs_it_frees_once(fake, aiohttp_server, aiohttp_
     text = await scrape(proxy)
     assert sample(text, "regcache_evicted_blobs_total", reason="rmi") == 2
     assert sample(text, "regcache_evicted_bytes_total", reason="rmi") == sum(before.values())
+
+
+def test_a_fills_series_add_up_through_their_remembered_children():
+    from proxy.metrics.prometheus import Metrics
+
+    m = Metrics()
+    for upstream in ("a.test", "b.test", "a.test"):
+        m.prefetched(upstream)
+        m.fill_started(upstream)
+        m.fetched(upstream, "blob", 100)
+        m.request_done(upstream, "blob", "200", 0.01)
+        m.sqlite("write", 0.001)
+    m.fill_finished("a.test")
+    text = m.render().decode()
+    assert sample(text, "regcache_prefetched_blobs_total", upstream="a.test") == 2
+    assert sample(text, "regcache_fills_in_flight", upstream="a.test") == 1
+    assert sample(text, "regcache_fills_in_flight", upstream="b.test") == 1
+    assert sample(text, "regcache_upstream_fetched_bytes_total", upstream="a.test", type="blob") == 200
+    assert sample(text, "registry_proxy_pulled_bytes_total", type="blob") == 300
+    assert sample(text, "regcache_upstream_request_duration_seconds_count", upstream="b.test", operation="blob") == 1
+    assert sample(text, "regcache_sqlite_operation_duration_seconds_count", operation="write") == 3
