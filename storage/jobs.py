@@ -17,6 +17,8 @@ leaves, which the store recovers from anyway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -64,12 +66,13 @@ class Jobs:
         while True:
             job = self._queue.get()
             try:
-                result = job.function()
+                outcome = functools.partial(_succeed, job.future, job.function())
             except BaseException as exc:
-                job.loop.call_soon_threadsafe(_fail, job.future, exc)
-            else:
-                job.loop.call_soon_threadsafe(_succeed, job.future, result)
-            del job  # not held while waiting for the next one
+                outcome = functools.partial(_fail, job.future, exc)
+            # A loop closed meanwhile has nobody waiting: the thread carries on, for other loops.
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(outcome)
+            del job, outcome  # not held while waiting for the next one
             self._idle.release()
 
 

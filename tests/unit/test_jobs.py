@@ -61,3 +61,19 @@ async def test_a_job_whose_waiter_is_cancelled_still_runs_to_its_end():
         await task
     release.set()
     assert await jobs.run(done.is_set), "the next job runs after it, on the same thread"
+
+
+def test_a_job_that_ends_after_its_loop_closed_leaves_its_thread_working():
+    jobs = Jobs("test-jobs", max_threads=1)
+    release = threading.Event()
+    loop = asyncio.new_event_loop()
+    try:
+        waiting = loop.create_task(jobs.run(lambda: release.wait(10)))
+        loop.run_until_complete(asyncio.sleep(0.05))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(waiting)
+    finally:
+        loop.close()
+    release.set()  # the job ends now, its loop gone
+    assert asyncio.run(asyncio.wait_for(jobs.run(lambda: "next"), 10)) == "next"
