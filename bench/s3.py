@@ -336,10 +336,15 @@ def readable_rows(case: str, runs: dict[str, list[Run]], size: int) -> list[Row]
                 note="GET start -> blob readable in the bucket, size / time")]
 
 
-def cpu_rows(case: str, runs: dict[str, list[Run]], size: int) -> list[Row]:
+def cpu_rows(case: str, runs: dict[str, list[Run]], size: int, upstream: bool = False) -> list[Row]:
+    """CPU per GiB of the proxy and of Ceph, and of the upstream when it is asked (cold)."""
     rows = []
-    for what, pick in (("proxy process", lambda r: r.proxy_cpu), ("Ceph (radosgw, OSD, mon)", lambda r: r.ceph_cpu),
-                       ("upstream registry", lambda r: r.upstream_cpu)):
+    kinds: list[tuple[str, Callable[[Run], float]]] = [
+        ("proxy process", lambda r: r.proxy_cpu), ("Ceph (radosgw, OSD, mon)", lambda r: r.ceph_cpu)
+    ]
+    if upstream:
+        kinds.append(("upstream registry", lambda r: r.upstream_cpu))
+    for what, pick in kinds:
         reg = min(pick(r) for r in _good(runs["regcache"])) * GIB / size
         dist = min(pick(r) for r in _good(runs["distribution"])) * GIB / size
         rows.append(Row(f"{case}: CPU seconds per GiB, {what}", reg, f"{reg:.2f} s", ANCHOR, dist, f"{dist:.2f} s",
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += throughput_rows("cold GET", runs, "client throughput")
                 rows += bound_rows("cold GET", runs)
                 rows += readable_rows("cold GET", runs, size)
-                rows += cpu_rows("cold GET", runs, size)
+                rows += cpu_rows("cold GET", runs, size, upstream=True)
             for side in sides:  # warm rows start from a stored blob on each side
                 if _readable_after(rgw, side.bucket, side.key(digest), time.monotonic(), timeout=1) is None:
                     say(f"  {side.name:<12} {_describe(cold(side))} (filling the bucket for the warm rows)")
