@@ -60,3 +60,31 @@ def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
         assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
     # A case that raised is reported as "failed: ..." instead of its figures.
     assert "failed:" not in table, table
+
+
+S3_ROWS = (
+    "cold GET (client throughput)",
+    "cold GET (client throughput of regcache on its filesystem backend",
+    "cold GET (GET start -> blob readable in the bucket",
+    "cold GET: CPU seconds per GiB, Ceph",
+    "warm GET (both stream from the bucket)",
+    "warm GET with redirect (307 to a presigned URL, curl -L)",
+    "blob GET answered 307",
+)
+
+
+def test_s3_bench_runs_every_case_and_prints_its_table(tmp_path):
+    argv = [sys.executable, str(ROOT / "bench" / "s3.py"), "--size-mib", "2", "--repeats", "1",
+            "--workdir", str(tmp_path / "bench")]
+    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = bench.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    table = stdout.rpartition("| case | regcache |")[2]
+    for row in S3_ROWS:
+        assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
+    assert "not available" not in table
