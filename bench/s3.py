@@ -94,43 +94,6 @@ class Side(Protocol):
     def stop(self) -> None: ...
 
 
-class RegcacheS3:
-    name = "regcache"
-
-    def __init__(self, workdir: Path, upstream_url: str, rgw: CephRGW, bucket: str) -> None:
-        self.rgw = rgw
-        self.bucket = bucket
-        self._redirect = False
-        self.peer = Regcache(workdir, upstream_url, settings=self._settings())
-
-    def _settings(self) -> dict[str, Any]:
-        return {"storage": {"backend": "s3", "s3": self.rgw.s3_settings(self.bucket, redirect=self._redirect)}}
-
-    @property
-    def url(self) -> str:
-        return self.peer.url
-
-    def pids(self) -> list[int]:
-        return self.peer.pids()
-
-    def key(self, digest: str) -> str:
-        return paths.blob_key(Digest.parse(digest))
-
-    def fresh(self, bucket: str) -> None:
-        self.bucket = bucket
-        self.peer.settings = self._settings()
-        self.peer.reset()  # no SQLite index, no spool: nothing of the last run is known
-
-    def redirect(self, on: bool) -> None:
-        self._redirect = on
-        self.peer.settings = self._settings()
-        self.peer.stop()
-        self.peer.start()
-
-    def stop(self) -> None:
-        self.peer.stop()
-
-
 class RegcacheFilesystem:
     """regcache on its filesystem backend: a cold fill with no object store at all, the bound of
     what regcache's verified path (hash, spool, send) gives a client on this machine."""
@@ -159,6 +122,33 @@ class RegcacheFilesystem:
 
     def stop(self) -> None:
         self.peer.stop()
+
+
+class RegcacheS3(RegcacheFilesystem):
+    name = "regcache"
+
+    def __init__(self, workdir: Path, upstream_url: str, rgw: CephRGW, bucket: str) -> None:
+        self.rgw = rgw
+        self.bucket = bucket
+        self._redirect = False
+        self.peer = Regcache(workdir, upstream_url, settings=self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        return {"storage": {"backend": "s3", "s3": self.rgw.s3_settings(self.bucket, redirect=self._redirect)}}
+
+    def key(self, digest: str) -> str:
+        return paths.blob_key(Digest.parse(digest))
+
+    def fresh(self, bucket: str) -> None:
+        self.bucket = bucket
+        self.peer.settings = self._settings()
+        self.peer.reset()  # no SQLite index, no spool: nothing of the last run is known
+
+    def redirect(self, on: bool) -> None:
+        self._redirect = on
+        self.peer.settings = self._settings()
+        self.peer.stop()
+        self.peer.start()
 
 
 class DistributionS3:

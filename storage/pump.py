@@ -101,6 +101,8 @@ async def _pump_small(source: BodySource, hasher: Hasher, write: Callable[[memor
         while not future.done():  # the thread must be out of the file before it is closed
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # the interrupted read's error: retrieved, the cancellation wins
         raise
     landed(rest)
     return count

@@ -32,6 +32,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeGuard
 
@@ -171,26 +172,15 @@ def _sendfile_blocking(
 
 
 def _copy_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float, stop: threading.Event) -> None:
-    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
-    pending = buffer[:0]
-    waiter = _Writable(sock, stall_timeout)
-    while count > 0 or pending:
-        if stop.is_set():
-            raise ConnectionResetError("response abandoned")
-        if not pending:
-            got = os.preadv(fd, [buffer[: min(count, len(buffer))]], offset)
-            if got == 0:
-                raise OSError("file shorter than its announced size")
-            offset += got
-            count -= got
-            pending = buffer[:got]
-        try:
-            sent = os.write(sock, pending)
-        except BlockingIOError:
-            waiter.wait()
-            continue
-        pending = pending[sent:]
-        waiter.progressed()
+    position = offset
+
+    def pread(into: memoryview) -> int:
+        nonlocal position
+        got = os.preadv(fd, [into], position)
+        position += got
+        return got
+
+    _copy(sock, pread, count, stall_timeout, stop, "file")
 
 
 def _relay_blocking(
@@ -200,26 +190,34 @@ def _relay_blocking(
     copies in all (the store's socket into the buffer, the buffer into the client's socket); the
     body is closed here whatever happens, so its connection goes back to its pool or away."""
     try:
-        buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
-        waiter = _Writable(sock, stall_timeout)
-        while count > 0:
-            got = body.readinto(buffer[: min(count, len(buffer))])
-            if got == 0:
-                raise OSError("store body shorter than its announced size")
-            count -= got
-            pending = buffer[:got]
-            while pending:
-                if stop.is_set():
-                    raise ConnectionResetError("response abandoned")
-                try:
-                    sent = os.write(sock, pending)
-                except BlockingIOError:
-                    waiter.wait()
-                    continue
-                pending = pending[sent:]
-                waiter.progressed()
+        _copy(sock, body.readinto, count, stall_timeout, stop, "store body")
     finally:
         body.close()
+
+
+def _copy(sock: int, read: Callable[[memoryview], int], count: int, stall_timeout: float,
+          stop: threading.Event, source: str) -> None:
+    """``count`` bytes from ``read`` to the non-blocking ``sock`` through one reused buffer."""
+    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
+    waiter = _Writable(sock, stall_timeout)
+    while count > 0:
+        if stop.is_set():
+            raise ConnectionResetError("response abandoned")
+        got = read(buffer[: min(count, len(buffer))])
+        if got == 0:
+            raise OSError(f"{source} shorter than its announced size")
+        count -= got
+        pending = buffer[:got]
+        while pending:
+            if stop.is_set():
+                raise ConnectionResetError("response abandoned")
+            try:
+                sent = os.write(sock, pending)
+            except BlockingIOError:
+                waiter.wait()
+                continue
+            pending = pending[sent:]
+            waiter.progressed()
 
 
 class _Writable:

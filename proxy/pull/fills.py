@@ -21,7 +21,7 @@ from proxy.pull.routing import Route
 from proxy.tracing import span
 from proxy.upstream.client import UpstreamClient
 from storage.backends.base import FillLease
-from storage.blobs import BlobStore
+from storage.blobs import BlobStore, BlobWriter
 from storage.errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreFull
 from storage.index.metadata import Metadata
 from storage.oci.digest import Digest
@@ -110,15 +110,16 @@ class Fills:
         if expected is None:
             expected = await self.metadata.descriptor_size(route.repository_name, str(fill.digest))
         self.events.fill_started(route.upstream_name)
+        writer: BlobWriter | None = None
         try:
-            async with client.open_blob(route.repository, str(fill.digest)) as stream:
-                size = stream.size if stream.size is not None else expected
-                if expected is not None and stream.size is not None and stream.size != expected:
-                    log.warning("upstream size %s for %s differs from its descriptor (%s)",
-                                stream.size, fill.digest, expected)
-                writer = await self.store.writer(fill.digest, size)
-                fill.attach(writer, size)
-                try:
+            try:
+                async with client.open_blob(route.repository, str(fill.digest)) as stream:
+                    size = stream.size if stream.size is not None else expected
+                    if expected is not None and stream.size is not None and stream.size != expected:
+                        log.warning("upstream size %s for %s differs from its descriptor (%s)",
+                                    stream.size, fill.digest, expected)
+                    writer = await self.store.writer(fill.digest, size)
+                    fill.attach(writer, size)
                     body = stream.body
                     if body is None:
                         async for chunk in stream.chunks:
@@ -130,17 +131,21 @@ class Fills:
                     # saw is already in the metrics.
                     written = await writer.verify()
                     self.events.fetched(route.upstream_name, "blob", written)
-                    with span("commit", {"regcache.digest": str(fill.digest)}):
-                        await writer.commit()
-                except BaseException as exc:
-                    await writer.abort()
-                    if isinstance(exc, DigestMismatch | SizeMismatch):
-                        self.events.digest_mismatch("blob", self._content(route, fill, None))
-                        log.error("upstream blob %s of %s/%s failed verification: %s",
-                                  fill.digest, route.upstream_name, route.repository, exc)
-                    if isinstance(exc, StoreFull):
-                        self.events.store_full()
+                # The upstream's connection is back in its pool before the commit, which on an
+                # object store may still be sending parts.
+                with span("commit", {"regcache.digest": str(fill.digest)}):
+                    await writer.commit()
+            except BaseException as exc:
+                if writer is None:  # no answer, or no room for the blob (the store said so itself)
                     raise
+                await writer.abort()
+                if isinstance(exc, DigestMismatch | SizeMismatch):
+                    self.events.digest_mismatch("blob", self._content(route, fill, None))
+                    log.error("upstream blob %s of %s/%s failed verification: %s",
+                              fill.digest, route.upstream_name, route.repository, exc)
+                if isinstance(exc, StoreFull):
+                    self.events.store_full()
+                raise
         except UpstreamNotFound:
             raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
         finally:

@@ -20,6 +20,7 @@ from yarl import URL
 from proxy.errors import UpstreamError
 from storage.oci.digest import is_digest
 from storage.oci.jsonlimits import JSONTooDeep, loads
+from storage.pump import BodySource
 
 READ_CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.ASCII)
@@ -63,20 +64,11 @@ class Reply(Protocol):
     def release(self) -> Any: ...
 
 
-class BlockingBody(Protocol):
-    """A body for a reader on a thread: ``readinto`` until it returns 0. ``interrupt``
-    (any thread) makes a blocked ``readinto`` return or raise at once. Failures raise
-    ``ConnectionError`` or ``TimeoutError``."""
-
-    def readinto(self, buffer: memoryview, /) -> int: ...
-    def interrupt(self) -> None: ...
-
-
 @dataclass
 class BlobStream:
     size: int | None
     chunks: AsyncIterator[bytes]  # the body, in pieces as they come
-    body: BlockingBody | None = None  # the same body for a reader on a thread, when the transport has one
+    body: BodySource | None = None  # the same body for a reader on a thread (storage.pump), when the transport has one
 
 
 @dataclass

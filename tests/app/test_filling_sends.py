@@ -8,23 +8,12 @@ import os
 
 import pytest
 
-from config.settings import Settings, UpstreamSettings
-from proxy.app import create_app
 from proxy.http import filesend
 from proxy.resources import PULLTHROUGH
 from storage.oci.digest import Digest
 from tests.support.fake_upstream import Fault, digest_of
 
 REPOSITORY = "team/app"
-
-
-@pytest.fixture
-async def proxy(fake, aiohttp_client, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        upstreams=[UpstreamSettings(name="fake.test", url=fake.base_url, default=True, retries=1)],
-    )
-    return await aiohttp_client(create_app(settings))
 
 
 @pytest.mark.parametrize(("size", "senders"), [(48 * 1024, 0), (3 * 1024 * 1024, 1)])

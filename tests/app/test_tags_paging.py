@@ -4,21 +4,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
-from config.settings import Settings, UpstreamSettings
-from proxy.app import create_app
-
 TAGS = ["a", "b", "c", "d", "e"]
-
-
-@pytest.fixture
-async def proxy(fake, aiohttp_client, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        upstreams=[UpstreamSettings(name="fake.test", url=fake.base_url, default=True, retries=1)],
-    )
-    return await aiohttp_client(create_app(settings))
 
 
 async def follow(proxy, path: str) -> list[list[str]]:  # type: ignore[no-untyped-def]

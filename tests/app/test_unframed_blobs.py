@@ -15,23 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings, UpstreamSettings
-from proxy.app import create_app
 from proxy.resources import PULLTHROUGH
 from tests.support.fake_upstream import Fault, digest_of
 
 # Past a few sendfile slices, so raw bytes would follow the first framed chunk.
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
 REPOSITORY = "team/app"
-
-
-@pytest.fixture
-async def proxy(fake, aiohttp_client, tmp_path):
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        upstreams=[UpstreamSettings(name="fake.test", url=fake.base_url, default=True, retries=1)],
-    )
-    return await aiohttp_client(create_app(settings))
 
 
 async def curl(url: str, out: Path) -> asyncio.subprocess.Process:

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-from pathlib import Path
 
 import pytest
 
 from storage import paths
-from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
+from tests.support.spool import digest_of, spool_files
 
 BIG = os.urandom(3 * FLUSH_BYTES + 12345)  # several batches, through the worker thread
-
-
-def digest_of(data: bytes) -> Digest:
-    return Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> BlobStore:
-    blobs = BlobStore(FilesystemBackend(tmp_path))
-    await blobs.start()
-    return blobs
-
-
-def spool_files(tmp_path: Path) -> list[Path]:
-    return list(paths.tmp_dir(tmp_path).iterdir())
 
 
 async def read_all(store: BlobStore, digest: Digest) -> bytes:

@@ -13,16 +13,12 @@ import hashlib
 import queue
 import random
 import threading
-from pathlib import Path
 
 import pytest
 
-from storage import paths
-from storage.backends.filesystem import FilesystemBackend
-from storage.blobs import BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
-from storage.oci.digest import Digest
 from storage.pump import BUFFER_BYTES, FIRST_BYTES, SMALL_BYTES, pump
+from tests.support.spool import digest_of, spool_files
 
 GUARD = 20.0  # seconds: only ever reached when something hangs
 MIB = 1024 * 1024
@@ -371,21 +367,6 @@ async def test_cancelling_interrupts_the_read_and_waits_for_the_threads(limit):
 
 
 # --------------------------------------------------------------------------- through BlobWriter.pump
-
-
-def digest_of(data: bytes) -> Digest:
-    return Digest.parse("sha256:" + sha256(data))
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> BlobStore:
-    blobs = BlobStore(FilesystemBackend(tmp_path))
-    await blobs.start()
-    return blobs
-
-
-def spool_files(tmp_path: Path) -> list[Path]:
-    return list(paths.tmp_dir(tmp_path).iterdir())
 
 
 async def test_a_pumped_blob_is_verified_and_committed(store, tmp_path):

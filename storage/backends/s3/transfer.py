@@ -32,6 +32,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from storage.backends.s3.client import answer_error
@@ -47,6 +49,7 @@ ATTEMPTS = 3
 _BACKOFF = 0.2
 _IDLE_CONNECTIONS = 16
 _CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+T = TypeVar("T")
 
 
 class Transfers:
@@ -65,46 +68,46 @@ class Transfers:
     def put_part(self, url: str, fd: int, offset: int, length: int, what: str) -> str:
         """Sends ``length`` bytes of the file ``fd`` from ``offset`` as the body of the presigned
         PUT ``url`` (an UploadPart); its ETag."""
-        target = _target(url)
+
+        def send(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+            conn.putrequest("PUT", _target(url), skip_accept_encoding=True)
+            conn.putheader("Content-Length", str(length))
+            conn.endheaders()
+            _send_range(conn, fd, offset, length)
+            return conn.getresponse()
+
+        def stored(conn: http.client.HTTPConnection, answer: http.client.HTTPResponse) -> str:
+            answer.read()
+            self.give_back(conn, answer)
+            return answer.getheader("ETag") or ""
+
+        return self._attempts(url, what, send, stored)
+
+    def get(self, url: str, what: str) -> StoreBody:
+        """The body of the presigned GET ``url``, once the store has answered 200."""
+
+        def send(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+            conn.request("GET", _target(url))
+            return conn.getresponse()
+
+        def body(conn: http.client.HTTPConnection, answer: http.client.HTTPResponse) -> StoreBody:
+            if answer.length is None:
+                raise http.client.HTTPException("no Content-Length in the store's answer")
+            return StoreBody(self, conn, answer, what)
+
+        return self._attempts(url, what, send, body)
+
+    def _attempts(self, url: str, what: str, send: Callable[[http.client.HTTPConnection], http.client.HTTPResponse],
+                  ok: Callable[[http.client.HTTPConnection, http.client.HTTPResponse], T]) -> T:
+        """``send`` on a pooled connection, then ``ok`` with a 200; a failure on the connection
+        or a 5xx is tried again (``ATTEMPTS`` in all), any other status raises at once."""
         for attempt in range(1, ATTEMPTS + 1):
             conn: http.client.HTTPConnection | None = None
             try:
                 conn = self._take(url)
-                conn.putrequest("PUT", target, skip_accept_encoding=True)
-                conn.putheader("Content-Length", str(length))
-                conn.endheaders()
-                _send_range(conn, fd, offset, length)
-                answer = conn.getresponse()
-                body = answer.read()
-            except (OSError, http.client.HTTPException) as exc:
-                if conn is not None:
-                    conn.close()
-                if attempt == ATTEMPTS:
-                    raise StoreUnavailable(f"object store unreachable for {what}: {exc}") from exc
-                time.sleep(_BACKOFF * attempt)
-                continue
-            self.give_back(conn, answer)
-            if answer.status == 200:
-                return answer.getheader("ETag") or ""
-            error = _error(answer.status, body, what)
-            if answer.status < 500 or attempt == ATTEMPTS:
-                raise error
-            time.sleep(_BACKOFF * attempt)
-        raise AssertionError("unreachable")
-
-    def get(self, url: str, what: str) -> StoreBody:
-        """The body of the presigned GET ``url``, once the store has answered 200."""
-        target = _target(url)
-        for attempt in range(1, ATTEMPTS + 1):
-            conn = None
-            try:
-                conn = self._take(url)
-                conn.request("GET", target)
-                answer = conn.getresponse()
+                answer = send(conn)
                 if answer.status == 200:
-                    if answer.length is None:
-                        raise http.client.HTTPException("no Content-Length in the store's answer")
-                    return StoreBody(self, conn, answer, what)
+                    return ok(conn, answer)
                 body = answer.read()
             except (OSError, http.client.HTTPException) as exc:
                 if conn is not None:

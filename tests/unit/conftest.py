@@ -1,0 +1,18 @@
+"""Fixtures of the tests that need no server; the shared ones are in tests/conftest.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from storage.backends.filesystem import FilesystemBackend
+from storage.blobs import BlobStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> BlobStore:
+    """A blob store on the filesystem backend under ``tmp_path``."""
+    blobs = BlobStore(FilesystemBackend(tmp_path))
+    await blobs.start()
+    return blobs
