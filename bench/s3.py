@@ -78,7 +78,7 @@ class Side(Protocol):
     """One proxy under test, on a bucket of its own."""
 
     name: str
-    bucket: str
+    bucket: str  # "" when it keeps its blobs elsewhere
 
     @property
     def url(self) -> str: ...
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"Ceph idle: {meter.ceph_idle:.3f} CPU s/s")
 
             def cold(side: Side) -> Run:
-                if isinstance(side, RegcacheFilesystem):
+                if not side.bucket:  # regcache's filesystem bound: no bucket to swap
                     side.fresh("")
                     return meter.run(side, lambda: download([side.url + path]), None)
                 old = side.bucket
