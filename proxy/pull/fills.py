@@ -113,7 +113,7 @@ class Fills:
         writer: BlobWriter | None = None
         try:
             try:
-                async with client.open_blob(route.repository, str(fill.digest)) as stream:
+                async with client.open_blob(route.repository, str(fill.digest), expected) as stream:
                     size = stream.size if stream.size is not None else expected
                     if expected is not None and stream.size is not None and stream.size != expected:
                         log.warning("upstream size %s for %s differs from its descriptor (%s)",

@@ -73,6 +73,9 @@ R = TypeVar("R", bound=Reply)
 Fetch = Callable[[str, URL, dict[str, str]], Awaitable[R]]
 
 CHUNK_SIZE = 256 * 1024
+# Blobs up to this size are read on the loop (``open_blob``): a config or a small layer
+# arrives in a few reads, and the threads' hand-offs would cost more than the reads.
+SMALL_BLOB = 256 * 1024
 READ_BUFSIZE = 1024 * 1024
 MAX_REDIRECTS = 5
 BACKOFF_BASE = 0.2
@@ -106,8 +109,10 @@ class UpstreamClient:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        small_blob: int = SMALL_BLOB,
     ) -> None:
         self.name = settings.name
+        self._small_blob = small_blob
         self._settings = settings
         self._base = URL(settings.base_url)
         self._observer: UpstreamObserver = observer or NullObserver()
@@ -199,16 +204,30 @@ class UpstreamClient:
             return await self._call("HEAD", url, "blob_head", _pull_scope(repository), read)
 
     @contextlib.asynccontextmanager
-    async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
+    async def open_blob(self, repository: str, digest: str, size: int | None = None) -> AsyncIterator[BlobStream]:
         """Stream a blob; retries happen only before the first byte is handed out.
 
         The body is meant for a reader on a thread (``BlobStream.body``); ``chunks``
-        reads the same body from the loop, for consumers that want pieces.
+        reads the same body from the loop, for consumers that want pieces. A blob whose
+        ``size`` (from its descriptor) is at most ``small_blob`` comes through the loop
+        only (``body`` None): its few reads cost less there than two hand-offs to threads.
         """
         url = self._v2(repository, "blobs", str(Digest.parse(digest)))
         # The slot is held until the stream is closed: an open body is an
         # upstream connection in use.
         async with self._slot():
+            if size is not None and size <= self._small_blob:
+                resp = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_aiohttp)
+                chunks = self._chunks(resp)
+                try:
+                    yield BlobStream(resp.content_length, chunks)
+                finally:
+                    await chunks.aclose()
+                    if resp.content.at_eof():
+                        resp.release()
+                    else:
+                        resp.close()
+                return
             answer = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_blocking)
             try:
                 yield BlobStream(answer.content_length, _answer_chunks(answer), answer)

@@ -52,7 +52,7 @@ class PushedUpstream:
         self.answering.set()
 
     @contextlib.asynccontextmanager
-    async def open_blob(self, repository: str, digest: str) -> AsyncIterator[BlobStream]:
+    async def open_blob(self, repository: str, digest: str, size: int | None = None) -> AsyncIterator[BlobStream]:
         self.opened += 1
         await self.answering.wait()
         yield BlobStream(self.size, self._chunks())
@@ -265,7 +265,7 @@ async def test_a_fill_that_fails_before_any_byte_fails_its_readers_at_open(store
     upstream = PushedUpstream(len(BLOB))
 
     @contextlib.asynccontextmanager
-    async def refused(repository: str, digest: str) -> AsyncIterator[BlobStream]:
+    async def refused(repository: str, digest: str, size: int | None = None) -> AsyncIterator[BlobStream]:
         raise UpstreamUnavailable("connection refused")
         yield  # pragma: no cover
 

@@ -172,8 +172,11 @@ class TokenServer:
 async def make_client() -> AsyncIterator[Callable[..., Awaitable[UpstreamClient]]]:
     clients: list[UpstreamClient] = []
 
-    async def make(url: str | URL, *, observer: Any = None, clock: Any = None, sleep: Any = None, **settings: Any):
+    async def make(url: str | URL, *, observer: Any = None, clock: Any = None, sleep: Any = None,
+                   small_blob: int | None = None, **settings: Any):
         kwargs: dict[str, Any] = {"sleep": Sleeps() if sleep is None else sleep}
+        if small_blob is not None:
+            kwargs["small_blob"] = small_blob
         if clock is not None:
             kwargs["clock"] = clock
         upstream = UpstreamSettings(name="registry.test", url=str(url).rstrip("/"), **settings)
@@ -349,7 +352,52 @@ async def test_ping_authenticates_without_a_repository_scope(aiohttp_server, mak
 # -- redirects and streaming ----------------------------------------------------------
 
 
-async def test_blob_redirect_to_another_host_carries_no_authorization(aiohttp_server, make_client):
+@pytest.fixture(params=["threads", "loop"])
+def small_blob(request: pytest.FixtureRequest) -> int:
+    """Both ways a blob body is read: on the transport's threads (what big blobs take), or on
+    the loop through aiohttp (what a blob whose descriptor says it is small takes)."""
+    return 0 if request.param == "threads" else len(BLOB)
+
+
+async def test_a_blob_its_descriptor_says_is_small_comes_through_the_loop(aiohttp_server, make_client):
+    server = await aiohttp_server(Registry().app())
+    client = await make_client(server.make_url("/"), small_blob=len(BLOB))
+    async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as small:
+        assert small.body is None
+        assert b"".join([c async for c in small.chunks]) == BLOB
+    for size in (None, len(BLOB) + 1):  # unknown, or more than the limit: read on threads
+        async with client.open_blob(REPO, BLOB_DIGEST, size) as big:
+            assert big.body is not None
+            assert b"".join([c async for c in big.chunks]) == BLOB
+
+
+async def test_a_blob_body_cut_short_is_upstream_unavailable(aiohttp_server, make_client, small_blob):
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(BLOB))})
+        await response.prepare(request)
+        await response.write(BLOB[:1000])
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", cut)
+    server = await aiohttp_server(app)
+    client = await make_client(server.make_url("/"), small_blob=small_blob)
+    got = bytearray()
+    with pytest.raises(UpstreamUnavailable):
+        async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as stream:
+            if stream.body is None:
+                async for chunk in stream.chunks:
+                    got += chunk
+            else:
+                buffer = bytearray(len(BLOB))
+                while count := await asyncio.to_thread(stream.body.readinto, memoryview(buffer)):
+                    got += buffer[:count]
+    assert bytes(got) == BLOB[:1000]
+
+
+async def test_blob_redirect_to_another_host_carries_no_authorization(aiohttp_server, make_client, small_blob):
     cdn_seen: list[str | None] = []
 
     async def cdn_blob(request: web.Request) -> web.Response:
@@ -361,9 +409,9 @@ async def test_blob_redirect_to_another_host_carries_no_authorization(aiohttp_se
     cdn = await aiohttp_server(cdn_app, host="127.0.0.2")
     registry, _, server = await bearer_registry(aiohttp_server)
     registry.blob_location = str(cdn.make_url("/cdn/blob").with_query(sig="abc"))
-    client = await make_client(server.make_url("/"), username=USERNAME, password=PASSWORD)
+    client = await make_client(server.make_url("/"), username=USERNAME, password=PASSWORD, small_blob=small_blob)
 
-    async with client.open_blob(REPO, BLOB_DIGEST) as stream:
+    async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as stream:
         assert stream.size == len(BLOB)
         chunks = [chunk async for chunk in stream.chunks]
     assert b"".join(chunks) == BLOB
@@ -385,7 +433,7 @@ async def test_endless_redirects_are_an_upstream_error(aiohttp_server, make_clie
         await client.head_blob(REPO, BLOB_DIGEST)
 
 
-async def test_blob_stream_timeout_mid_body_is_upstream_timeout(aiohttp_server, make_client):
+async def test_blob_stream_timeout_mid_body_is_upstream_timeout(aiohttp_server, make_client, small_blob):
     done = asyncio.Event()
 
     async def stall(request: web.Request) -> web.StreamResponse:
@@ -398,21 +446,21 @@ async def test_blob_stream_timeout_mid_body_is_upstream_timeout(aiohttp_server, 
     app = web.Application()
     app.router.add_get(r"/v2/{name:.+}/blobs/{digest}", stall)
     server = await aiohttp_server(app)
-    client = await make_client(server.make_url("/"), read_timeout=0.2)
+    client = await make_client(server.make_url("/"), read_timeout=0.2, small_blob=small_blob)
     try:
         with pytest.raises(UpstreamTimeout):
-            async with client.open_blob(REPO, BLOB_DIGEST) as stream:
+            async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as stream:
                 async for _ in stream.chunks:
                     pass
     finally:
         done.set()
 
 
-async def test_blob_streams_hold_a_concurrency_slot_until_closed(aiohttp_server, make_client):
+async def test_blob_streams_hold_a_concurrency_slot_until_closed(aiohttp_server, make_client, small_blob):
     registry = Registry()
     server = await aiohttp_server(registry.app())
-    client = await make_client(server.make_url("/"), max_concurrency=1)
-    async with client.open_blob(REPO, BLOB_DIGEST) as stream:
+    client = await make_client(server.make_url("/"), max_concurrency=1, small_blob=small_blob)
+    async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as stream:
         head = asyncio.create_task(client.head_blob(REPO, BLOB_DIGEST))
         await asyncio.sleep(0.05)
         assert not head.done() and len(registry.seen) == 1
@@ -439,12 +487,12 @@ def flaky_app(statuses: list[int], headers: dict[str, str] | None = None) -> tup
     return app, served
 
 
-async def test_server_errors_are_retried_with_backoff_then_succeed(aiohttp_server, make_client):
+async def test_server_errors_are_retried_with_backoff_then_succeed(aiohttp_server, make_client, small_blob):
     app, served = flaky_app([503, 502])
     server = await aiohttp_server(app)
     sleeps = Sleeps()
-    client = await make_client(server.make_url("/"), sleep=sleeps, retries=3)
-    async with client.open_blob(REPO, BLOB_DIGEST) as stream:
+    client = await make_client(server.make_url("/"), sleep=sleeps, retries=3, small_blob=small_blob)
+    async with client.open_blob(REPO, BLOB_DIGEST, len(BLOB)) as stream:
         assert b"".join([c async for c in stream.chunks]) == BLOB
     assert served == [503, 502, 200]
     assert sleeps == [0.2, 0.4]
