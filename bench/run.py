@@ -85,10 +85,13 @@ def build_images(work: Path, args: argparse.Namespace) -> dict[str, object]:
     mid = build_big_layer(work / "mid.zst", args.mid_mib, seed=2, compression="zstd")
     rng = random.Random(3)
     small_layers = [build_layer({f"srv/layer{i}.bin": rng.randbytes(48 * 1024)}) for i in range(args.small_layers)]
+    starter_layers = [build_layer({f"srv/starter{i}.bin": rng.randbytes(48 * 1024)}) for i in range(args.small_layers)]
     return {
         "bench/big:1": build_image(extra_layers=[big], media_style="docker"),
         "bench/mid:1": build_image(extra_layers=[mid]),
         "bench/small:1": build_image(extra_layers=small_layers),
+        # The same shape with other bytes: what a cache served before the pull measured.
+        "bench/starter:1": build_image(extra_layers=starter_layers),
     }
 
 
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             big=seeded["bench/big:1"],
             mid=seeded["bench/mid:1"],
             small=seeded["bench/small:1"],
+            starter=seeded["bench/starter:1"],
             repeats=args.repeats,
             wrk_seconds=args.seconds,
             wan_rate=wan_rate,
