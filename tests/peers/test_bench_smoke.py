@@ -28,6 +28,7 @@ EXPECTED_ROWS = (
     "manifest GET by digest, cached",
     "manifest HEAD by digest, cached",
     "skopeo pull, 2 small layers, cold",
+    "CPU per cold small-layer fill (3 blobs)",
     "skopeo pull, one 1 MiB layer, warm",
     "save/load of a 1 MiB image",
     "memory: peak RSS, 8 clients pulling 1 MiB, cold",
@@ -41,13 +42,12 @@ EXPECTED_ROWS = (
 )
 
 
-def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
-    argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
-            "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")]
+def _table(argv: list[str]) -> str:
+    """Runs a bench script to its end and returns the markdown table it printed last."""
     # Its own session: on a timeout the whole group goes (the registries, nginx and regcache
     # processes the bench started would otherwise outlive the test and hold their ports).
-    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    bench = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
     try:
         stdout, stderr = bench.communicate(timeout=300)
     finally:
@@ -56,6 +56,12 @@ def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
     assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
     table = stdout.rpartition("| case | regcache |")[2]
     assert table, stdout[-3000:]
+    return table
+
+
+def test_quick_bench_runs_every_case_and_prints_its_table(tmp_path):
+    table = _table([str(ROOT / "bench" / "run.py"), "--quick", "--big-mib", "1", "--mid-mib", "1",
+                    "--small-layers", "2", "--seconds", "0.3", "--workdir", str(tmp_path / "bench")])
     for row in EXPECTED_ROWS:
         assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
     # A case that raised is reported as "failed: ..." instead of its figures.
@@ -74,17 +80,8 @@ S3_ROWS = (
 
 
 def test_s3_bench_runs_every_case_and_prints_its_table(tmp_path):
-    argv = [sys.executable, str(ROOT / "bench" / "s3.py"), "--size-mib", "2", "--repeats", "1",
-            "--workdir", str(tmp_path / "bench")]
-    bench = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
-        stdout, stderr = bench.communicate(timeout=300)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(bench.pid, signal.SIGKILL)
-    assert bench.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    table = stdout.rpartition("| case | regcache |")[2]
+    table = _table([str(ROOT / "bench" / "s3.py"), "--size-mib", "2", "--repeats", "1",
+                    "--workdir", str(tmp_path / "bench")])
     for row in S3_ROWS:
         assert f"| {row}" in table, f"missing row {row!r} in:\n{table}"
     assert "not available" not in table
