@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 import pytest
 
 from storage import paths
+from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
@@ -175,9 +177,8 @@ async def test_a_small_reservation_the_filesystem_refuses_is_store_full(store, m
     assert full == [True]
 
 
-async def test_a_commit_makes_a_missing_prefix_directory_durable_and_an_existing_one_costs_nothing(
-    store, tmp_path, monkeypatch
-):
+def _watch_dirs(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The directories made, and those fsynced, from here on: (made, synced)."""
     from storage.backends import filesystem
 
     synced: list[str] = []
@@ -185,16 +186,29 @@ async def test_a_commit_makes_a_missing_prefix_directory_durable_and_an_existing
     fsync_dir, mkdir = filesystem._fsync_dir, os.mkdir
     monkeypatch.setattr(filesystem, "_fsync_dir", lambda path: (synced.append(path), fsync_dir(path))[1])
     monkeypatch.setattr(os, "mkdir", lambda path, *a: (made.append(str(path)), mkdir(path, *a))[1])
+    return made, synced
+
+
+async def test_a_new_store_has_every_prefix_directory_so_a_commit_syncs_only_its_own(store, tmp_path, monkeypatch):
+    algorithm = tmp_path / paths.BLOBS / "sha256"
+    assert sorted(p.name for p in algorithm.iterdir()) == [f"{i:02x}" for i in range(256)]
+    made, synced = _watch_dirs(monkeypatch)
+    first = os.urandom(1000)
+    await store.put(digest_of(first), first)
+    assert made == [] and synced == [os.path.dirname(paths.blob_path(tmp_path, digest_of(first)))]
+    assert await read_all(store, digest_of(first)) == first
+    synced.clear()
+    await FilesystemBackend(tmp_path).start()  # a store that has them: nothing synced
+    assert synced == []
+
+
+async def test_a_missing_prefix_directory_is_made_durable_by_the_commit(store, tmp_path, monkeypatch):
+    algorithm = tmp_path / paths.BLOBS / "sha256"
+    shutil.rmtree(algorithm)  # removed behind the running store's back
+    made, synced = _watch_dirs(monkeypatch)
     first = os.urandom(1000)
     await store.put(digest_of(first), first)
     prefix = os.path.dirname(paths.blob_path(tmp_path, digest_of(first)))
-    algorithm = os.path.dirname(prefix)
-    assert made == [algorithm, prefix]
-    assert synced == [str(tmp_path / paths.BLOBS), algorithm, prefix]
-    synced.clear()
-    made.clear()
-    hexes = digest_of(first).hex[:2]
-    sibling = next(data for data in (os.urandom(1000) for _ in range(100_000)) if digest_of(data).hex[:2] == hexes)
-    await store.put(digest_of(sibling), sibling)
-    assert made == [] and synced == [prefix]
-    assert await read_all(store, digest_of(sibling)) == sibling
+    assert made == [str(algorithm), prefix]
+    assert synced == [str(tmp_path / paths.BLOBS), str(algorithm), prefix]
+    assert await read_all(store, digest_of(first)) == first
