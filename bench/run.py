@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the project root is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import cases, notify, outage, ranges, save_load
+from bench import cases, fills, notify, outage, ranges, save_load
 from bench.peers import Distribution, Nginx, Regcache
 from bench.report import Row, cells, markdown, not_available
 from tests.support import images as image_builder
@@ -39,6 +39,7 @@ CASES = {
     "coalesced": cases.coalesced_blob,
     "manifests": cases.manifests,
     "pulls": cases.image_pulls,
+    "fills": fills.small_fills,
     "save-load": save_load.save_load,
     "memory": cases.memory,
     "upstream-hangs": outage.upstream_hangs,

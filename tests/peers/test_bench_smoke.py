@@ -29,6 +29,7 @@ EXPECTED_ROWS = (
     "manifest HEAD by digest, cached",
     "skopeo pull, 2 small layers, cold",
     "CPU per cold small-layer fill (3 blobs)",
+    "CPU per cold small-layer fill, per-thread clocks (3 blobs, 6 GETs at a time)",
     "skopeo pull, one 1 MiB layer, warm",
     "save/load of a 1 MiB image",
     "memory: peak RSS, 8 clients pulling 1 MiB, cold",
