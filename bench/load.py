@@ -182,24 +182,6 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pids: Sequence[int]) -> float:
-    """User plus system time of these processes so far (``/proc/PID/stat``, clock ticks): unlike
-    the per-thread ``cpu_seconds`` it keeps the time of threads that have ended."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                # The command name may hold spaces: the fields after it are counted from its ')'.
-                fields = f.read().rpartition(")")[2].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / _TICK
-
-
 def skopeo_copy(src: str, dest: str, timeout: float = 900) -> float:
     """Seconds for one ``skopeo copy`` (TLS off, no credentials, digests preserved)."""
     start = time.perf_counter()

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 if __package__ in (None, ""):  # run as a script: the project root is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import Transfer, download, hey, process_cpu_seconds
+from bench.load import Transfer, cpu_seconds, download, hey
 from bench.peers import Regcache
 from bench.report import MIB, Row, cells, markdown, per_second, rate, seconds
 from storage import paths
@@ -221,9 +221,9 @@ class Meter:
         self.ceph_idle = 0.0  # Ceph's CPU seconds per second with nothing to do
 
     def measure_idle(self, span: float = 3.0) -> None:
-        before, started = process_cpu_seconds(self.rgw.pids()), time.monotonic()
+        before, started = cpu_seconds(self.rgw.pids()), time.monotonic()
         time.sleep(span)
-        self.ceph_idle = (process_cpu_seconds(self.rgw.pids()) - before) / (time.monotonic() - started)
+        self.ceph_idle = (cpu_seconds(self.rgw.pids()) - before) / (time.monotonic() - started)
 
     def _upstream_pids(self) -> list[int]:
         pid = self.upstream.pid
@@ -232,9 +232,9 @@ class Meter:
     def snapshot(self, side: Side) -> tuple[float, float, float, float]:
         return (
             time.monotonic(),
-            process_cpu_seconds(side.pids()),
-            process_cpu_seconds(self.rgw.pids()),
-            process_cpu_seconds(self._upstream_pids()),
+            cpu_seconds(side.pids()),
+            cpu_seconds(self.rgw.pids()),
+            cpu_seconds(self._upstream_pids()),
         )
 
     def settle(self, side: Side, timeout: float = 300) -> None:
@@ -243,9 +243,9 @@ class Meter:
         pids = [*side.pids(), *self.rgw.pids(), *self._upstream_pids()]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            before = process_cpu_seconds(pids)
+            before = cpu_seconds(pids)
             time.sleep(0.5)
-            if process_cpu_seconds(pids) - before <= 0.01 + self.ceph_idle * 0.5:
+            if cpu_seconds(pids) - before <= 0.01 + self.ceph_idle * 0.5:
                 return
 
     def run(self, side: Side, transfer: Callable[[], Transfer], key: str | None) -> Run:

@@ -223,10 +223,7 @@ class UpstreamClient:
                     yield BlobStream(resp.content_length, chunks)
                 finally:
                     await chunks.aclose()
-                    if resp.content.at_eof():
-                        resp.release()
-                    else:
-                        resp.close()
+                    _done_with(resp)
                 return
             answer = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_blocking)
             try:
@@ -270,10 +267,7 @@ class UpstreamClient:
                 finally:
                     await chunks.aclose()
             finally:
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()
+                _done_with(resp)
 
     async def list_tags(self, repository: str, n: int | None, last: str | None) -> tuple[list[str], str | None]:
         query = {k: v for k, v in (("n", None if n is None else str(n)), ("last", last)) if v is not None}
@@ -646,6 +640,14 @@ def _ssl_contexts(settings: UpstreamSettings) -> tuple[ssl.SSLContext, ssl.SSLCo
         key = str(settings.client_key) if settings.client_key is not None else None
         own.load_cert_chain(str(settings.client_cert), key)
     return own, other
+
+
+def _done_with(resp: aiohttp.ClientResponse) -> None:
+    """A body read to its end keeps its connection for the next request; one left unread loses it."""
+    if resp.content.at_eof():
+        resp.release()
+    else:
+        resp.close()
 
 
 def _pull_scope(repository: str) -> str:

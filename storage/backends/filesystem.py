@@ -82,9 +82,9 @@ class FileUpload(Upload):
         try:
             os.replace(self.spool_path, self.final_path)
         except FileNotFoundError:
-            # The first blob under its prefix (or the spool file is gone, which the
-            # second try raises): the directory is made first. Not made up front, since
-            # every syscall here takes the GIL back while the loop may hold it.
+            # No prefix directory (sha256's are made at start: another algorithm, or one
+            # removed meanwhile), or the spool file is gone, which the second try raises.
+            # Renaming first spares every other commit a look at the directory.
             _make_dirs(directory)
             os.replace(self.spool_path, self.final_path)
         _fsync_dir(directory)
