@@ -1,8 +1,9 @@
 """The content-addressed blob store: hash while writing, verify, then commit.
 
-``BlobWriter`` is the only way bytes enter the store. It hashes every byte it
-is given and calls the backend's commit only when size and digest match what
-was asked for; otherwise the upload is aborted and nothing is visible.
+``BlobWriter`` (a blob spooled as it arrives) and ``BlobBuffer`` (a small one
+gathered in memory) are the only ways bytes enter the store. Each hashes every
+byte it is given and has the backend commit only when size and digest match
+what was asked for; otherwise nothing is visible.
 """
 
 from __future__ import annotations
@@ -210,6 +211,60 @@ class BlobWriter:
             await self._upload.abort()
 
 
+class BlobBuffer:
+    """A small blob gathered in memory, hashed as it arrives; stored in one step once verified.
+
+    For a blob of a few tens of KiB (configs, most small layers), a spool file costs
+    more than the bytes: a file made and written on the loop, then a second trip to
+    commit it. Here the bytes stay in memory until ``verify`` and the backend writes
+    and commits them in one go (``BlobBackend.put``). The caller bounds the size.
+    """
+
+    def __init__(self, digest: Digest, expected_size: int, store: BlobStore) -> None:
+        self.digest = digest
+        self.expected_size = expected_size
+        self._store = store
+        self._hasher = digest.hasher()
+        self._chunks: list[bytes] = []
+        self.received = 0
+        self._data: bytes | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self.received + len(chunk) > self.expected_size:
+            raise SizeMismatch(f"{self.digest}: more than the expected {self.expected_size} bytes")
+        self._hasher.update(chunk)
+        self._chunks.append(chunk)
+        self.received += len(chunk)
+
+    def verify(self) -> bytes:
+        """The whole blob, once size and digest are checked; raises on a mismatch."""
+        if self.received != self.expected_size:
+            raise SizeMismatch(f"{self.digest}: got {self.received} bytes, expected {self.expected_size}")
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(f"content of {self.digest} hashes to {self.digest.algorithm}:{actual}")
+        chunks, self._chunks = self._chunks, []
+        self._data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._data
+
+    async def commit(self) -> int:
+        """Make the verified blob visible under its digest."""
+        if self._data is None:
+            raise RuntimeError(f"{self.digest}: commit before verify")
+        try:
+            await self._store.backend.put(self.digest, self._data)
+        except StoreFull:
+            self._store.full()
+            raise
+        if self._store.on_commit is not None:
+            self._store.on_commit(self.received)
+        return self.received
+
+    async def abort(self) -> None:
+        """Nothing reached the store before ``commit``: the bytes are dropped."""
+        self._chunks, self._data = [], None
+
+
 class BlobStore:
     """Verified blobs on top of a backend."""
 
@@ -246,11 +301,16 @@ class BlobStore:
                 raise
         return BlobWriter(digest, upload, expected_size, self)
 
+    def buffer(self, digest: Digest, expected_size: int) -> BlobBuffer:
+        """A small blob of a known size, gathered in memory (``BlobBuffer``)."""
+        return BlobBuffer(digest, expected_size, self)
+
     async def put(self, digest: Digest, data: bytes) -> None:
         """Store a small blob (manifests, configs) after verifying it."""
-        writer = await self.writer(digest, len(data))
-        await writer.write(data)
-        await writer.finish()
+        blob = self.buffer(digest, len(data))
+        blob.write(data)
+        blob.verify()
+        await blob.commit()
 
     async def put_stream(self, digest: Digest, chunks: AsyncIterator[bytes], expected_size: int | None = None) -> int:
         writer = await self.writer(digest, expected_size)

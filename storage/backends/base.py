@@ -6,7 +6,8 @@ only calls ``Upload.commit`` once the digest has been verified. What a backend
 must guarantee is that nothing is readable under a digest key before commit.
 
 Every upload spools to a local file as it goes; followers of a fill in progress
-read that file while it grows, whatever backend the bytes end up in.
+read that file while it grows, whatever backend the bytes end up in. A small
+blob verified in memory is handed over whole instead (``put``).
 
 A backend raises only regcache's errors (``storage.errors``): a store that
 cannot be reached or refuses a request is ``StoreUnavailable``, whatever client
@@ -91,6 +92,17 @@ class BlobBackend(abc.ABC):
     @abc.abstractmethod
     async def begin(self, digest: Digest) -> Upload:
         """Start an upload that will land under ``digest`` on commit."""
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        """Write and commit a whole small blob whose bytes are verified (``storage.blobs``).
+        This default is an upload of one write; a backend may do it in fewer steps."""
+        upload = await self.begin(digest)
+        try:
+            upload.write_sync(data)
+            await upload.commit()
+        except BaseException:
+            await upload.abort()
+            raise
 
     @abc.abstractmethod
     async def delete(self, digest: Digest) -> bool:

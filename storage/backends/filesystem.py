@@ -2,7 +2,8 @@
 
 Commit is fsync of the temp file, ``os.replace`` into place and fsync of the
 directory (a prefix directory made for it is fsynced in its parent first), so
-a crash leaves either the whole verified blob or nothing. The
+a crash leaves either the whole verified blob or nothing. A small blob put
+whole takes the same steps, its temp file made and written in the same job. The
 spool file is not handed to the disk early (sync_file_range while filling):
 that made a fill as slow as the disk, and clients no longer wait for the
 commit's fsync (their last byte goes out once the digest is verified).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -50,7 +52,7 @@ class FileUpload(Upload):
             # Followers read the spool file by path: make the bytes visible to them.
             self._file.flush()
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _no_room(exc):
                 raise StoreFull("no space left on the store's filesystem") from exc
             raise
 
@@ -58,7 +60,7 @@ class FileUpload(Upload):
         try:
             os.posix_fallocate(self._file.fileno(), 0, size)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _no_room(exc):
                 raise StoreFull(f"no space left on the store's filesystem for {size} bytes") from exc
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -73,21 +75,12 @@ class FileUpload(Upload):
         try:
             os.fsync(self._file.fileno())
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _no_room(exc):
                 raise StoreFull("no space left on the store's filesystem") from exc
             raise
         self._file.close()
         self._closed = True
-        directory = os.path.dirname(self.final_path)
-        try:
-            os.replace(self.spool_path, self.final_path)
-        except FileNotFoundError:
-            # No prefix directory (sha256's are made at start: another algorithm, or one
-            # removed meanwhile), or the spool file is gone, which the second try raises.
-            # Renaming first spares every other commit a look at the directory.
-            _make_dirs(directory)
-            os.replace(self.spool_path, self.final_path)
-        _fsync_dir(directory)
+        _publish(str(self.spool_path), self.final_path)
 
     async def commit(self) -> None:
         await _COMMITS.run(self._commit_sync)
@@ -98,6 +91,50 @@ class FileUpload(Upload):
             self._closed = True
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spool_path)
+
+
+def _no_room(exc: OSError) -> bool:
+    """Whether the filesystem refused a write for want of space (then the store is full)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _publish(spool_path: str, final_path: str) -> None:
+    """A written and fsynced spool file into place under its digest, durably."""
+    directory = os.path.dirname(final_path)
+    try:
+        os.replace(spool_path, final_path)
+    except FileNotFoundError:
+        # No prefix directory (sha256's are made at start: another algorithm, or one
+        # removed meanwhile), or the spool file is gone, which the second try raises.
+        # Renaming first spares every other commit a look at the directory.
+        _make_dirs(directory)
+        os.replace(spool_path, final_path)
+    _fsync_dir(directory)
+
+
+def _put_sync(spool_path: str, final_path: str, data: bytes) -> None:
+    """A whole small blob in one job: written, fsynced and published, or nothing left behind."""
+    try:
+        fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if _no_room(exc):
+            raise StoreFull("no space left on the store's filesystem") from exc
+        raise
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _publish(spool_path, final_path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool_path)
+        if isinstance(exc, OSError) and _no_room(exc):
+            raise StoreFull("no space left on the store's filesystem") from exc
+        raise
 
 
 def _read_file(path: str) -> bytes:
@@ -178,9 +215,15 @@ class FilesystemBackend(BlobBackend):
             # A temp name needs no more than uuid4's randomness, without its object.
             return FileUpload(self._path(digest), f"{self._tmp}/{os.urandom(16).hex()}")
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _no_room(exc):
                 raise StoreFull("no space left on the store's filesystem") from exc
             raise StoreUnavailable(f"cannot start an upload under {self.root}: {exc}") from exc
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        # One trip to a commit thread, where FileUpload takes one for the file and
+        # the loop writes it: for a small blob the trips are most of the cost.
+        await _COMMITS.run(functools.partial(_put_sync, f"{self._tmp}/{os.urandom(16).hex()}", self._path(digest),
+                                             data))
 
     async def delete(self, digest: Digest) -> bool:
         try:

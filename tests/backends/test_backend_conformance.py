@@ -272,6 +272,17 @@ async def test_commit_leaves_no_spool_file_or_pending_upload_behind(subject):
     assert subject.leftovers() == []
 
 
+@pytest.mark.parametrize("data", [SMALL, EMPTY], ids=["small", "empty"])
+async def test_a_whole_blob_put_at_once_is_exactly_the_bytes_and_leaves_nothing_behind(subject, data):
+    digest = digest_of(data)
+    await subject.backend.put(digest, data)
+    assert await subject.backend.stat(digest) == len(data)
+    assert await read_all(subject.backend, digest) == data
+    await subject.backend.put(digest, data)  # again: still one blob
+    assert await listed(subject.backend) == {digest: len(data)}
+    assert subject.leftovers() == []
+
+
 # --------------------------------------------------------------------------- abort
 
 

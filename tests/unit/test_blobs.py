@@ -212,3 +212,66 @@ async def test_a_missing_prefix_directory_is_made_durable_by_the_commit(store, t
     assert made == [str(algorithm), prefix]
     assert synced == [str(tmp_path / paths.BLOBS), str(algorithm), prefix]
     assert await read_all(store, digest_of(first)) == first
+
+
+# ------------------------------------------------------------ small blobs gathered in memory
+
+
+async def test_a_buffered_blob_is_written_and_committed_in_one_thread_job(store, tmp_path, monkeypatch):
+    from storage.backends import filesystem
+
+    jobs: list[str] = []
+    run = filesystem._COMMITS.run
+
+    async def counted(function):  # type: ignore[no-untyped-def]
+        jobs.append(getattr(function, "func", function).__name__)
+        return await run(function)
+
+    monkeypatch.setattr(filesystem._COMMITS, "run", counted)
+    small = os.urandom(48 * 1024)
+    blob = store.buffer(digest_of(small), len(small))
+    blob.write(small[:1000])
+    blob.write(small[1000:])
+    assert spool_files(tmp_path) == [], "nothing is written before the commit"
+    assert blob.verify() == small
+    assert await blob.commit() == len(small)
+    assert jobs == ["_put_sync"]
+    assert await read_all(store, digest_of(small)) == small
+    assert spool_files(tmp_path) == []
+
+
+async def test_a_buffered_blob_with_wrong_bytes_or_size_is_refused_and_never_stored(store, tmp_path):
+    small = os.urandom(1000)
+    digest = digest_of(small)
+    blob = store.buffer(digest, len(small))
+    with pytest.raises(SizeMismatch):
+        blob.write(small + b"x")
+    with pytest.raises(RuntimeError):
+        await blob.commit()  # before verify
+    short = store.buffer(digest, len(small))
+    short.write(small[:-1])
+    with pytest.raises(SizeMismatch):
+        short.verify()
+    wrong = store.buffer(digest, len(small))
+    wrong.write(small[:-1] + bytes([small[-1] ^ 0xFF]))
+    with pytest.raises(DigestMismatch):
+        wrong.verify()
+    assert await store.stat(digest) is None
+    assert spool_files(tmp_path) == []
+
+
+async def test_a_buffered_blob_the_filesystem_has_no_room_for_is_store_full_and_leaves_nothing(
+        store, tmp_path, monkeypatch):
+    def refuse(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    full: list[bool] = []
+    store.on_full = lambda: full.append(True)
+    monkeypatch.setattr(os, "write", refuse)
+    small = os.urandom(1000)
+    with pytest.raises(StoreFull):
+        await store.put(digest_of(small), small)
+    monkeypatch.undo()
+    assert full == [True]
+    assert await store.stat(digest_of(small)) is None
+    assert spool_files(tmp_path) == []
