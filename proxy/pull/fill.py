@@ -7,9 +7,12 @@ the commit (fsync, rename, the metadata row): a client that has the blob has
 correct bytes, and if the commit then fails the cache simply does not keep
 them. Code that needs the blob in the store awaits ``committed()``.
 
-Only ``proxy.pull.fills`` changes a fill's state (``attach``, ``stored_elsewhere``,
-``succeed``, ``fail``); readers wait on the spool writer (bytes landed,
-verified, aborted) and on the fill's own two events (started, ended).
+A small blob is not spooled: the fill gathers it in memory and hands it over
+whole once verified (``hold``), so its readers start when every byte can go
+out at once. Only ``proxy.pull.fills`` changes a fill's state (``attach``,
+``hold``, ``stored_elsewhere``, ``succeed``, ``fail``); readers wait on the
+spool writer (bytes landed, verified, aborted) and on the fill's own two
+events (started, ended).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Fill:
         self._store = store
         self._writer: BlobWriter | None = None
         self._fd: int | None = None
+        self._data: bytes | None = None  # a small blob, verified, gathered in memory
         # Set when another replica sharing the store committed the blob first:
         # every client of this fill then reads the store instead of a spool file.
         self._elsewhere = False
@@ -61,6 +65,12 @@ class Fill:
         # Closed when the last request holding this fill lets go of it: a client
         # that joined just before the end may start reading after the fill is done.
         weakref.finalize(self, os.close, self._fd)
+        self._started.set()
+
+    def hold(self, data: bytes) -> None:
+        """The whole verified blob, gathered in memory: readers take it from here."""
+        self._data = data
+        self.size = len(data)
         self._started.set()
 
     def stored_elsewhere(self, size: int) -> None:
@@ -86,7 +96,7 @@ class Fill:
     @property
     def verified(self) -> bool:
         """Every byte may go to clients (the commit may still be running)."""
-        return self._elsewhere or (self._writer is not None and self._writer.verified)
+        return self._elsewhere or self._data is not None or (self._writer is not None and self._writer.verified)
 
     # The reading side (proxy.pull.answers) -----------------------------------
 
@@ -94,7 +104,7 @@ class Fill:
         """The blob's size once known (None: the upstream did not say); raises if the fill
         failed before it had anything to read."""
         await self._started.wait()
-        if self._writer is None and not self._elsewhere:
+        if self._writer is None and self._data is None and not self._elsewhere:
             assert self.error is not None
             raise self.error
         return self.size
@@ -112,8 +122,9 @@ class Fill:
         return self.size
 
     def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
-        """Spool bytes as they land, for sendfile; None when the blob is read from the store."""
-        return None if self._elsewhere else self._slices()
+        """Spool bytes as they land, for sendfile; None when the blob is read from the store
+        or from memory (``chunks``)."""
+        return None if self._elsewhere or self._data is not None else self._slices()
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The blob's bytes as they land; raises if the fill fails."""
@@ -122,7 +133,7 @@ class Fill:
 
     def covers(self, offset: int, length: int) -> bool:
         """Whether the bytes from ``offset`` may be read now, without waiting for the upstream."""
-        if self._elsewhere:
+        if self._elsewhere or self._data is not None:
             return True
         writer = self._writer
         if writer is None:
@@ -134,6 +145,10 @@ class Fill:
         """``length`` bytes from ``offset`` (all that follow: None) as they land; raises if
         the fill fails before they do."""
         await self.opened()
+        if self._data is not None:
+            whole = offset == 0 and (length is None or length == len(self._data))
+            yield self._data if whole else self._data[offset:None if length is None else offset + length]
+            return
         if self._elsewhere:
             async for chunk in self._store.read(self.digest, offset, length):
                 yield chunk

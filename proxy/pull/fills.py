@@ -2,8 +2,9 @@
 
 A fill runs in its own task, under its own timeout, so it completes even when
 the client that started it goes away. It takes the cross-replica fill lease,
-streams the upstream's body into a ``BlobWriter``, lets readers have the last
-byte once the digest is verified, commits, and records the row. Everything it
+streams the upstream's body into a ``BlobWriter`` (a small blob: gathers it in
+a ``BlobBuffer``), lets readers have the last byte once the digest is
+verified, commits, and records the row. Everything it
 needs is given here; it calls nothing above it. ``PullThrough`` decides when
 a fill starts; readers see a fill through ``proxy.pull.answers``.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.errors import UpstreamNotFound
+from proxy.errors import UpstreamDigestMismatch, UpstreamNotFound
 from proxy.metrics.events import BLOB_MEDIA_TYPE, Content, Events
 from proxy.pull.fill import Fill
 from proxy.pull.links import Links
@@ -21,12 +22,20 @@ from proxy.pull.routing import Route
 from proxy.tracing import span
 from proxy.upstream.client import UpstreamClient
 from storage.backends.base import FillLease
-from storage.blobs import BlobStore, BlobWriter
+from storage.blobs import BlobBuffer, BlobStore, BlobWriter
 from storage.errors import BlobUnknown, DigestMismatch, SizeMismatch, StoreFull
 from storage.index.metadata import Metadata
 from storage.oci.digest import Digest
 
 log = logging.getLogger("regcache.fill")
+
+# A blob of at most this size is gathered in memory and stored in one step once
+# verified (``storage.blobs.BlobBuffer``): no spool file, and its readers get it in
+# one write. Larger ones are spooled as they arrive, so that followers stream.
+SMALL_FILL = 64 * 1024
+# What the small fills in flight may hold in memory together; one that would go
+# past it is spooled instead.
+HELD_BYTES = 16 * 1024 * 1024
 
 
 class Fills:
@@ -38,9 +47,15 @@ class Fills:
         self.timeout = timeout
         self._fills: dict[str, Fill] = {}
         self._tasks: dict[asyncio.Task[None], Fill] = {}
+        self._held = 0  # bytes small fills hold in memory (SMALL_FILL)
 
     def __len__(self) -> int:
         return len(self._fills)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the small fills in flight hold in memory (at most ``HELD_BYTES``)."""
+        return self._held
 
     def get(self, digest: Digest) -> Fill | None:
         return self._fills.get(str(digest))
@@ -110,7 +125,8 @@ class Fills:
         if expected is None:
             expected = await self.metadata.descriptor_size(route.repository_name, str(fill.digest))
         self.events.fill_started(route.upstream_name)
-        writer: BlobWriter | None = None
+        writer: BlobWriter | BlobBuffer | None = None
+        held = 0
         try:
             try:
                 async with client.open_blob(route.repository, str(fill.digest), expected) as stream:
@@ -118,18 +134,26 @@ class Fills:
                     if expected is not None and stream.size is not None and stream.size != expected:
                         log.warning("upstream size %s for %s differs from its descriptor (%s)",
                                     stream.size, fill.digest, expected)
-                    writer = await self.store.writer(fill.digest, size)
-                    fill.attach(writer, size)
-                    body = stream.body
-                    if body is None:
+                    if size is not None and size <= SMALL_FILL and self._held + size <= HELD_BYTES:
+                        held, self._held = size, self._held + size
+                        writer = self.store.buffer(fill.digest, size)
                         async for chunk in stream.chunks:
-                            await writer.write(chunk)
-                    else:  # read on threads, not through the loop
-                        await writer.pump(body)
+                            writer.write(chunk)
+                        fill.hold(writer.verify())
+                        written = size
+                    else:
+                        writer = await self.store.writer(fill.digest, size)
+                        fill.attach(writer, size)
+                        body = stream.body
+                        if body is None:
+                            async for chunk in stream.chunks:
+                                await writer.write(chunk)
+                        else:  # read on threads, not through the loop
+                            await writer.pump(body)
+                        written = await writer.verify()
                     # Readers may take the last byte from here on, but only once this
                     # task next waits: the count below comes first, so what a client
                     # saw is already in the metrics.
-                    written = await writer.verify()
                     self.events.fetched(route.upstream_name, "blob", written)
                 # The upstream's connection is back in its pool before the commit, which on an
                 # object store may still be sending parts.
@@ -139,13 +163,19 @@ class Fills:
                 if writer is None:  # no answer, or no room for the blob (the store said so itself)
                     raise
                 await writer.abort()
+                if isinstance(exc, StoreFull):
+                    self.events.store_full()
                 if isinstance(exc, DigestMismatch | SizeMismatch):
                     self.events.digest_mismatch("blob", self._content(route, fill, None))
                     log.error("upstream blob %s of %s/%s failed verification: %s",
                               fill.digest, route.upstream_name, route.repository, exc)
-                if isinstance(exc, StoreFull):
-                    self.events.store_full()
+                    # The upstream's fault: a reader that has had no byte yet (a small blob's
+                    # come all at once) answers 502, as for a manifest, not the client's 400.
+                    raise UpstreamDigestMismatch(f"upstream sent a wrong body for {fill.digest}: {exc}",
+                                                 route.upstream_name) from exc
                 raise
+            finally:
+                self._held -= held
         except UpstreamNotFound:
             raise BlobUnknown(f"blob {fill.digest} unknown to the upstream") from None
         finally:

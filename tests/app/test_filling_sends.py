@@ -1,5 +1,6 @@
 """A client of a fill in flight gets the spool's bytes; a small blob's go from the loop,
-without the pool thread's sender (and its duplicated socket) that a big one needs."""
+without the pool thread's sender (and its duplicated socket) that a big one needs. (A blob
+of at most ``SMALL_FILL`` bytes is held in memory, not spooled: from the loop as well.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.support.fake_upstream import Fault, digest_of
 REPOSITORY = "team/app"
 
 
-@pytest.mark.parametrize(("size", "senders"), [(48 * 1024, 0), (3 * 1024 * 1024, 1)])
+@pytest.mark.parametrize(("size", "senders"), [(48 * 1024, 0), (100 * 1024, 0), (3 * 1024 * 1024, 1)])
 async def test_a_fill_in_flight_is_sent_from_the_loop_when_small(fake, proxy, monkeypatch, size, senders):
     made: list[filesend.FileSender] = []
 

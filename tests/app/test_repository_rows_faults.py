@@ -9,6 +9,7 @@ import pytest
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
 from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH
+from storage.oci.digest import Digest
 from tests.support.fake_upstream import Fault, digest_of
 
 UPSTREAM = "fake.test"
@@ -50,10 +51,16 @@ async def test_a_fill_in_a_repository_without_a_row_survives_a_gc_pass_and_recor
     fake.faults[layer] = Fault("hold", gate=gate, times=1)
     metadata = proxy.server.app[METADATA]
 
-    response = await proxy.get(f"/v2/team/app/blobs/{layer}")
+    fills = proxy.server.app[PULLTHROUGH].fills
+    # A blob this small reaches its client once whole: the response comes after the gate.
+    request = asyncio.ensure_future(proxy.get(f"/v2/team/app/blobs/{layer}"))
+    while fake.count("GET", f"/blobs/{layer}") == 0:  # the fill is in the upstream's body
+        await asyncio.sleep(0.01)
+    assert fills.get(Digest.parse(layer)) is not None
     assert await metadata.repository_id(UPSTREAM, "team/app") is None, "no row before anything is recorded"
     await proxy.server.app[LIFECYCLE].gc()
     gate.set()
+    response = await request
     assert await response.read() == LAYER
     await proxy.server.app[PULLTHROUGH].fills.settle()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import UpstreamSettings
-from proxy.errors import RangeNotSatisfiable, UpstreamUnavailable
+from proxy.errors import RangeNotSatisfiable, UpstreamDigestMismatch, UpstreamUnavailable
 from proxy.http import ranges
 from proxy.metrics.events import Events
 from proxy.pull.answers import FillingBlob, RangeFetcher
@@ -29,7 +29,7 @@ from proxy.upstream.responses import BlobPart, BlobStream
 from storage import paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
-from storage.errors import DigestMismatch, SizeMismatch
+from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
 
@@ -195,10 +195,11 @@ async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tm
     await readers[0].has(FLUSH_BYTES - 1)
     upstream.push(wrong[FLUSH_BYTES:], END)
     for reader in readers:
-        with pytest.raises(DigestMismatch):
+        with pytest.raises(UpstreamDigestMismatch) as failed:
             await reader.task
+        assert isinstance(failed.value.__cause__, DigestMismatch), "the upstream's fault, found by the check"
         assert len(reader.received) < len(wrong), "never the clean end of a wrong body"
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(UpstreamDigestMismatch):
         await FillingBlob(fill, "miss", ranged(upstream)).stored()
     assert await store.stat(DIGEST) is None
     assert list(paths.tmp_dir(tmp_path).iterdir()) == []
@@ -386,8 +387,9 @@ async def test_without_a_size_from_the_caller_the_fill_asks_the_index(store):
     answer = FillingBlob(fill, "miss", ranged(upstream))
     upstream.push(BLOB, END)
     assert await answer.opened() == len(BLOB) - 1
-    with pytest.raises(SizeMismatch):
+    with pytest.raises(UpstreamDigestMismatch) as failed:
         await answer.stored()
+    assert isinstance(failed.value.__cause__, SizeMismatch)
     assert index.descriptor_size_asked == 1
 
 
@@ -403,3 +405,96 @@ async def test_a_store_nobody_else_writes_to_takes_no_second_look_before_the_fet
         upstream.push(BLOB, END)
         assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(BLOB)
         assert backend.stats == looks
+
+
+# ------------------------------------------------------------ small blobs, gathered in memory
+
+SMALL = os.urandom(48 * 1024)
+SMALL_DIGEST = Digest.parse("sha256:" + hashlib.sha256(SMALL).hexdigest())
+
+
+async def test_a_small_blob_reaches_every_reader_whole_once_verified_with_no_spool_file(store, tmp_path):
+    upstream = PushedUpstream(len(SMALL))
+    index = Index()
+    fills = make_fills(store, index)
+    fill = fills.start(SMALL_DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    answers = [FillingBlob(fill, "miss", ranged(upstream)), FillingBlob(fill, "coalesced", ranged(upstream))]
+    opened = [asyncio.ensure_future(answer.opened()) for answer in answers]
+    upstream.push(SMALL[:1000])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in opened), "no header before the whole blob is verified"
+    assert list(paths.tmp_dir(tmp_path).iterdir()) == [], "nothing spooled"
+    upstream.push(SMALL[1000:], END)
+    assert [await task for task in opened] == [len(SMALL), len(SMALL)]
+    for answer in answers:
+        assert answer.slices() is None
+        assert b"".join([chunk async for chunk in answer.chunks()]) == SMALL
+    assert await _read(answers[0], 100, 1000) == SMALL[100:1100]
+    assert upstream.ranges == [], "a range of a blob in memory is not asked of the upstream"
+    assert await answers[0].stored() == len(SMALL)
+    assert await store.read_small(SMALL_DIGEST) == SMALL
+    assert index.recorded == [(ROUTE.repository_name, str(SMALL_DIGEST), len(SMALL))]
+    assert fills.held_bytes == 0
+
+
+@pytest.mark.parametrize("wrong", [SMALL[:-1] + bytes([SMALL[-1] ^ 0xFF]), SMALL + b"x", SMALL[:-1]],
+                         ids=["other bytes", "longer", "shorter"])
+async def test_a_small_blob_the_upstream_gets_wrong_fails_its_readers_before_any_byte(store, tmp_path, wrong):
+    upstream = PushedUpstream(len(SMALL))  # the size announced is right; the body is not
+    fills = make_fills(store)
+    fill = fills.start(SMALL_DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    upstream.push(wrong, END)
+    with pytest.raises(UpstreamDigestMismatch) as failed:
+        await FillingBlob(fill, "miss", ranged(upstream)).opened()
+    assert isinstance(failed.value.__cause__, DigestMismatch | SizeMismatch)
+    with pytest.raises(UpstreamDigestMismatch):
+        await FillingBlob(fill, "miss", ranged(upstream)).stored()
+    assert await store.stat(SMALL_DIGEST) is None
+    assert list(paths.tmp_dir(tmp_path).iterdir()) == []
+    assert fills.held_bytes == 0
+
+
+async def test_small_blobs_past_what_fills_may_hold_in_memory_are_spooled(store, monkeypatch):
+    from proxy.pull import fills as fills_module
+
+    monkeypatch.setattr(fills_module, "HELD_BYTES", len(SMALL) + 100)
+    other = os.urandom(len(SMALL))
+    other_digest = Digest.parse("sha256:" + hashlib.sha256(other).hexdigest())
+    first_upstream, second_upstream = PushedUpstream(len(SMALL)), PushedUpstream(len(other))
+    fills = make_fills(store)
+    first = fills.start(SMALL_DIGEST, ROUTE, first_upstream)  # type: ignore[arg-type]
+    first_upstream.push(SMALL[:10])  # held in memory, not done
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert fills.held_bytes == len(SMALL)
+    second = fills.start(other_digest, ROUTE, second_upstream)  # type: ignore[arg-type]
+    second_upstream.push(other, END)
+    spooled = FillingBlob(second, "miss", ranged(second_upstream))
+    assert await spooled.opened() == len(other)
+    assert spooled.slices() is not None, "no room left in memory: this one is spooled"
+    assert b"".join([chunk async for chunk in spooled.chunks()]) == other
+    first_upstream.push(SMALL[10:], END)
+    held = FillingBlob(first, "miss", ranged(first_upstream))
+    assert await held.opened() == len(SMALL)
+    assert held.slices() is None
+    assert await held.stored() == len(SMALL) and await spooled.stored() == len(other)
+    assert fills.held_bytes == 0
+
+
+async def test_a_small_blob_whose_commit_fails_still_reaches_its_readers_and_is_not_kept(store, monkeypatch):
+    async def full(digest: Digest, data: bytes) -> None:
+        raise StoreFull("no space left on the store's filesystem")
+
+    monkeypatch.setattr(store.backend, "put", full)
+    upstream = PushedUpstream(len(SMALL))
+    fills = make_fills(store)
+    fill = fills.start(SMALL_DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
+    upstream.push(SMALL, END)
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    assert await answer.opened() == len(SMALL)
+    assert b"".join([chunk async for chunk in answer.chunks()]) == SMALL, "verified bytes go out"
+    with pytest.raises(StoreFull):
+        await answer.stored()
+    assert await store.stat(SMALL_DIGEST) is None
+    assert fills.held_bytes == 0
