@@ -182,12 +182,27 @@ async def _send_ranges(
     return response
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """Headers that leave with the first bytes of the body, in one write, as aiohttp's own
+    ``Response`` sends them: one send and one wake-up of the client fewer per small blob.
+    Only for a body that goes through aiohttp's writer (never raw slices on the socket)."""
+
+    _send_headers_immediately = False
+
+
+def _response(headers: dict[str, str], size: int | None) -> web.StreamResponse:
+    """A blob's answer; the headers of a small one wait for its bytes (all of them soon)."""
+    small = size is not None and size <= INLINE_RANGE
+    response = (_HeadersWithBody if small else web.StreamResponse)(headers=headers)
+    if size is not None:
+        response.content_length = size
+    return response
+
+
 async def _stream(
     request: web.Request, headers: dict[str, str], size: int | None, chunks: AsyncGenerator[bytes, None]
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers=headers)
-    if size is not None:
-        response.content_length = size
+    response = _response(headers, size)
     await response.prepare(request)
     try:
         # aclosing: a client that goes away must release its reader at once.
@@ -207,8 +222,9 @@ async def _send_slices(
     """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
     the held-back last byte, once the digest is verified, through aiohttp. ``size`` goes out
     as Content-Length: raw bytes on the socket carry no framing of their own."""
-    response = web.StreamResponse(headers=headers)
-    response.content_length = size
+    # A small blob's slices all go through aiohttp (none is over INLINE_RANGE): its
+    # headers may wait for them.
+    response = _response(headers, size)
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     transport = request.transport
