@@ -79,9 +79,10 @@ class Regcache:
 
     def __init__(
         self, workdir: Path, upstream_url: str, *, log_level: str = "warning", upstream: dict[str, Any] | None = None,
-        settings: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None, tree: Path = REPO_ROOT,
     ) -> None:
         self.workdir = workdir
+        self.tree = tree.resolve()  # the source tree regcache runs from (another commit's, for an A/B)
         self.upstream_settings = upstream or {}  # more settings of the upstream entry
         self.settings = settings or {}  # more top-level settings
         self.data_dir = workdir / "data"
@@ -117,11 +118,11 @@ class Regcache:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config()))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REGCACHE_", "PROMETHEUS_"))}
-        env["PYTHONPATH"] = str(REPO_ROOT)
+        env["PYTHONPATH"] = str(self.tree)
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config_path)],
-                cwd=REPO_ROOT,
+                cwd=self.tree,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: the project root is the import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cases, fills, notify, outage, ranges, save_load
-from bench.peers import Distribution, Nginx, Regcache
+from bench.peers import REPO_ROOT, Distribution, Nginx, Regcache
 from bench.report import Row, cells, markdown, not_available
 from tests.support import images as image_builder
 from tests.support.images import build_big_layer, build_image, build_layer
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wan-mib-per-s", type=int, default=32, help="pace of the upstream link in the coalescing case")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--workdir", type=Path, help="where to put everything (default: a new temporary directory)")
+    p.add_argument("--regcache-tree", type=Path, default=REPO_ROOT,
+                   help="run regcache from this source tree (e.g. a worktree of an older commit, for an A/B)")
     args = p.parse_args(argv)
     defaults = (8, 4, 4, 1, 1.0) if args.quick else (1024, 128, 40, 3, 3.0)
     if args.quick:
@@ -117,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir / "layers", ignore_errors=True)
         counted = start(Distribution(workdir / "counted", count=True, storage=upstream.registry.storage_dir))
         dproxy = start(Distribution(workdir / "dproxy", proxy_of=upstream.url))
-        regcache = start(Regcache(workdir / "regcache", upstream.url))
+        regcache = start(Regcache(workdir / "regcache", upstream.url, tree=args.regcache_tree))
         wan_rate = args.wan_mib_per_s * 2**20
-        wan = Regcache(workdir / "regcache-wan", "http://pending")
+        wan = Regcache(workdir / "regcache-wan", "http://pending", tree=args.regcache_tree)
         nginx = start(Nginx(workdir / "nginx", regcache.data_dir, wan.data_dir, counted.url, wan_rate))
         wan.upstream_url = nginx.throttle_url
         start(wan)
