@@ -17,7 +17,7 @@ import errno
 import functools
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
 from storage import paths
@@ -47,14 +47,10 @@ class FileUpload(Upload):
         self._closed = False
 
     def write_sync(self, data: bytes | memoryview) -> None:
-        try:
+        with _full_when_no_room():
             self._file.write(data)
             # Followers read the spool file by path: make the bytes visible to them.
             self._file.flush()
-        except OSError as exc:
-            if _no_room(exc):
-                raise StoreFull("no space left on the store's filesystem") from exc
-            raise
 
     def _reserve_sync(self, size: int) -> None:
         try:
@@ -72,12 +68,8 @@ class FileUpload(Upload):
             await asyncio.to_thread(self._reserve_sync, size)
 
     def _commit_sync(self) -> None:
-        try:
+        with _full_when_no_room():
             os.fsync(self._file.fileno())
-        except OSError as exc:
-            if _no_room(exc):
-                raise StoreFull("no space left on the store's filesystem") from exc
-            raise
         self._file.close()
         self._closed = True
         _publish(str(self.spool_path), self.final_path)
@@ -98,6 +90,17 @@ def _no_room(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+@contextlib.contextmanager
+def _full_when_no_room() -> Iterator[None]:
+    """A write the filesystem has no room for is ``StoreFull``; any other error passes as it is."""
+    try:
+        yield
+    except OSError as exc:
+        if _no_room(exc):
+            raise StoreFull("no space left on the store's filesystem") from exc
+        raise
+
+
 def _publish(spool_path: str, final_path: str) -> None:
     """A written and fsynced spool file into place under its digest, durably."""
     directory = os.path.dirname(final_path)
@@ -114,27 +117,21 @@ def _publish(spool_path: str, final_path: str) -> None:
 
 def _put_sync(spool_path: str, final_path: str, data: bytes) -> None:
     """A whole small blob in one job: written, fsynced and published, or nothing left behind."""
-    try:
+    with _full_when_no_room():
         fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        if _no_room(exc):
-            raise StoreFull("no space left on the store's filesystem") from exc
-        raise
-    try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _publish(spool_path, final_path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spool_path)
-        if isinstance(exc, OSError) and _no_room(exc):
-            raise StoreFull("no space left on the store's filesystem") from exc
-        raise
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _publish(spool_path, final_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool_path)
+            raise
 
 
 def _read_file(path: str) -> bytes:
