@@ -61,6 +61,11 @@ class BlobWriter:
     def spool_path(self) -> Path:
         return self._upload.spool_path
 
+    @property
+    def direct(self) -> bool:
+        """Some of the spool was written around the page cache: read it the same way."""
+        return self._upload.direct
+
     def _write_sync(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self._hasher.update(chunk)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from storage import directio
 from storage.errors import SizeMismatch
 
 BUFFER_BYTES = 1024 * 1024
@@ -121,7 +122,9 @@ class _Run:
         self._loop = loop
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         for _ in range(BUFFERS):
-            self._free.put(memoryview(bytearray(BUFFER_BYTES)))
+            # Aligned, and every batch but the last fills its buffer (or FIRST_BYTES of it):
+            # a store may write them around the page cache (storage.directio).
+            self._free.put(directio.buffer(BUFFER_BYTES))
         self._full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = 2

@@ -21,4 +21,4 @@ def make_backend(settings: Settings) -> BlobBackend:
         return S3Backend(settings.storage.s3, settings.data_dir)
     from storage.backends.filesystem import FilesystemBackend
 
-    return FilesystemBackend(settings.data_dir)
+    return FilesystemBackend(settings.data_dir, direct_io=settings.storage.direct_io)

@@ -44,6 +44,9 @@ class Upload(abc.ABC):
     """One blob being written. Bytes go to ``spool_path`` in order."""
 
     spool_path: Path
+    # Some bytes went to the spool file around the page cache (storage.directio): its
+    # readers read it the same way.
+    direct = False
 
     @abc.abstractmethod
     def write_sync(self, data: bytes | memoryview) -> None:

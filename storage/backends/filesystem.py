@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
-from storage import paths
+from storage import directio, paths
 from storage.backends.base import BlobBackend, Upload
 from storage.errors import BlobUnknown, StoreFull, StoreUnavailable
 from storage.jobs import Jobs
@@ -40,21 +40,53 @@ _COMMITS = Jobs("regcache-commit", max_threads=16)
 
 
 class FileUpload(Upload):
-    def __init__(self, final_path: str, spool_path: str) -> None:
+    def __init__(self, final_path: str, spool_path: str, direct: bool) -> None:
         self.final_path = final_path
         self.spool_path = Path(spool_path)
-        self._file = open(spool_path, "xb")  # noqa: SIM115 - closed in commit/abort
+        self._fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._direct_fd: int | None = None  # the same file around the page cache, opened at need
+        self._may_direct = direct
+        self._size = 0
         self._closed = False
 
     def write_sync(self, data: bytes | memoryview) -> None:
+        # Written with pwrite at the upload's own offset: followers read the spool file by
+        # path and see the bytes as soon as the call returns.
+        view = memoryview(data)
         with _full_when_no_room():
-            self._file.write(data)
-            # Followers read the spool file by path: make the bytes visible to them.
-            self._file.flush()
+            if self._may_direct and directio.aligned(view, self._size):
+                view = view[self._write_direct(view):]
+            while view:
+                written = os.pwrite(self._fd, view, self._size)
+                self._size += written
+                view = view[written:]
+
+    def _write_direct(self, view: memoryview) -> int:
+        """Bytes of ``view`` written around the page cache: all of them, or none where the
+        filesystem has no direct I/O (then this upload stops trying)."""
+        if self._direct_fd is None:
+            self._direct_fd = directio.open_direct(str(self.spool_path), os.O_WRONLY)
+            if self._direct_fd is None:
+                self._may_direct = False
+                return 0
+        done = 0
+        try:
+            while done < len(view):
+                written = os.pwrite(self._direct_fd, view[done:], self._size)
+                self._size += written
+                done += written
+                self.direct = True
+                if written % directio.ALIGN:
+                    break  # a short write left the rest unaligned: the page cache takes it
+        except OSError as exc:
+            if not directio.refused(exc):
+                raise
+            self._may_direct = False
+        return done
 
     def _reserve_sync(self, size: int) -> None:
         try:
-            os.posix_fallocate(self._file.fileno(), 0, size)
+            os.posix_fallocate(self._fd, 0, size)
         except OSError as exc:
             if _no_room(exc):
                 raise StoreFull(f"no space left on the store's filesystem for {size} bytes") from exc
@@ -69,20 +101,24 @@ class FileUpload(Upload):
 
     def _commit_sync(self) -> None:
         with _full_when_no_room():
-            os.fsync(self._file.fileno())
-        self._file.close()
-        self._closed = True
+            os.fsync(self._fd)
+        self._close()
         _publish(str(self.spool_path), self.final_path)
 
     async def commit(self) -> None:
         await _COMMITS.run(self._commit_sync)
 
     async def abort(self) -> None:
-        if not self._closed:
-            self._file.close()
-            self._closed = True
+        self._close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.spool_path)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
 
 
 def _no_room(exc: OSError) -> bool:
@@ -182,8 +218,9 @@ def _fsync_dir(path: str) -> None:
 class FilesystemBackend(BlobBackend):
     name = "filesystem"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, direct_io: bool = True) -> None:
         self.root = root
+        self._direct_io = direct_io
         # Paths as strings, built with one format each: pathlib's joins cost ~10 us a
         # blob path, and a cold fill looks its blob up three or four times.
         self._blobs = str(root / paths.BLOBS)
@@ -210,7 +247,7 @@ class FilesystemBackend(BlobBackend):
     async def begin(self, digest: Digest) -> Upload:
         try:
             # A temp name needs no more than uuid4's randomness, without its object.
-            return FileUpload(self._path(digest), f"{self._tmp}/{os.urandom(16).hex()}")
+            return FileUpload(self._path(digest), f"{self._tmp}/{os.urandom(16).hex()}", self._direct_io)
         except OSError as exc:
             if _no_room(exc):
                 raise StoreFull("no space left on the store's filesystem") from exc
