@@ -36,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeGuard
 
+from storage import directio
 from storage.backends.base import BlockingBody
 
 # One thread per blob body being sent; threads blocked in poll() cost little.
@@ -45,6 +46,9 @@ _SLICE = 16 * 1024 * 1024
 # Bytes per pread/write to a client on this host: 256 KiB to 4 MiB measured alike; one
 # buffer per body being sent.
 _COPY_SLICE = 1024 * 1024
+# Bytes per read around the page cache: each waits for the disk, so fewer and larger ones
+# (1 MiB reads took 0.9 s of a 1 GiB cold fill's 1.3 s here, 4 MiB ones 0.6 s).
+_DIRECT_SLICE = 4 * 1024 * 1024
 _POLL_MS = 500  # how often a waiting thread looks at its stop flag
 _BAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -75,14 +79,20 @@ class FileSender:
         self._jobs = 0
         self._closing = False
 
-    async def send(self, file_fd: int, offset: int, count: int, stall_timeout: float) -> None:
-        """Send ``count`` bytes of ``file_fd`` from ``offset``; raises on a gone or stalled client."""
+    async def send(self, file_fd: int, offset: int, count: int, stall_timeout: float,
+                   direct_fd: int | None = None) -> None:
+        """Send ``count`` bytes of ``file_fd`` from ``offset``; raises on a gone or stalled client.
+        With ``direct_fd`` (the same file opened with O_DIRECT) the bytes are read from it,
+        around the page cache, and copied to any client (storage.directio)."""
         if count <= 0:
             return
         await self._drain_transport(stall_timeout)
-        fd = os.dup(file_fd)
+        fd = os.dup(file_fd if direct_fd is None else direct_fd)
         self._jobs += 1
+        # A direct read is copied to any client: sendfile would bring every page into the cache.
         send = _copy_blocking if self._copy else _sendfile_blocking
+        if direct_fd is not None:
+            send = _copy_direct_blocking
         future = asyncio.get_running_loop().run_in_executor(
             _POOL, send, self._sock, fd, offset, count, stall_timeout, self._stop
         )
@@ -172,15 +182,44 @@ def _sendfile_blocking(
 
 
 def _copy_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float, stop: threading.Event) -> None:
+    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
     position = offset
 
-    def pread(into: memoryview) -> int:
+    def pread(want: int) -> memoryview:
         nonlocal position
-        got = os.preadv(fd, [into], position)
+        got = os.preadv(fd, [buffer[:want]], position)
         position += got
-        return got
+        return buffer[:got]
 
-    _copy(sock, pread, count, stall_timeout, stop, "file")
+    _copy(sock, pread, count, len(buffer), stall_timeout, stop, "file")
+
+
+def _copy_direct_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float,
+                          stop: threading.Event) -> None:
+    """As ``_copy_blocking``, from a file opened with O_DIRECT: whole aligned blocks are read
+    into this thread's aligned buffer and the wanted part of them is sent."""
+    buffer = _direct_buffer()
+    position = offset
+
+    def pread(want: int) -> memoryview:
+        nonlocal position
+        data = directio.pread(fd, buffer, position, want)
+        position += len(data)
+        return data
+
+    _copy(sock, pread, count, _DIRECT_SLICE, stall_timeout, stop, "file")
+
+
+_THREAD = threading.local()
+
+
+def _direct_buffer() -> memoryview:
+    """This pool thread's buffer for direct reads, made once: a new mapping per slice would
+    fault in fresh pages for every MiB sent, the very cost direct I/O avoids."""
+    buffer: memoryview | None = getattr(_THREAD, "direct", None)
+    if buffer is None:
+        buffer = _THREAD.direct = directio.buffer(_DIRECT_SLICE + 2 * directio.ALIGN)
+    return buffer
 
 
 def _relay_blocking(
@@ -189,25 +228,29 @@ def _relay_blocking(
     """As ``_copy_blocking``, from a body that arrives over the network instead of a file. Two
     copies in all (the store's socket into the buffer, the buffer into the client's socket); the
     body is closed here whatever happens, so its connection goes back to its pool or away."""
+    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
+
+    def read(want: int) -> memoryview:
+        return buffer[:body.readinto(buffer[:want])]
+
     try:
-        _copy(sock, body.readinto, count, stall_timeout, stop, "store body")
+        _copy(sock, read, count, len(buffer), stall_timeout, stop, "store body")
     finally:
         body.close()
 
 
-def _copy(sock: int, read: Callable[[memoryview], int], count: int, stall_timeout: float,
+def _copy(sock: int, read: Callable[[int], memoryview], count: int, slice_bytes: int, stall_timeout: float,
           stop: threading.Event, source: str) -> None:
-    """``count`` bytes from ``read`` to the non-blocking ``sock`` through one reused buffer."""
-    buffer = memoryview(bytearray(min(count, _COPY_SLICE)))
+    """``count`` bytes to the non-blocking ``sock``, ``read`` giving at most ``slice_bytes``
+    of them at a time (a view of a buffer it reuses)."""
     waiter = _Writable(sock, stall_timeout)
     while count > 0:
         if stop.is_set():
             raise ConnectionResetError("response abandoned")
-        got = read(buffer[: min(count, len(buffer))])
-        if got == 0:
+        pending = read(min(count, slice_bytes))
+        if not pending:
             raise OSError(f"{source} shorter than its announced size")
-        count -= got
-        pending = buffer[:got]
+        count -= len(pending)
         while pending:
             if stop.is_set():
                 raise ConnectionResetError("response abandoned")

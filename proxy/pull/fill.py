@@ -24,6 +24,7 @@ import weakref
 from collections.abc import AsyncGenerator
 from typing import NamedTuple
 
+from storage import directio
 from storage.blobs import BlobStore, BlobWriter
 from storage.oci.digest import Digest
 
@@ -37,6 +38,9 @@ class SpoolSlice(NamedTuple):
     offset: int
     length: int
     last: bool  # ends the verified blob: every byte of it is out after this one
+    # ``fd`` opened with O_DIRECT, for large reads of a spool written around the page
+    # cache (storage.directio); None: read ``fd``.
+    direct: int | None
 
 
 class Fill:
@@ -49,6 +53,7 @@ class Fill:
         self._store = store
         self._writer: BlobWriter | None = None
         self._fd: int | None = None
+        self._direct_fd: int | None = None  # opened once the spool is written around the page cache
         self._data: bytes | None = None  # a small blob, verified, gathered in memory
         # Set when another replica sharing the store committed the blob first:
         # every client of this fill then reads the store instead of a spool file.
@@ -155,7 +160,7 @@ class Fill:
             return
         stop = None if length is None else offset + length
         async with contextlib.aclosing(self._slices()) as slices:
-            async for fd, start, count, _ in slices:
+            async for fd, start, count, _, _ in slices:
                 position, end = max(start, offset), start + count if stop is None else min(start + count, stop)
                 while position < end:
                     chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - position), position)
@@ -165,6 +170,13 @@ class Fill:
                     yield chunk
                 if stop is not None and start + count >= stop:
                     return
+
+    def _direct(self) -> int | None:
+        if self._direct_fd is None and self._writer is not None:
+            self._direct_fd = directio.open_direct(str(self._writer.spool_path), os.O_RDONLY)
+            if self._direct_fd is not None:
+                weakref.finalize(self, os.close, self._direct_fd)
+        return self._direct_fd
 
     async def _slices(self) -> AsyncGenerator[SpoolSlice, None]:
         """The last byte comes only once the blob is verified (not committed: see
@@ -178,7 +190,8 @@ class Fill:
             verified = writer.verified
             available = writer.flushed if verified else writer.flushed - 1  # the last byte waits for the digest
             if offset < available:
-                yield SpoolSlice(fd, offset, available - offset, verified)
+                direct = self._direct() if writer.direct else None
+                yield SpoolSlice(fd, offset, available - offset, verified, direct)
                 offset = available
                 continue
             if verified:

@@ -235,14 +235,14 @@ async def _send_slices(
     try:
         try:
             async with contextlib.aclosing(slices) as landed:
-                async for fd, offset, length, last in landed:
+                async for fd, offset, length, last, direct in landed:
                     # The blob's last byte goes through aiohttp after the thread is done.
                     on_loop = 1 if last else 0
                     # A small range costs less to copy here than to hand to a thread and back.
                     if length - on_loop > INLINE_RANGE:
                         if sender is None:
                             sender = filesend.FileSender(transport)
-                        await sender.send(fd, offset, length - on_loop, stall)
+                        await sender.send(fd, offset, length - on_loop, stall, direct)
                         offset, length = offset + length - on_loop, on_loop
                     if length:
                         data = os.pread(fd, length, offset)

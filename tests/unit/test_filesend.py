@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.http import filesend
+from storage import directio
 
 
 @pytest.mark.parametrize(
@@ -70,7 +71,17 @@ def _relay_file(sock: int, fd: int, offset: int, count: int, stall: float, stop:
     filesend._relay_blocking(sock, FileBody(fd, offset, count), count, stall, stop)
 
 
-SENDERS = [filesend._sendfile_blocking, filesend._copy_blocking, _relay_file]
+def _copy_direct(sock: int, fd: int, offset: int, count: int, stall: float, stop: threading.Event) -> None:
+    """The same file read around the page cache, as a fill's spool written that way is."""
+    direct = directio.open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    assert direct is not None, "the test filesystem has no direct I/O"
+    try:
+        filesend._copy_direct_blocking(sock, direct, offset, count, stall, stop)
+    finally:
+        os.close(direct)
+
+
+SENDERS = [filesend._sendfile_blocking, filesend._copy_blocking, _relay_file, _copy_direct]
 
 
 @pytest.mark.parametrize("send", SENDERS)
