@@ -197,8 +197,8 @@ def _copy_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: f
 def _copy_direct_blocking(sock: int, fd: int, offset: int, count: int, stall_timeout: float,
                           stop: threading.Event) -> None:
     """As ``_copy_blocking``, from a file opened with O_DIRECT: whole aligned blocks are read
-    into this thread's aligned buffer and the wanted part of them is sent."""
-    buffer = _direct_buffer()
+    into an aligned buffer and the wanted part of them is sent."""
+    buffer = _DIRECT_BUFFERS.take()
     position = offset
 
     def pread(want: int) -> memoryview:
@@ -207,19 +207,44 @@ def _copy_direct_blocking(sock: int, fd: int, offset: int, count: int, stall_tim
         position += len(data)
         return data
 
-    _copy(sock, pread, count, _DIRECT_SLICE, stall_timeout, stop, "file")
+    try:
+        _copy(sock, pread, count, len(buffer) - 2 * directio.ALIGN, stall_timeout, stop, "file")
+    finally:
+        _DIRECT_BUFFERS.give(buffer)
 
 
-_THREAD = threading.local()
+class _Buffers:
+    """Aligned buffers for direct reads, lent per send and kept for the next ones: a new
+    mapping per slice would fault in fresh pages for every slice sent, the very cost direct
+    I/O avoids. The first ``large`` sends at a time get ``_DIRECT_SLICE`` (a fill's first
+    client, as a rule), the others 1 MiB, so eight clients of one cold fill hold 14 MiB, not
+    32; one buffer of each size is kept idle, so memory goes back once fills end."""
+
+    def __init__(self, large: int) -> None:
+        self._large = large
+        self._lent_large = 0
+        self._free: dict[int, list[memoryview]] = {_DIRECT_SLICE: [], _COPY_SLICE: []}
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            size = _DIRECT_SLICE if self._lent_large < self._large else _COPY_SLICE
+            if size == _DIRECT_SLICE:
+                self._lent_large += 1
+            if self._free[size]:
+                return self._free[size].pop()
+        return directio.buffer(size + 2 * directio.ALIGN)
+
+    def give(self, buffer: memoryview) -> None:
+        size = len(buffer) - 2 * directio.ALIGN
+        with self._lock:
+            if size == _DIRECT_SLICE:
+                self._lent_large -= 1
+            if not self._free[size]:
+                self._free[size].append(buffer)
 
 
-def _direct_buffer() -> memoryview:
-    """This pool thread's buffer for direct reads, made once: a new mapping per slice would
-    fault in fresh pages for every MiB sent, the very cost direct I/O avoids."""
-    buffer: memoryview | None = getattr(_THREAD, "direct", None)
-    if buffer is None:
-        buffer = _THREAD.direct = directio.buffer(_DIRECT_SLICE + 2 * directio.ALIGN)
-    return buffer
+_DIRECT_BUFFERS = _Buffers(large=2)
 
 
 def _relay_blocking(
