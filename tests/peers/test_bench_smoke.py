@@ -21,6 +21,8 @@ EXPECTED_ROWS = (
     "warm 1 MiB blob GET, 8 clients",
     "cold 1 MiB blob GET (throughput)",
     "cold 1 MiB blob GET (time to first byte)",
+    "cold 1 MiB blob GET (the next GET, the blob's first read from the store)",
+    "cold 1 MiB blob GET (CPU of the whole machine per GiB while the client downloads",
     "32 concurrent cold clients, one blob: upstream fetches",
     "32 concurrent cold clients, one blob: wall time",
     "manifest GET by tag, cached",
