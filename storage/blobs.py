@@ -62,6 +62,11 @@ class BlobWriter:
         return self._upload.spool_path
 
     @property
+    def may_direct(self) -> bool:
+        """The spool may be written around the page cache (known before the first byte)."""
+        return self._upload.may_direct
+
+    @property
     def direct(self) -> bool:
         """Some of the spool was written around the page cache: read it the same way."""
         return self._upload.direct

@@ -53,7 +53,7 @@ class Fill:
         self._store = store
         self._writer: BlobWriter | None = None
         self._fd: int | None = None
-        self._direct_fd: int | None = None  # opened once the spool is written around the page cache
+        self._direct_fd: int | None = None  # the spool again, for reads around the page cache
         self._data: bytes | None = None  # a small blob, verified, gathered in memory
         # Set when another replica sharing the store committed the blob first:
         # every client of this fill then reads the store instead of a spool file.
@@ -70,6 +70,12 @@ class Fill:
         # Closed when the last request holding this fill lets go of it: a client
         # that joined just before the end may start reading after the fill is done.
         weakref.finalize(self, os.close, self._fd)
+        # Opened now, not when the first direct write is seen: by then the commit may
+        # have renamed the spool, and a reader must never open it by name.
+        if writer.may_direct:
+            self._direct_fd = directio.open_direct(str(writer.spool_path), os.O_RDONLY)
+            if self._direct_fd is not None:
+                weakref.finalize(self, os.close, self._direct_fd)
         self._started.set()
 
     def hold(self, data: bytes) -> None:
@@ -171,13 +177,6 @@ class Fill:
                 if stop is not None and start + count >= stop:
                     return
 
-    def _direct(self) -> int | None:
-        if self._direct_fd is None and self._writer is not None:
-            self._direct_fd = directio.open_direct(str(self._writer.spool_path), os.O_RDONLY)
-            if self._direct_fd is not None:
-                weakref.finalize(self, os.close, self._direct_fd)
-        return self._direct_fd
-
     async def _slices(self) -> AsyncGenerator[SpoolSlice, None]:
         """The last byte comes only once the blob is verified (not committed: see
         ``committed``); once verified, a failed commit does not cut readers.
@@ -190,7 +189,7 @@ class Fill:
             verified = writer.verified
             available = writer.flushed if verified else writer.flushed - 1  # the last byte waits for the digest
             if offset < available:
-                direct = self._direct() if writer.direct else None
+                direct = self._direct_fd if writer.direct else None
                 yield SpoolSlice(fd, offset, available - offset, verified, direct)
                 offset = available
                 continue

@@ -44,8 +44,10 @@ class Upload(abc.ABC):
     """One blob being written. Bytes go to ``spool_path`` in order."""
 
     spool_path: Path
-    # Some bytes went to the spool file around the page cache (storage.directio): its
-    # readers read it the same way.
+    # The spool may be written around the page cache (storage.directio): its readers
+    # open it for that too, while it still has this name.
+    may_direct = False
+    # Some bytes went to the spool file around the page cache: its readers read it the same way.
     direct = False
 
     @abc.abstractmethod

@@ -45,7 +45,8 @@ class FileUpload(Upload):
         self.spool_path = Path(spool_path)
         self._fd = os.open(spool_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self._direct_fd: int | None = None  # the same file around the page cache, opened at need
-        self._may_direct = direct
+        self.may_direct = direct
+        self._try_direct = direct  # until the filesystem refuses
         self._size = 0
         self._closed = False
 
@@ -54,7 +55,7 @@ class FileUpload(Upload):
         # path and see the bytes as soon as the call returns.
         view = memoryview(data)
         with _full_when_no_room():
-            if self._may_direct and directio.aligned(view, self._size):
+            if self._try_direct and directio.aligned(view, self._size):
                 view = view[self._write_direct(view):]
             while view:
                 written = os.pwrite(self._fd, view, self._size)
@@ -67,7 +68,7 @@ class FileUpload(Upload):
         if self._direct_fd is None:
             self._direct_fd = directio.open_direct(str(self.spool_path), os.O_WRONLY)
             if self._direct_fd is None:
-                self._may_direct = False
+                self._try_direct = False
                 return 0
         done = 0
         try:
@@ -81,7 +82,7 @@ class FileUpload(Upload):
         except OSError as exc:
             if not directio.refused(exc):
                 raise
-            self._may_direct = False
+            self._try_direct = False
         return done
 
     def _reserve_sync(self, size: int) -> None:

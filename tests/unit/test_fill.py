@@ -26,7 +26,7 @@ from proxy.pull.fills import Fills
 from proxy.pull.links import Links
 from proxy.pull.routing import Route
 from proxy.upstream.responses import BlobPart, BlobStream
-from storage import paths
+from storage import directio, paths
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
@@ -230,6 +230,52 @@ async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
     slices = late.slices()
     assert slices is not None
     assert b"".join([os.pread(p.fd, p.length, p.offset) async for p in slices]) == BLOB
+
+
+class ThreadBody:
+    """An upstream body read on the pump's threads (``storage.pump.BodySource``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        count = min(len(buffer), len(self._data))
+        buffer[:count], self._data = self._data[:count], self._data[count:]
+        return count
+
+    def interrupt(self) -> None:
+        pass
+
+
+class PumpedUpstream(PushedUpstream):
+    """The whole blob at once, through the pump: a big blob's spool is written around the page cache."""
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__(len(blob))
+        self.blob = blob
+
+    @contextlib.asynccontextmanager
+    async def open_blob(self, repository: str, digest: str, size: int | None = None) -> AsyncIterator[BlobStream]:
+        yield BlobStream(len(self.blob), _once(self.blob), ThreadBody(self.blob))
+
+
+async def test_a_reader_joining_after_the_commit_reads_a_spool_written_around_the_page_cache(store):
+    big = os.urandom(3 * 1024 * 1024 + 4321)  # past the pump's one-thread size
+    digest = Digest.parse("sha256:" + hashlib.sha256(big).hexdigest())
+    upstream = PumpedUpstream(big)
+    fill = make_fills(store).start(digest, ROUTE, upstream)  # type: ignore[arg-type]
+    assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(big)
+    assert await store.stat(digest) == len(big), "committed: the spool has its final name"
+    # A request that found the fill just before the commit renamed its spool: the
+    # range and the slices must not need the spool's old name.
+    late = FillingBlob(fill, "coalesced", ranged(upstream))
+    assert await _read(late, 1_000_000, 2_000_000) == big[1_000_000:3_000_000]
+    slices = late.slices()
+    assert slices is not None
+    pieces = [piece async for piece in slices]
+    assert all(piece.direct is not None for piece in pieces), "the spool went around the page cache"
+    buffer = directio.buffer(len(big) + 2 * directio.ALIGN)
+    assert b"".join(bytes(directio.pread(p.direct, buffer, p.offset, p.length)) for p in pieces) == big
 
 
 class SharedFilesystem(FilesystemBackend):
