@@ -7,9 +7,10 @@ page-cache copy became the slowest step of a cold fill, and it sits on the
 client's path: a new 1 GiB file here wrote at 410-520 MiB/s through the page
 cache and at 1.3-1.8 GiB/s with ``O_DIRECT``, which also spares the copy itself.
 Readers of a spool written this way read it the same way, into aligned buffers
-of their own, so a fill touches no new page-cache memory at all. The blob's
-pages come into the cache when it is first read after the fill, off the fill's
-path.
+of their own, so a fill touches no new page-cache memory at all. Once the blob
+is committed its pages are brought into the cache on a thread of their own
+(``read_ahead``), off every client's path, so the next client of the blob reads
+memory as it would after a buffered fill.
 
 ``O_DIRECT`` wants the buffer's address, the file offset and the length to be
 multiples of the device's logical block size; ``ALIGN`` covers every size in
@@ -29,6 +30,8 @@ import mmap
 import os
 
 ALIGN = 4096
+# Bytes asked for per POSIX_FADV_WILLNEED (``read_ahead``).
+READ_AHEAD_WINDOW = 8 * 1024 * 1024
 AVAILABLE = hasattr(os, "O_DIRECT")
 
 
@@ -58,6 +61,26 @@ def open_direct(path: str, flags: int) -> int | None:
         if exc.errno == errno.EINVAL:
             return None
         raise
+
+
+def read_ahead(fd: int) -> None:
+    """The file behind ``fd`` (open for reading) brought into the page cache, then ``fd``
+    closed. ``POSIX_FADV_WILLNEED`` queues the disk reads a window at a time (over the whole
+    file at once it reads only the first window); reading the file through then waits for
+    them and touches every page once. Untouched, pages read ahead still cost their first
+    reader a fault each on a VM (1.3-2.1 GB/s against 6.4 GB/s once touched, here), and
+    reading without asking ahead costs four times the CPU (2 s per GiB against 0.2-0.6)."""
+    try:
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, READ_AHEAD_WINDOW):
+            os.posix_fadvise(fd, offset, READ_AHEAD_WINDOW, os.POSIX_FADV_WILLNEED)
+        into = bytearray(1024 * 1024)
+        while os.readv(fd, [into]):
+            pass
+    except OSError:
+        pass  # only a head start: the blob's first reader brings the pages in instead
+    finally:
+        os.close(fd)
 
 
 def refused(exc: OSError) -> bool:
