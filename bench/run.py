@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where to put everything (default: a new temporary directory)")
     p.add_argument("--regcache-tree", type=Path, default=REPO_ROOT,
                    help="run regcache from this source tree (e.g. a worktree of an older commit, for an A/B)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="regcache with storage.direct_io on (a big blob's spool around the page cache)")
     args = p.parse_args(argv)
     defaults = (8, 4, 4, 1, 1.0) if args.quick else (1024, 128, 40, 3, 3.0)
     if args.quick:
@@ -119,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir / "layers", ignore_errors=True)
         counted = start(Distribution(workdir / "counted", count=True, storage=upstream.registry.storage_dir))
         dproxy = start(Distribution(workdir / "dproxy", proxy_of=upstream.url))
-        regcache = start(Regcache(workdir / "regcache", upstream.url, tree=args.regcache_tree))
+        # Only when asked: a tree from before the setting would refuse the key.
+        storage = {"storage": {"direct_io": True}} if args.direct_io else {}
+        regcache = start(Regcache(workdir / "regcache", upstream.url, tree=args.regcache_tree, settings=storage))
         wan_rate = args.wan_mib_per_s * 2**20
-        wan = Regcache(workdir / "regcache-wan", "http://pending", tree=args.regcache_tree)
+        wan = Regcache(workdir / "regcache-wan", "http://pending", tree=args.regcache_tree, settings=storage)
         nginx = start(Nginx(workdir / "nginx", regcache.data_dir, wan.data_dir, counted.url, wan_rate))
         wan.upstream_url = nginx.throttle_url
         start(wan)

@@ -235,8 +235,9 @@ class StorageSettings(_Model):
     gc_grace: Duration = 3600.0
     flush_interval: Duration = 5.0
     fill_timeout: Duration = 3600.0
-    # A big blob's spool written and read around the page cache (storage.directio).
-    direct_io: bool = True
+    # A big blob's spool written and read around the page cache (storage.directio). Off by
+    # default: it speeds up a fast first client and slows a slow one (README, Performance).
+    direct_io: bool = False
     s3: S3Settings | None = None
 
     @model_validator(mode="after")

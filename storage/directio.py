@@ -7,10 +7,10 @@ page-cache copy became the slowest step of a cold fill, and it sits on the
 client's path: a new 1 GiB file here wrote at 410-520 MiB/s through the page
 cache and at 1.3-1.8 GiB/s with ``O_DIRECT``, which also spares the copy itself.
 Readers of a spool written this way read it the same way, into aligned buffers
-of their own, so a fill touches no new page-cache memory at all. Once the blob
-is committed its pages are brought into the cache on a thread of their own
-(``read_ahead``), off every client's path, so the next client of the blob reads
-memory as it would after a buffered fill.
+of their own, so a fill touches no new page-cache memory at all. Once the
+fill's last client is done, the blob's pages are brought into the cache on a
+thread of their own (``read_ahead_later``), off every client's path, so the
+blob's next client reads memory as it would after a buffered fill.
 
 ``O_DIRECT`` wants the buffer's address, the file offset and the length to be
 multiples of the device's logical block size; ``ALIGN`` covers every size in
@@ -28,11 +28,15 @@ import ctypes
 import errno
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 ALIGN = 4096
 # Bytes asked for per POSIX_FADV_WILLNEED (``read_ahead``).
 READ_AHEAD_WINDOW = 8 * 1024 * 1024
 AVAILABLE = hasattr(os, "O_DIRECT")
+# One thread reads blobs ahead, one at a time: a head start for their next clients, never
+# more than a core's work.
+_READ_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-readahead")
 
 
 def buffer(size: int) -> memoryview:
@@ -80,6 +84,14 @@ def read_ahead(fd: int) -> None:
     except OSError:
         pass  # only a head start: the blob's first reader brings the pages in instead
     finally:
+        os.close(fd)
+
+
+def read_ahead_later(fd: int) -> None:
+    """``read_ahead(fd)`` on the read-ahead thread; ``fd`` is closed either way."""
+    try:
+        _READ_AHEAD.submit(read_ahead, fd)
+    except RuntimeError:  # the interpreter is shutting down
         os.close(fd)
 
 

@@ -69,7 +69,7 @@ class Fill:
         self._fd = os.open(writer.spool_path, os.O_RDONLY)
         # Closed when the last request holding this fill lets go of it: a client
         # that joined just before the end may start reading after the fill is done.
-        weakref.finalize(self, os.close, self._fd)
+        weakref.finalize(self, _let_go, self._fd, writer)
         # Opened now, not when the first direct write is seen: by then the commit may
         # have renamed the spool, and a reader must never open it by name.
         if writer.may_direct:
@@ -200,3 +200,15 @@ class Fill:
                 assert self.error is not None
                 raise self.error
             await writer.moved()
+
+
+def _let_go(fd: int, writer: BlobWriter) -> None:
+    """The spool's descriptor once no request holds the fill. A verified blob written
+    around the page cache is read into it now, through this descriptor (the spool may be
+    renamed or evicted by now): not at its commit, when a slow client of the fill may still
+    be reading it (a cold skopeo pull of 1 GiB took 0.5-0.7 s longer with the read-ahead
+    beside it), and not left to the blob's next client, who would read the disk."""
+    if writer.direct and writer.verified:
+        directio.read_ahead_later(fd)
+    else:
+        os.close(fd)

@@ -18,7 +18,6 @@ import functools
 import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage import directio, paths
@@ -38,9 +37,6 @@ INLINE_RESERVE = 64 * 1024
 # the light one (storage.jobs). Enough threads that a big blob's slow fsync does not
 # hold small ones back.
 _COMMITS = Jobs("regcache-commit", max_threads=16)
-# A blob written around the page cache has its pages brought in after its commit, from
-# here: one thread, so read-ahead never takes more than a core's share (storage.directio).
-_READ_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-readahead")
 
 
 class FileUpload(Upload):
@@ -107,25 +103,8 @@ class FileUpload(Upload):
     def _commit_sync(self) -> None:
         with _full_when_no_room():
             os.fsync(self._fd)
-        ahead = self._reader() if self.direct else None
         self._close()
-        try:
-            _publish(str(self.spool_path), self.final_path)
-        except BaseException:
-            if ahead is not None:
-                os.close(ahead)
-            raise
-        if ahead is not None:
-            _READ_AHEAD.submit(directio.read_ahead, ahead)
-
-    def _reader(self) -> int | None:
-        """The spool opened for the read-ahead after the commit: before the rename, so an
-        eviction right after it cannot fail it; none if it cannot be (that is no reason to
-        fail the commit)."""
-        try:
-            return os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
+        _publish(str(self.spool_path), self.final_path)
 
     async def commit(self) -> None:
         await _COMMITS.run(self._commit_sync)
@@ -240,7 +219,7 @@ def _fsync_dir(path: str) -> None:
 class FilesystemBackend(BlobBackend):
     name = "filesystem"
 
-    def __init__(self, root: Path, direct_io: bool = True) -> None:
+    def __init__(self, root: Path, direct_io: bool = False) -> None:
         self.root = root
         self._direct_io = direct_io
         # Paths as strings, built with one format each: pathlib's joins cost ~10 us a

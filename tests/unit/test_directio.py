@@ -7,9 +7,6 @@ passing on the buffered path.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import mmap
 import os
 import random
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from storage import directio
 from storage.backends.filesystem import FilesystemBackend
 from storage.blobs import BlobStore
+from tests.support.pagecache import cached_fraction
 from tests.support.spool import digest_of, spool_files
 
 MIB = 1024 * 1024
@@ -44,23 +42,6 @@ class Full:
 
     def interrupt(self) -> None:
         pass
-
-
-def cached_fraction(path: Path) -> float:
-    """How much of the file at ``path`` is in the page cache (mincore on a mapping that is
-    never touched, so asking does not bring anything in)."""
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
-        vector = (ctypes.c_ubyte * pages)()
-        start = ctypes.c_char.from_buffer(mapping)  # the mapping cannot close while this lives
-        try:
-            if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vector) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-        finally:
-            del start
-        return sum(page & 1 for page in vector) / pages
 
 
 def aligned_copy(data: bytes) -> memoryview:
@@ -97,7 +78,7 @@ def test_a_direct_read_gives_exactly_the_bytes_asked_for_at_any_offset(tmp_path:
 
 
 async def test_aligned_batches_go_around_the_page_cache_and_the_rest_through_it(tmp_path: Path) -> None:
-    backend = FilesystemBackend(tmp_path)
+    backend = FilesystemBackend(tmp_path, direct_io=True)
     await backend.start()
     body = body_of(MIB + 64 * 1024 + 3000)
     digest = digest_of(body)
@@ -130,7 +111,7 @@ async def test_without_direct_io_every_byte_goes_through_the_page_cache(tmp_path
 @pytest.mark.parametrize("largest", [None, 50_000], ids=["full-reads", "short-reads"])
 async def test_a_pumped_blob_is_spooled_around_the_page_cache_and_committed_whole(tmp_path: Path,
                                                                                   largest: int | None) -> None:
-    store = BlobStore(FilesystemBackend(tmp_path))
+    store = BlobStore(FilesystemBackend(tmp_path, direct_io=True))
     await store.start()
     body = body_of(5 * MIB + 77)
     digest = digest_of(body)
@@ -144,22 +125,20 @@ async def test_a_pumped_blob_is_spooled_around_the_page_cache_and_committed_whol
     assert Path(str(store.local_path(digest))).read_bytes() == body
 
 
-async def test_a_blob_written_around_the_page_cache_is_read_into_it_after_its_commit(tmp_path: Path) -> None:
-    # So the next client of a big blob reads memory, not the disk, as after a buffered fill.
-    backend = FilesystemBackend(tmp_path)
-    await backend.start()
+def test_a_file_written_around_the_page_cache_is_read_into_it_ahead(tmp_path: Path) -> None:
     body = body_of(16 * MIB)
-    digest = digest_of(body)
-    upload = await backend.begin(digest)
-    for start in range(0, len(body), MIB):
-        upload.write_sync(aligned_copy(body[start:start + MIB]))
-    assert upload.direct
-    assert cached_fraction(upload.spool_path) == 0  # direct writes left nothing in the cache
-    await upload.commit()
-    final = Path(upload.final_path)
-    for _ in range(200):
-        if cached_fraction(final) == 1:
-            break
-        await asyncio.sleep(0.05)
-    assert cached_fraction(final) == 1
-    assert final.read_bytes() == body
+    path = tmp_path / "blob"
+    fd = directio.open_direct(str(path), os.O_WRONLY | os.O_CREAT)
+    assert fd is not None, "the test filesystem has no direct I/O"
+    try:
+        for start in range(0, len(body), MIB):
+            os.pwrite(fd, aligned_copy(body[start:start + MIB]), start)
+    finally:
+        os.close(fd)
+    assert cached_fraction(path) == 0  # direct writes left nothing in the cache
+    reader = os.open(path, os.O_RDONLY)
+    directio.read_ahead(reader)
+    assert cached_fraction(path) == 1
+    with pytest.raises(OSError):
+        os.fstat(reader)  # closed once done
+    assert path.read_bytes() == body

@@ -32,6 +32,7 @@ from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
+from tests.support.pagecache import cached_fraction
 
 ROUTE = Route(UpstreamSettings(name="fake.test", url="http://fake.test", default=True), "team/app")
 BLOB = os.urandom(2 * FLUSH_BYTES + 4321)
@@ -137,6 +138,14 @@ class Reader:
 @pytest.fixture
 async def store(tmp_path: Path) -> BlobStore:
     blobs = BlobStore(FilesystemBackend(tmp_path))
+    await blobs.start()
+    return blobs
+
+
+@pytest.fixture
+async def direct_store(tmp_path: Path) -> BlobStore:
+    """A store whose big spools go around the page cache (``storage.direct_io``)."""
+    blobs = BlobStore(FilesystemBackend(tmp_path, direct_io=True))
     await blobs.start()
     return blobs
 
@@ -259,13 +268,13 @@ class PumpedUpstream(PushedUpstream):
         yield BlobStream(len(self.blob), _once(self.blob), ThreadBody(self.blob))
 
 
-async def test_a_reader_joining_after_the_commit_reads_a_spool_written_around_the_page_cache(store):
+async def test_a_reader_joining_after_the_commit_reads_a_spool_written_around_the_page_cache(direct_store):
     big = os.urandom(3 * 1024 * 1024 + 4321)  # past the pump's one-thread size
     digest = Digest.parse("sha256:" + hashlib.sha256(big).hexdigest())
     upstream = PumpedUpstream(big)
-    fill = make_fills(store).start(digest, ROUTE, upstream)  # type: ignore[arg-type]
+    fill = make_fills(direct_store).start(digest, ROUTE, upstream)  # type: ignore[arg-type]
     assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(big)
-    assert await store.stat(digest) == len(big), "committed: the spool has its final name"
+    assert await direct_store.stat(digest) == len(big), "committed: the spool has its final name"
     # A request that found the fill just before the commit renamed its spool: the
     # range and the slices must not need the spool's old name.
     late = FillingBlob(fill, "coalesced", ranged(upstream))
@@ -276,6 +285,26 @@ async def test_a_reader_joining_after_the_commit_reads_a_spool_written_around_th
     assert all(piece.direct is not None for piece in pieces), "the spool went around the page cache"
     buffer = directio.buffer(len(big) + 2 * directio.ALIGN)
     assert b"".join(bytes(directio.pread(p.direct, buffer, p.offset, p.length)) for p in pieces) == big
+
+
+async def test_a_spool_written_around_the_page_cache_is_read_into_it_once_no_request_holds_the_fill(direct_store):
+    # Not at the commit, while a slow client may still be reading the spool; not left to
+    # the blob's next client either, who would then read the disk.
+    big = os.urandom(8 * 1024 * 1024 + 4321)
+    digest = Digest.parse("sha256:" + hashlib.sha256(big).hexdigest())
+    upstream = PumpedUpstream(big)
+    fill = make_fills(direct_store).start(digest, ROUTE, upstream)  # type: ignore[arg-type]
+    answer = FillingBlob(fill, "miss", ranged(upstream))
+    assert await answer.stored() == len(big)
+    stored = Path(str(direct_store.local_path(digest)))
+    await asyncio.sleep(0.2)
+    assert cached_fraction(stored) < 0.5, "read ahead while a request still holds the fill"
+    del fill, answer
+    for _ in range(200):
+        if cached_fraction(stored) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert cached_fraction(stored) == 1
 
 
 class SharedFilesystem(FilesystemBackend):
