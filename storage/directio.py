@@ -10,7 +10,10 @@ Readers of a spool written this way read it the same way, into aligned buffers
 of their own, so a fill touches no new page-cache memory at all. Once the
 fill's last client is done, the blob's pages are brought into the cache on a
 thread of their own (``read_ahead_later``), off every client's path, so the
-blob's next client reads memory as it would after a buffered fill.
+blob's next client reads memory as it would after a buffered fill. All of it
+only with ``storage.direct_io: true``: a first client slower than the fill
+(skopeo, docker, containerd writing what they read) then reads the spool from
+the disk, and its pull takes longer than through the page cache.
 
 ``O_DIRECT`` wants the buffer's address, the file offset and the length to be
 multiples of the device's logical block size; ``ALIGN`` covers every size in
