@@ -31,15 +31,20 @@ import ctypes
 import errno
 import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 ALIGN = 4096
 # Bytes asked for per POSIX_FADV_WILLNEED (``read_ahead``).
 READ_AHEAD_WINDOW = 8 * 1024 * 1024
 AVAILABLE = hasattr(os, "O_DIRECT")
-# One thread reads blobs ahead, one at a time: a head start for their next clients, never
-# more than a core's work.
-_READ_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-readahead")
+# Blobs waiting for the read-ahead thread, each an open descriptor. Bounded: a burst of big
+# fills must not hold a descriptor per blob, and a blob past the bound is brought in by its
+# first reader instead.
+READ_AHEAD_QUEUE = 32
+_pending: queue.Queue[int] = queue.Queue(maxsize=READ_AHEAD_QUEUE)
+_reader_lock = threading.Lock()
+_reader: threading.Thread | None = None
 
 
 def buffer(size: int) -> memoryview:
@@ -91,11 +96,23 @@ def read_ahead(fd: int) -> None:
 
 
 def read_ahead_later(fd: int) -> None:
-    """``read_ahead(fd)`` on the read-ahead thread; ``fd`` is closed either way."""
+    """``read_ahead(fd)`` on the read-ahead thread, one blob at a time, never more than a
+    core's work; ``fd`` is closed either way. The thread is a daemon: exiting does not wait
+    for blobs still queued, which are only a head start."""
+    global _reader
+    with _reader_lock:
+        if _reader is None:
+            _reader = threading.Thread(target=_read_ahead_forever, name="regcache-readahead", daemon=True)
+            _reader.start()
     try:
-        _READ_AHEAD.submit(read_ahead, fd)
-    except RuntimeError:  # the interpreter is shutting down
+        _pending.put_nowait(fd)
+    except queue.Full:
         os.close(fd)
+
+
+def _read_ahead_forever() -> None:
+    while True:
+        read_ahead(_pending.get())
 
 
 def refused(exc: OSError) -> bool:

@@ -205,9 +205,9 @@ class Fill:
 def _let_go(fd: int, writer: BlobWriter) -> None:
     """The spool's descriptor once no request holds the fill. A verified blob written
     around the page cache is read into it now, through this descriptor (the spool may be
-    renamed or evicted by now): not at its commit, when a slow client of the fill may still
-    be reading it (a cold skopeo pull of 1 GiB took 0.5-0.7 s longer with the read-ahead
-    beside it), and not left to the blob's next client, who would read the disk."""
+    renamed or evicted by now): not at its commit, while a slow client of the fill may
+    still be reading the spool from the disk, and not left to the blob's next client, who
+    would read the disk too."""
     if writer.direct and writer.verified:
         directio.read_ahead_later(fd)
     else:

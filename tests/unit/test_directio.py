@@ -8,6 +8,7 @@ passing on the buffered path.
 from __future__ import annotations
 
 import os
+import queue
 import random
 from pathlib import Path
 
@@ -142,3 +143,18 @@ def test_a_file_written_around_the_page_cache_is_read_into_it_ahead(tmp_path: Pa
     with pytest.raises(OSError):
         os.fstat(reader)  # closed once done
     assert path.read_bytes() == body
+
+
+def test_a_blob_past_the_read_ahead_queue_is_left_to_its_first_reader(tmp_path: Path, monkeypatch) -> None:
+    # The queue holds an open descriptor per blob: a burst of fills must not pile them up.
+    waiting: queue.Queue[int] = queue.Queue(maxsize=1)
+    waiting.put_nowait(os.open(tmp_path, os.O_RDONLY))
+    monkeypatch.setattr(directio, "_pending", waiting)
+    monkeypatch.setattr(directio, "_reader", object())  # a reader thread, busy with another blob
+    (tmp_path / "blob").write_bytes(b"x" * 4096)
+    fd = os.open(tmp_path / "blob", os.O_RDONLY)
+    directio.read_ahead_later(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, not queued
+    assert waiting.qsize() == 1
+    os.close(waiting.get_nowait())

@@ -135,19 +135,21 @@ class Reader:
                 await self._grew.wait()
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> BlobStore:
-    blobs = BlobStore(FilesystemBackend(tmp_path))
+async def started_store(tmp_path: Path, direct_io: bool = False) -> BlobStore:
+    blobs = BlobStore(FilesystemBackend(tmp_path, direct_io=direct_io))
     await blobs.start()
     return blobs
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> BlobStore:
+    return await started_store(tmp_path)
 
 
 @pytest.fixture
 async def direct_store(tmp_path: Path) -> BlobStore:
     """A store whose big spools go around the page cache (``storage.direct_io``)."""
-    blobs = BlobStore(FilesystemBackend(tmp_path, direct_io=True))
-    await blobs.start()
-    return blobs
+    return await started_store(tmp_path, direct_io=True)
 
 
 def make_fills(store: BlobStore, index: Index | None = None) -> Fills:
