@@ -26,7 +26,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +134,14 @@ class Lifecycle:
         """A write failed for lack of space: evict now, whatever the budget says."""
         self._full = True
         self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No pass runs while this is held; one running now finishes first. A pass deletes
+        rows before it unlinks their files, so what reads the store and the index one after
+        the other (a check of one against the other) sees them agree only between passes."""
+        async with self._lock:
+            yield
 
     async def wait_for_pass(self, after: int) -> None:
         """Until more than ``after`` passes have run (tests, and admin callers that want a result)."""
