@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import load
 from bench.load import best, download
-from bench.peers import Distribution, Nginx, Regcache
+from bench.peers import Distribution, Floor, Nginx, Regcache
 from bench.report import Row, megabytes, per_second, rate, seconds
 from tests.support.seed import SeededImage
 from tests.support.skopeo import docker_ref
@@ -37,6 +37,8 @@ class Bench:
     counted: Distribution  # the same storage behind a request counter
     dproxy: Distribution  # distribution as a pull-through cache of ``upstream``
     regcache: Regcache  # regcache in front of ``upstream``
+    floor: Floor  # the bare verifying relay in front of ``upstream`` (bench.floor)
+    floor_spool: Floor  # the same, sending each batch from the spool once written, as regcache does
     wan_regcache: Regcache  # regcache in front of ``counted`` through a paced link
     nginx: Nginx  # serves ``regcache``'s store as static files
     big: SeededImage  # one big layer
@@ -141,7 +143,8 @@ def warm_blob(b: Bench) -> list[Row]:
 
 def cold_blob(b: Bench) -> list[Row]:
     direct = best([download([b.blob_url(b.upstream.url, b.big)]) for _ in range(b.repeats)])
-    peers: list[tuple[str, Regcache | Distribution]] = [("regcache", b.regcache), ("dproxy", b.dproxy)]
+    peers: list[tuple[str, Regcache | Distribution | Floor]] = [
+        ("regcache", b.regcache), ("dproxy", b.dproxy), ("floor", b.floor), ("floor-spool", b.floor_spool)]
     runs: dict[str, list[load.Transfer]] = {name: [] for name, _ in peers}
     # CPU of the serving process from the request until it is idle again: distribution
     # stores the blob with a second upstream GET after its client is served.
@@ -151,9 +154,10 @@ def cold_blob(b: Bench) -> list[Row]:
     path: dict[str, list[float]] = {name: [] for name, _ in peers}
     first: dict[str, list[load.Transfer]] = {name: [] for name, _ in peers}
     for repeat in range(b.repeats):
-        # Each goes first in turn; both start on an idle machine (distribution's
+        # Each goes first in turn; each starts on an idle machine (distribution's
         # background store of the previous blob, a commit's fsync, done).
-        for name, peer in peers[repeat % 2 :] + peers[: repeat % 2]:
+        turn = repeat % len(peers)
+        for name, peer in peers[turn:] + peers[:turn]:
             peer.reset()
             quiet()
             url = b.blob_url(peer.url, b.big)
@@ -165,7 +169,8 @@ def cold_blob(b: Bench) -> list[Row]:
             # The blob's first read from the store: regcache's spool went around the page
             # cache (storage.directio), distribution's background store through it.
             first[name].append(download([url]))
-    cold, dcold = best(runs["regcache"]), best(runs["dproxy"])
+    cold, dcold, floor = best(runs["regcache"]), best(runs["dproxy"]), best(runs["floor"])
+    floor_spool = best(runs["floor-spool"])
     case = f"cold {_mib(b.big)} blob GET"
     size = _size(b.big)
     hashing, writing = _sha256_rate(size), _new_file_rate(b.workdir, size)
@@ -203,11 +208,34 @@ def cold_blob(b: Bench) -> list[Row]:
         Row(case, min(path["regcache"]) / gib, seconds(min(path["regcache"]) / gib), "distribution proxy, cold",
             min(path["dproxy"]) / gib, seconds(min(path["dproxy"]) / gib), compare="ratio",
             note="CPU of the whole machine per GiB while the client downloads (2 cores: 2 s per s)"),
+        # The bare verifying relay: receive, hash, write and send on threads of their own, the
+        # last byte after the digest, nothing else. Beside the distribution proxy it says what
+        # the design can reach here; beside regcache, what regcache's own code costs.
+        Row(case, cold.throughput, rate(cold.throughput), FLOOR, floor.throughput, rate(floor.throughput),
+            note="throughput"),
+        Row(f"{case}, {FLOOR}", floor.throughput, rate(floor.throughput), "distribution proxy, cold",
+            dcold.throughput, rate(dcold.throughput), note="throughput"),
+        Row(f"{case}, {FLOOR}", min(path["floor"]) / gib, seconds(min(path["floor"]) / gib),
+            "distribution proxy, cold", min(path["dproxy"]) / gib, seconds(min(path["dproxy"]) / gib),
+            compare="ratio", note="CPU of the whole machine per GiB while the client downloads (2 cores: 2 s per s)"),
+        # Sending what was written, read back from the spool, as regcache does, instead of the
+        # receive buffers: what that choice costs, without regcache's code around it.
+        Row(case, cold.throughput, rate(cold.throughput), FLOOR_SPOOL, floor_spool.throughput,
+            rate(floor_spool.throughput), note="throughput"),
+        Row(f"{case}, {FLOOR_SPOOL}", floor_spool.throughput, rate(floor_spool.throughput),
+            "distribution proxy, cold", dcold.throughput, rate(dcold.throughput), note="throughput"),
+        Row(f"{case}, {FLOOR_SPOOL}", min(path["floor-spool"]) / gib, seconds(min(path["floor-spool"]) / gib),
+            "distribution proxy, cold", min(path["dproxy"]) / gib, seconds(min(path["dproxy"]) / gib),
+            compare="ratio", note="CPU of the whole machine per GiB while the client downloads (2 cores: 2 s per s)"),
         Row(case, cold.throughput, rate(cold.throughput), "sha256 on one core (every byte is verified)",
             hashing, rate(hashing), note="throughput vs a limit of this machine"),
         Row(case, cold.throughput, rate(cold.throughput), "writing a new file of this size (page cache)",
             writing, rate(writing), note="throughput vs a limit of this machine"),
     ]
+
+
+FLOOR = "bare verifying relay (bench/floor.py), cold"
+FLOOR_SPOOL = "bare verifying relay sending from its spool (bench/floor.py --send-from spool), cold"
 
 
 def _sha256_rate(size: int) -> float:

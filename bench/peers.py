@@ -1,4 +1,4 @@
-"""The processes a benchmark run compares: regcache, distribution, nginx.
+"""The processes a benchmark run compares: regcache, distribution, nginx, the bare relay.
 
 Everything listens on 127.0.0.1 and lives under one work directory that the
 run removes at the end. regcache runs the way an operator runs it: ``python -m
@@ -237,6 +237,48 @@ http {{
     }}
 }}
 """
+
+
+class Floor:
+    """``bench.floor``: the bare verifying relay, what the design costs without regcache's code."""
+
+    def __init__(self, workdir: Path, upstream_url: str, *, direct: bool = False, send_from: str = "memory") -> None:
+        self.workdir = workdir
+        self.upstream_url = upstream_url
+        self.direct = direct
+        self.send_from = send_from
+        self.spool = workdir / "spool"
+        self.log_path = workdir / "floor.log"
+        self.port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> Floor:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "bench.floor", "--listen", f"{HOST}:{self.port}",
+                   "--upstream", self.upstream_url, "--spool", str(self.spool), "--send-from", self.send_from]
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command + (["--direct"] if self.direct else []), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait("the bare relay", self._proc, self.port, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        _stop_group(self._proc)
+        self._proc = None
+
+    def pids(self) -> list[int]:
+        return [] if self._proc is None else [self._proc.pid]
+
+    def reset(self, aside: Path | None = None) -> Floor:
+        self.stop()
+        forget(self.spool, aside)
+        return self.start()
 
 
 class Nginx:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: the project root is the import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cases, fills, notify, outage, ranges, save_load
-from bench.peers import REPO_ROOT, Distribution, Nginx, Regcache
+from bench.peers import REPO_ROOT, Distribution, Floor, Nginx, Regcache
 from bench.report import Row, cells, markdown, not_available
 from tests.support import images as image_builder
 from tests.support.images import build_big_layer, build_image, build_layer
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="regcache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    started: list[Distribution | Regcache | Nginx] = []
+    started: list[Distribution | Regcache | Floor | Nginx] = []
 
     def start(peer):  # type: ignore[no-untyped-def]
         started.append(peer)
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         regcache = start(Regcache(workdir / "regcache", upstream.url, tree=args.regcache_tree, settings=storage))
         wan_rate = args.wan_mib_per_s * 2**20
         wan = Regcache(workdir / "regcache-wan", "http://pending", tree=args.regcache_tree, settings=storage)
+        floor = start(Floor(workdir / "floor", upstream.url, direct=args.direct_io))
+        floor_spool = start(Floor(workdir / "floor-spool", upstream.url, direct=args.direct_io, send_from="spool"))
         nginx = start(Nginx(workdir / "nginx", regcache.data_dir, wan.data_dir, counted.url, wan_rate))
         wan.upstream_url = nginx.throttle_url
         start(wan)
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             counted=counted,
             dproxy=dproxy,
             regcache=regcache,
+            floor=floor,
+            floor_spool=floor_spool,
             wan_regcache=wan,
             nginx=nginx,
             big=seeded["bench/big:1"],

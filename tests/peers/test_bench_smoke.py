@@ -23,6 +23,9 @@ EXPECTED_ROWS = (
     "cold 1 MiB blob GET (time to first byte)",
     "cold 1 MiB blob GET (the next GET, the blob's first read from the store)",
     "cold 1 MiB blob GET (CPU of the whole machine per GiB while the client downloads",
+    "cold 1 MiB blob GET, bare verifying relay (bench/floor.py), cold (throughput)",
+    "cold 1 MiB blob GET, bare verifying relay sending from its spool (bench/floor.py --send-from spool), cold "
+    "(throughput)",
     "32 concurrent cold clients, one blob: upstream fetches",
     "32 concurrent cold clients, one blob: wall time",
     "manifest GET by tag, cached",
