@@ -26,11 +26,7 @@ from typing import Any, Protocol
 from storage import directio
 from storage.errors import SizeMismatch
 
-# Four of them per fill (16 MiB). Each batch costs the loop a wake-up and its readers a
-# send of their own: 4 MiB batches took a cold 1 GiB GET from 0.86-0.92x of the
-# distribution proxy's throughput to 0.97-0.98x, side by side (README, "A bare
-# verifying relay"), where 1 MiB ones made four times as many.
-BUFFER_BYTES = 4 * 1024 * 1024
+BUFFER_BYTES = 1024 * 1024
 BUFFERS = 4
 # The first batch is small: readers get their first bytes without waiting for a whole buffer.
 FIRST_BYTES = 64 * 1024
