@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import mmap
 import os
+import queue
 import socket
 import socketserver
 import threading
@@ -67,22 +68,14 @@ class Stage(threading.Thread):
     def __init__(self, ring: Ring, step: Callable[[memoryview, int], None]) -> None:
         super().__init__(daemon=True)
         self.ring, self.step = ring, step
-        self.batches: list[tuple[int, int, int] | None] = []  # (slot, offset, length); None ends
+        self.batches: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()  # None ends
         self.error: BaseException | None = None
-        self._more = threading.Condition()
 
     def put(self, batch: tuple[int, int, int] | None) -> None:
-        with self._more:
-            self.batches.append(batch)
-            self._more.notify()
+        self.batches.put(batch)
 
     def run(self) -> None:
-        while True:
-            with self._more:
-                self._more.wait_for(lambda: bool(self.batches))
-                batch = self.batches.pop(0)
-            if batch is None:
-                return
+        while (batch := self.batches.get()) is not None:
             slot, offset, length = batch
             try:
                 if self.error is None:
@@ -107,6 +100,7 @@ class Landed:
             self._moved.notify_all()
 
     def fail(self) -> None:
+        """Nothing more will land: a sender waiting for more stops."""
         with self._moved:
             self.failed = True
             self._moved.notify_all()
@@ -114,7 +108,7 @@ class Landed:
     def past(self, offset: int) -> int:
         with self._moved:
             self._moved.wait_for(lambda: self.offset > offset or self.failed)
-            if self.failed:
+            if self.offset <= offset:
                 raise ConnectionError("the spool was not written")
             return self.offset
 
@@ -142,13 +136,20 @@ class SpoolSender(threading.Thread):
                 end = min(self.landed.past(sent), body)
                 while sent < end:
                     if direct is None or buffer is None:
-                        sent += os.sendfile(self.client.fileno(), fd, sent, end - sent)
+                        count = os.sendfile(self.client.fileno(), fd, sent, end - sent)
+                        if not count:
+                            raise ConnectionError("the spool is shorter than written")
+                        sent += count
                         continue
                     want = min(BUFFER_BYTES, end - sent)
-                    read = os.preadv(direct, [buffer], sent) if want == BUFFER_BYTES else _read_tail(fd, want, sent)
-                    count = min(read if isinstance(read, int) else len(read), want)
-                    self.client.sendall(memoryview(buffer)[:count] if isinstance(read, int) else read[:count])
-                    sent += count
+                    if want == BUFFER_BYTES:  # a whole buffer, written around the page cache
+                        data: memoryview | bytes = memoryview(buffer)[:os.preadv(direct, [buffer], sent)]
+                    else:  # short of a whole buffer: the blob's end, read through the page cache
+                        data = os.pread(fd, want, sent)
+                    if not data:
+                        raise ConnectionError("the spool is shorter than written")
+                    self.client.sendall(data)
+                    sent += len(data)
             self.last_byte(os.pread(fd, 1, body))
         except BaseException as exc:  # the handler raises it once the stages are done
             self.error = exc
@@ -156,11 +157,6 @@ class SpoolSender(threading.Thread):
             os.close(fd)
             if direct is not None:
                 os.close(direct)
-
-
-def _read_tail(fd: int, want: int, offset: int) -> bytes:
-    """The part of a batch short of a whole buffer, which the writer wrote through the page cache."""
-    return os.pread(fd, want, offset)
 
 
 class Relay(socketserver.StreamRequestHandler):
@@ -174,16 +170,17 @@ class Relay(socketserver.StreamRequestHandler):
         if "/blobs/sha256:" not in path:
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
             return
-        upstream = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port)
-        upstream.request("GET", path)
-        response = upstream.getresponse()
-        if response.status != 200 or response.length is None:
-            self.wfile.write(f"HTTP/1.1 {response.status} upstream\r\nContent-Length: 0\r\n"
-                             "Connection: close\r\n\r\n".encode())
-            return
-        digest = path.rsplit("/", 1)[1]
-        self.relay(response, response.length, digest)
-        upstream.close()
+        upstream = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port, timeout=60)
+        try:
+            upstream.request("GET", path)
+            response = upstream.getresponse()
+            if response.status != 200 or response.length is None:
+                self.wfile.write(f"HTTP/1.1 {response.status} upstream\r\nContent-Length: 0\r\n"
+                                 "Connection: close\r\n\r\n".encode())
+                return
+            self.relay(response, response.length, path.rsplit("/", 1)[1])
+        finally:
+            upstream.close()
 
     def relay(self, body: http.client.HTTPResponse, size: int, digest: str) -> None:
         spool = self.server.spool / f"{digest}.{threading.get_ident()}"
@@ -236,22 +233,26 @@ class Relay(socketserver.StreamRequestHandler):
         for stage in stages:
             stage.start()
         try:
-            offset, slot = 0, 0
-            while offset < size:
-                buffer = ring.claim(slot)
-                length = _fill(body, buffer[:min(BUFFER_BYTES, size - offset)])
-                if not length:
-                    raise ConnectionError("upstream body ended early")
+            try:
+                offset, slot = 0, 0
+                while offset < size:
+                    buffer = ring.claim(slot)
+                    length = _fill(body, buffer[:min(BUFFER_BYTES, size - offset)])
+                    if not length:
+                        raise ConnectionError("upstream body ended early")
+                    for stage in stages:
+                        stage.put((slot, offset, length))
+                    offset += length
+                    slot = (slot + 1) % BUFFERS
+            finally:
+                # Every stage done with the spool before it is closed, whatever happened.
                 for stage in stages:
-                    stage.put((slot, offset, length))
-                offset += length
-                slot = (slot + 1) % BUFFERS
-            for stage in stages:
-                stage.put(None)
-            stages[0].join()
-            verified.set()
-            for stage in stages[1:]:
-                stage.join()
+                    stage.put(None)
+                stages[0].join()
+                verified.set()  # the hash is whole, or will never be
+                stages[1].join()
+                landed.fail()  # a spool sender still waiting: nothing more lands
+                stages[2].join()
             failed = next((stage.error for stage in stages if stage.error is not None), None)
             if failed is not None:
                 raise failed
@@ -259,9 +260,6 @@ class Relay(socketserver.StreamRequestHandler):
             os.fsync(direct if direct is not None else fd)
             os.replace(spool, self.server.spool / digest)
         finally:
-            verified.set()
-            for stage in stages:
-                stage.put(None)
             os.close(fd)
             if direct is not None:
                 os.close(direct)
