@@ -15,6 +15,7 @@ from pathlib import Path
 from storage.backends.base import BlobBackend, Upload
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
+from storage.progress import SpoolProgress
 from storage.pump import BodySource, pump
 
 # Bytes gathered before one hand-off to the worker thread: large enough that
@@ -56,6 +57,8 @@ class BlobWriter:
         self._done = False
         self.verified = False  # size and digest checked: the spool file is the blob
         self.aborted = False
+        # The same three facts for readers on other threads, told by the thread that writes.
+        self.progress = SpoolProgress()
 
     @property
     def spool_path(self) -> Path:
@@ -113,6 +116,7 @@ class BlobWriter:
 
     def _landed(self, size: int) -> None:
         self.flushed += size
+        self.progress.reach(self.flushed)
         self._wake()
 
     def _wake(self) -> None:
@@ -142,9 +146,17 @@ class BlobWriter:
         """
         await self.flush()
         limit = None if self.expected_size is None else self.expected_size - self.received
+        written = self.flushed
+        write, progress = self._upload.write_sync, self.progress
+
+        def write_and_tell(data: memoryview) -> None:  # on the writing thread, before the loop hears
+            nonlocal written
+            write(data)
+            written += len(data)
+            progress.reach(written)
+
         try:
-            self.received += await pump(body, self._hasher, self._upload.write_sync, self._landed, limit,
-                                        str(self.digest))
+            self.received += await pump(body, self._hasher, write_and_tell, self._landed, limit, str(self.digest))
         except StoreFull:
             if self._store is not None:
                 self._store.full()
@@ -188,6 +200,7 @@ class BlobWriter:
             await self.abort()
             raise
         self.verified = True
+        self.progress.verify()
         self._wake()
         return self.received
 
@@ -211,6 +224,7 @@ class BlobWriter:
         if not self._done:
             self._done = True
             self.aborted = True
+            self.progress.abort()
             self._wake()
             future, self._inflight = self._inflight, None
             if future is not None:

@@ -78,3 +78,7 @@ class ImagePinned(RegcacheError):
 
 class ArchiveInvalid(RegcacheError):
     """Archive is malformed or unsafe."""
+
+
+class SpoolAborted(RegcacheError):
+    """The blob's fill failed: its spool will never be the blob."""

@@ -17,6 +17,13 @@ reused 1 MiB buffer and ``write`` per slice was measured faster for every
 reader: skopeo 20 % (as fast as a direct pull from distribution, which also
 copies), curl and 8 parallel curls 5-20 %, a cold fill 8 %.
 
+A fill's client is the exception: it is sent the spool by sendfile wherever it is.
+Its bytes were just written; copying them out again, as a file already cached is
+to a client on this host, adds a read of every byte on the path that bounds a
+cold GET here (two cores: the upstream sending, receiving, hashing, writing, the
+client). Measured on the cold 1 GiB GET, alternating: 0.91-1.01x the distribution
+proxy's throughput by sendfile, 0.76-0.79x copying, 0.83-0.95x before the change.
+
 Safety: the thread works on duplicates of the socket and file descriptors, so
 a connection or file that aiohttp closes meanwhile can never be confused with
 a new one that reuses its number. The transport's own buffer is empty before
@@ -38,6 +45,7 @@ from typing import Any, TypeGuard
 
 from storage import directio
 from storage.backends.base import BlockingBody
+from storage.progress import SpoolFollower
 
 # One thread per blob body being sent; threads blocked in poll() cost little.
 _POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="regcache-send")
@@ -101,6 +109,31 @@ class FileSender:
             await asyncio.shield(future)
         except asyncio.CancelledError:
             self._stop.set()  # the thread stops at its next look; its done callback closes the fds
+            raise
+
+    async def follow(self, spool: SpoolFollower, count: int, stall_timeout: float) -> None:
+        """Send the first ``count`` bytes of a spool being written, each batch as soon as the
+        writing thread says it landed, the last byte once the blob is verified; one pool
+        thread for the whole body, woken by the writer, not by the loop. Raises on a gone or
+        stalled client, ``SpoolAborted`` if the fill fails, or if the spool stops short."""
+        await self._drain_transport(stall_timeout)
+        fd = os.dup(spool.fd)
+        direct_fd = None if spool.direct_fd is None else os.dup(spool.direct_fd)
+        self._jobs += 1
+        future = asyncio.get_running_loop().run_in_executor(
+            _POOL, _follow_blocking, self._sock, fd, direct_fd, spool, count, stall_timeout, self._stop
+        )
+
+        def done(_: object) -> None:
+            if direct_fd is not None:
+                os.close(direct_fd)
+            self._job_done(fd)
+
+        future.add_done_callback(done)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._stop.set()
             raise
 
     async def send_body(self, body: BlockingBody, count: int, stall_timeout: float) -> None:
@@ -211,6 +244,28 @@ def _copy_direct_blocking(sock: int, fd: int, offset: int, count: int, stall_tim
         _copy(sock, pread, count, len(buffer) - 2 * directio.ALIGN, stall_timeout, stop, "file")
     finally:
         _DIRECT_BUFFERS.give(buffer)
+
+
+def _follow_blocking(sock: int, fd: int, direct_fd: int | None, spool: SpoolFollower, count: int,
+                     stall_timeout: float, stop: threading.Event) -> None:
+    """``FileSender.follow`` on its thread: each range the writer says landed, sent as soon as
+    it has; waits for the upstream do not count as a stall. By sendfile to any client (see the
+    module's docstring), or copied from a spool written around the page cache."""
+    position = 0
+    while position < count:
+        if stop.is_set():
+            raise ConnectionResetError("response abandoned")
+        ready = spool.progress.readable(position, _POLL_MS / 1000)
+        if ready is None:
+            continue
+        end = min(ready[0], count)
+        if end <= position:  # verified, and nothing past ``position``
+            raise OSError("spool shorter than its announced size")
+        if direct_fd is not None and spool.direct():
+            _copy_direct_blocking(sock, direct_fd, position, end - position, stall_timeout, stop)
+        else:
+            _sendfile_blocking(sock, fd, position, end - position, stall_timeout, stop)
+        position = end
 
 
 class _Buffers:

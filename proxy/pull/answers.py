@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Protocol
 
 from proxy.errors import UpstreamError, UpstreamNotFound
-from proxy.pull.fill import Fill, SpoolSlice
+from proxy.pull.fill import Fill
 from proxy.tracing import span
 from proxy.upstream.responses import BlobPart
 from storage.backends.base import BlockingBody
 from storage.errors import BlobUnknown
 from storage.lifecycle.gc import Lease
+from storage.progress import SpoolFollower
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,10 +179,14 @@ class FillingBlob:
         if early is not None:
             await early[1].aclose()
 
-    def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
-        """After ``opened``: spool slices as they land (for sendfile), or None when the
-        blob is to be read with ``chunks`` (another replica stored it first)."""
-        return self._fill.slices()
+    def follower(self) -> SpoolFollower | None:
+        """After ``opened``: the spool, for a thread that sends its bytes as they land
+        (``proxy.http.filesend``); None when the blob is to be read with ``chunks``."""
+        return self._fill.follower()
+
+    async def failure(self, cause: BaseException) -> BaseException:
+        """Why a follower was told the fill failed (``cause``): the fill's own error."""
+        return await self._fill.failure(cause)
 
     def chunks(self) -> AsyncGenerator[bytes, None]:
         """Verified bytes as they land; the last one once the whole blob is verified.

@@ -22,25 +22,14 @@ import contextlib
 import os
 import weakref
 from collections.abc import AsyncGenerator
-from typing import NamedTuple
 
 from storage import directio
 from storage.blobs import BlobStore, BlobWriter
 from storage.oci.digest import Digest
+from storage.progress import SpoolFollower
 
 READ_CHUNK = 1024 * 1024
-
-
-class SpoolSlice(NamedTuple):
-    """Spool bytes that have landed: ``length`` bytes of ``fd`` from ``offset``."""
-
-    fd: int
-    offset: int
-    length: int
-    last: bool  # ends the verified blob: every byte of it is out after this one
-    # ``fd`` opened with O_DIRECT, for large reads of a spool written around the page
-    # cache (storage.directio); None: read ``fd``.
-    direct: int | None
+LOOP_READ = 64 * 1024
 
 
 class Fill:
@@ -132,10 +121,19 @@ class Fill:
         assert self.size is not None
         return self.size
 
-    def slices(self) -> AsyncGenerator[SpoolSlice, None] | None:
-        """Spool bytes as they land, for sendfile; None when the blob is read from the store
-        or from memory (``chunks``)."""
-        return None if self._elsewhere or self._data is not None else self._slices()
+    def follower(self) -> SpoolFollower | None:
+        """After ``opened``: the spool, for a thread that sends its bytes as they land; None
+        when the blob is read from the store or from memory (``chunks``)."""
+        if self._elsewhere or self._data is not None:
+            return None
+        writer, fd = self._writer, self._fd
+        assert writer is not None and fd is not None
+        return SpoolFollower(fd, writer.progress, self._direct_fd, lambda: writer.direct)
+
+    async def failure(self, cause: BaseException) -> BaseException:
+        """Why a follower of the spool was told it failed: the fill's own error, once recorded."""
+        await self._ended.wait()
+        return self.error or cause
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The blob's bytes as they land; raises if the fill fails."""
@@ -149,7 +147,7 @@ class Fill:
         writer = self._writer
         if writer is None:
             return False
-        landed = writer.flushed if writer.verified else writer.flushed - 1  # as in ``_slices``
+        landed = writer.flushed if writer.verified else writer.flushed - 1  # as in ``_landed``
         return offset + length <= landed
 
     async def read(self, offset: int, length: int | None) -> AsyncGenerator[bytes, None]:
@@ -165,11 +163,16 @@ class Fill:
                 yield chunk
             return
         stop = None if length is None else offset + length
-        async with contextlib.aclosing(self._slices()) as slices:
-            async for fd, start, count, _, _ in slices:
+        fd = self._fd
+        assert fd is not None
+        async with contextlib.aclosing(self._landed()) as landed:
+            async for start, count in landed:
                 position, end = max(start, offset), start + count if stop is None else min(start + count, stop)
                 while position < end:
-                    chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - position), position)
+                    want = min(READ_CHUNK, end - position)
+                    # A small read of fresh page cache costs less here than a hand-off to a thread.
+                    chunk = (os.pread(fd, want, position) if want <= LOOP_READ
+                             else await asyncio.to_thread(os.pread, fd, want, position))
                     if not chunk:
                         raise OSError("spool file shorter than written")
                     position += len(chunk)
@@ -177,20 +180,19 @@ class Fill:
                 if stop is not None and start + count >= stop:
                     return
 
-    async def _slices(self) -> AsyncGenerator[SpoolSlice, None]:
-        """The last byte comes only once the blob is verified (not committed: see
-        ``committed``); once verified, a failed commit does not cut readers.
-        ``fd`` stays open while anything holds this fill."""
+    async def _landed(self) -> AsyncGenerator[tuple[int, int], None]:
+        """(offset, length) of spool bytes as they land. The last byte comes only once the
+        blob is verified (not committed: see ``committed``); once verified, a failed commit
+        does not cut readers. The spool's descriptor stays open while anything holds this fill."""
         await self.opened()
-        writer, fd = self._writer, self._fd
-        assert writer is not None and fd is not None
+        writer = self._writer
+        assert writer is not None
         offset = 0
         while True:
             verified = writer.verified
             available = writer.flushed if verified else writer.flushed - 1  # the last byte waits for the digest
             if offset < available:
-                direct = self._direct_fd if writer.direct else None
-                yield SpoolSlice(fd, offset, available - offset, verified, direct)
+                yield offset, available - offset
                 offset = available
                 continue
             if verified:

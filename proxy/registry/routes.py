@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import AsyncGenerator
 from typing import NoReturn
 from urllib.parse import urlencode
@@ -25,14 +24,15 @@ from proxy.http.context import BLOB_LEASE, ERROR, IDENTITY, LOG, ROUTE
 from proxy.http.errors import API_HEADERS as API_VERSION
 from proxy.http.partial import PartReader
 from proxy.http.ranges import ByteRange
-from proxy.pull.answers import FillingBlob, LocalBlob, SpoolSlice, StoredBlob, page
+from proxy.pull.answers import FillingBlob, LocalBlob, StoredBlob, page
 from proxy.resources import METADATA, PULLTHROUGH, REFERRERS, ROUTER, SETTINGS
 from storage.backends.base import BlockingBody
-from storage.errors import StoreUnavailable
+from storage.errors import SpoolAborted, StoreUnavailable
 from storage.oci.digest import Digest
 from storage.oci.manifests import OCI_INDEX, merge_accept
 from storage.oci.reference import ManifestReference
 from storage.oci.referrers import FILTERS_HEADER, referrers_index
+from storage.progress import SpoolFollower
 
 log = logging.getLogger("regcache.registry")
 
@@ -146,10 +146,12 @@ async def blob(request: web.Request) -> web.StreamResponse:
     size = await answer.opened()
     # Slices go to the socket past aiohttp, so past its chunked framing: only a body
     # whose length is in the headers may take them (an upstream may send none).
-    if size is not None and filesend.possible(request.transport):
-        slices = answer.slices()
-        if slices is not None:
-            return await _send_slices(request, headers, size, slices)
+    # A small one (its first batch and one more) costs less to send from the loop than to
+    # hand to a thread and back.
+    if size is not None and size > 2 * INLINE_RANGE and filesend.possible(request.transport):
+        spool = answer.follower()
+        if spool is not None:
+            return await _send_following(request, headers, size, spool, answer)
     return await _stream(request, headers, size, answer.chunks())
 
 
@@ -216,44 +218,28 @@ async def _stream(
     return response
 
 
-async def _send_slices(
-    request: web.Request, headers: dict[str, str], size: int, slices: AsyncGenerator[SpoolSlice, None]
+async def _send_following(
+    request: web.Request, headers: dict[str, str], size: int, spool: SpoolFollower, answer: FillingBlob
 ) -> web.StreamResponse:
-    """A fill's bytes from its spool file as they land, sent from a pool thread (proxy.filesend);
-    the held-back last byte, once the digest is verified, through aiohttp. ``size`` goes out
-    as Content-Length: raw bytes on the socket carry no framing of their own."""
-    # A small blob's slices all go through aiohttp (none is over INLINE_RANGE): its
-    # headers may wait for them.
-    response = _response(headers, size)
+    """A fill's bytes from its spool file as they land, sent from a pool thread that the
+    writing thread wakes (proxy.filesend). ``size`` goes out as Content-Length: raw bytes on
+    the socket carry no framing of their own."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = size
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     transport = request.transport
     assert transport is not None
-    # Made for the first slice too big to copy here: a small blob's slices never need
-    # one (nor its duplicated socket, stop event and address check).
-    sender: filesend.FileSender | None = None
+    sender = filesend.FileSender(transport)
     try:
         try:
-            async with contextlib.aclosing(slices) as landed:
-                async for fd, offset, length, last, direct in landed:
-                    # The blob's last byte goes through aiohttp after the thread is done.
-                    on_loop = 1 if last else 0
-                    # A small range costs less to copy here than to hand to a thread and back.
-                    if length - on_loop > INLINE_RANGE:
-                        if sender is None:
-                            sender = filesend.FileSender(transport)
-                        await sender.send(fd, offset, length - on_loop, stall, direct)
-                        offset, length = offset + length - on_loop, on_loop
-                    if length:
-                        data = os.pread(fd, length, offset)
-                        if len(data) != length:
-                            raise OSError("spool file shorter than written")
-                        await slowclient.write(request, response, data, stall)
+            await sender.follow(spool, size, stall)
         except filesend.Stalled:
             raise slowclient.cut(request, stall) from None
+        except SpoolAborted as exc:
+            raise await answer.failure(exc) from None
         finally:
-            if sender is not None:
-                sender.close()
+            sender.close()
     except Exception as exc:
         _abort(request, exc)
     await response.write_eof()

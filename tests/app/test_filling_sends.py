@@ -17,7 +17,7 @@ from tests.support.fake_upstream import Fault, digest_of
 REPOSITORY = "team/app"
 
 
-@pytest.mark.parametrize(("size", "senders"), [(48 * 1024, 0), (100 * 1024, 0), (3 * 1024 * 1024, 1)])
+@pytest.mark.parametrize(("size", "senders"), [(48 * 1024, 0), (100 * 1024, 0), (200 * 1024, 1), (3 * 1024 * 1024, 1)])
 async def test_a_fill_in_flight_is_sent_from_the_loop_when_small(fake, proxy, monkeypatch, size, senders):
     made: list[filesend.FileSender] = []
 

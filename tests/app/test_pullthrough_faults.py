@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 
 import pytest
@@ -62,6 +64,24 @@ async def test_corrupt_upstream_blob_is_never_committed(fake, proxy, tmp_path):
     # The next request fetches again and gets the right bytes.
     r = await proxy.get(f"/v2/team/app/blobs/{layer}")
     assert await r.read() == LAYER
+
+
+async def test_a_client_cut_by_a_failed_fill_is_logged_with_the_fill_s_own_error(fake, proxy, caplog):
+    caplog.set_level(logging.INFO, logger="regcache.access")
+    fake.add_image("team/app", "1", [LAYER])
+    layer = digest_of(LAYER)
+    fake.faults[layer] = Fault("corrupt", times=1)
+    with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
+        r = await proxy.get(f"/v2/team/app/blobs/{layer}")
+        await r.read()
+    for _ in range(100):  # the line is written once the handler is done
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "regcache.access"]
+        if lines:
+            break
+        await asyncio.sleep(0.01)
+    (line,) = lines
+    assert line["result"] == "aborted"
+    assert layer in line["error"], "why the fill failed, not only that it did"
 
 
 @pytest.mark.parametrize("by", ["tag", "digest"])

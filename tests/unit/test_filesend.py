@@ -13,6 +13,8 @@ import pytest
 
 from proxy.http import filesend
 from storage import directio
+from storage.errors import SpoolAborted
+from storage.progress import SpoolFollower, SpoolProgress
 
 
 @pytest.mark.parametrize(
@@ -186,3 +188,134 @@ def test_the_sender_picks_its_way_from_the_connection_s_addresses(peer, copies: 
     finally:
         server.close()
         client.close()
+
+
+class GrowingSpool:
+    """A spool file written in batches on a thread of its own, each told to its progress."""
+
+    def __init__(self, path: Path, body: bytes, direct: bool = False) -> None:
+        self.body = body
+        path.write_bytes(b"")
+        self.fd = os.open(path, os.O_RDWR)
+        self.direct_fd = directio.open_direct(str(path), os.O_RDONLY) if direct else None
+        assert not direct or self.direct_fd is not None, "the test filesystem has no direct I/O"
+        self.progress = SpoolProgress()
+        self.follower = SpoolFollower(self.fd, self.progress, self.direct_fd, lambda: direct)
+
+    def write(self, start: int, end: int, pause: float = 0.0) -> None:
+        for offset in range(start, end, 1024 * 1024):
+            threading.Event().wait(pause)
+            chunk = self.body[offset:min(end, offset + 1024 * 1024)]
+            os.pwrite(self.fd, chunk, offset)
+            self.progress.reach(offset + len(chunk))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+
+
+def _follow(spool: GrowingSpool, sock: socket.socket, count: int, stall: float = 10,
+            stop: threading.Event | None = None) -> None:
+    fd = os.dup(spool.fd)
+    direct_fd = None if spool.direct_fd is None else os.dup(spool.direct_fd)
+    try:
+        filesend._follow_blocking(sock.fileno(), fd, direct_fd, spool.follower, count, stall,
+                                  stop or threading.Event())
+    finally:
+        os.close(fd)
+        if direct_fd is not None:
+            os.close(direct_fd)
+
+
+FOLLOWS = [pytest.param(False, id="sendfile"), pytest.param(True, id="direct")]
+
+
+@pytest.mark.parametrize("direct", FOLLOWS)
+def test_a_spool_is_sent_as_it_lands_and_its_last_byte_once_verified(tmp_path: Path, direct: bool) -> None:
+    body = os.urandom(5 * 1024 * 1024 + 17)
+    spool = GrowingSpool(tmp_path / "spool", body, direct)
+    server, client = _connected_pair()
+    received = bytearray()
+    reader = threading.Thread(target=_read_all, args=(client, received, False))
+    reader.start()
+    sender = threading.Thread(target=_follow, args=(spool, server, len(body)))
+    sender.start()
+    try:
+        spool.write(0, len(body), pause=0.01)
+        for _ in range(500):  # every landed byte but the last goes out before the digest is known
+            if len(received) == len(body) - 1:
+                break
+            threading.Event().wait(0.01)
+        assert len(received) == len(body) - 1
+        assert sender.is_alive(), "the last byte waits for the digest"
+        spool.progress.verify()
+        sender.join(timeout=30)
+        assert not sender.is_alive()
+    finally:
+        spool.progress.abort()
+        server.close()
+        reader.join(timeout=30)
+        client.close()
+        spool.close()
+    assert bytes(received) == body
+
+
+@pytest.mark.parametrize("direct", FOLLOWS)
+def test_a_failed_fill_fails_its_follower(tmp_path: Path, direct: bool) -> None:
+    body = os.urandom(3 * 1024 * 1024)
+    spool = GrowingSpool(tmp_path / "spool", body, direct)
+    server, client = _connected_pair()
+    reader = threading.Thread(target=_read_all, args=(client, bytearray(), False))
+    reader.start()
+    spool.write(0, 2 * 1024 * 1024)
+    threading.Timer(0.1, spool.progress.abort).start()
+    try:
+        with pytest.raises(SpoolAborted):
+            _follow(spool, server, len(body))
+    finally:
+        server.close()
+        reader.join(timeout=30)
+        client.close()
+        spool.close()
+
+
+def test_a_verified_spool_shorter_than_announced_is_an_error(tmp_path: Path) -> None:
+    spool = GrowingSpool(tmp_path / "spool", b"x" * 1000)
+    spool.write(0, 1000)
+    spool.progress.verify()
+    server, client = _connected_pair()
+    try:
+        with pytest.raises(OSError, match="shorter"):
+            _follow(spool, server, 2000)
+    finally:
+        server.close()
+        client.close()
+        spool.close()
+
+
+def test_waiting_for_the_upstream_is_not_a_stall_but_an_abandoned_response_stops(tmp_path: Path) -> None:
+    body = os.urandom(1024 * 1024)
+    spool = GrowingSpool(tmp_path / "spool", body)
+    idle = GrowingSpool(tmp_path / "idle", b"x" * 1000)
+    server, client = _connected_pair()
+    received = bytearray()
+    reader = threading.Thread(target=_read_all, args=(client, received, False))
+    reader.start()
+    try:
+        # Bytes that take longer to arrive than the stall timeout: the client is not to blame.
+        threading.Timer(0.6, spool.write, args=(0, len(body))).start()
+        threading.Timer(0.7, spool.progress.verify).start()
+        _follow(spool, server, len(body), stall=0.2)
+        # A response given up while its follower waits for bytes that never come.
+        stop = threading.Event()
+        threading.Timer(0.2, stop.set).start()
+        with pytest.raises(ConnectionResetError, match="abandoned"):
+            _follow(idle, server, 1000, stop=stop)
+    finally:
+        server.close()
+        reader.join(timeout=30)
+        client.close()
+        spool.close()
+        idle.close()
+    assert bytes(received) == body

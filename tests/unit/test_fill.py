@@ -32,6 +32,7 @@ from storage.blobs import FLUSH_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.index.rows import RepositoryName
 from storage.oci.digest import Digest
+from storage.progress import SpoolFollower
 from tests.support.pagecache import cached_fraction
 
 ROUTE = Route(UpstreamSettings(name="fake.test", url="http://fake.test", default=True), "team/app")
@@ -183,18 +184,39 @@ async def test_readers_stream_the_fill_while_it_grows_and_get_the_last_byte_once
     assert fills.get(DIGEST) is None and len(fills) == 0
 
 
-async def test_spool_slices_hold_back_the_last_byte_until_verified(store):
+def _followed(spool: SpoolFollower, size: int) -> bytes:
+    """What a sending thread following the spool reads (``proxy.http.filesend``)."""
+    got, position = bytearray(), 0
+    buffer = directio.buffer(size + 2 * directio.ALIGN) if spool.direct() else None
+    while position < size:
+        ready = spool.progress.readable(position, 5)
+        assert ready is not None, "nothing landed"
+        end = ready[0]
+        if buffer is not None:
+            assert spool.direct_fd is not None
+            got += directio.pread(spool.direct_fd, buffer, position, end - position)
+        else:
+            got += os.pread(spool.fd, end - position, position)
+        position = end
+    return bytes(got)
+
+
+async def test_a_spool_s_follower_gets_the_last_byte_only_once_verified(store):
     upstream = PushedUpstream(len(BLOB))
     fill = make_fills(store).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     answer = FillingBlob(fill, "miss", ranged(upstream))
-    upstream.push(BLOB, END)
+    upstream.push(BLOB)
     assert await answer.opened() == len(BLOB)
-    slices = answer.slices()
-    assert slices is not None
-    got = [piece async for piece in slices]
-    assert sum(piece.length for piece in got) == len(BLOB)
-    assert [piece.last for piece in got] == [False] * (len(got) - 1) + [True]
-    assert b"".join(os.pread(p.fd, p.length, p.offset) for p in got) == BLOB
+    spool = answer.follower()
+    assert spool is not None
+    for _ in range(200):
+        if await asyncio.to_thread(spool.progress.readable, 0, 0) == (len(BLOB) - 1, False):
+            break
+        await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(spool.progress.readable, 0, 0) == (len(BLOB) - 1, False)
+    upstream.push(END)
+    assert await asyncio.to_thread(spool.progress.readable, len(BLOB) - 1, 5) == (len(BLOB), True)
+    assert await asyncio.to_thread(_followed, spool, len(BLOB)) == BLOB
 
 
 async def test_a_digest_mismatch_fails_every_reader_and_stores_nothing(store, tmp_path):
@@ -238,9 +260,9 @@ async def test_a_reader_joining_after_the_end_gets_the_whole_blob(store):
     assert fills.get(DIGEST) is None
     late = FillingBlob(fill, "coalesced", ranged(upstream))  # a request that found the fill just before it ended
     assert b"".join([chunk async for chunk in late.chunks()]) == BLOB
-    slices = late.slices()
-    assert slices is not None
-    assert b"".join([os.pread(p.fd, p.length, p.offset) async for p in slices]) == BLOB
+    spool = late.follower()
+    assert spool is not None
+    assert await asyncio.to_thread(_followed, spool, len(BLOB)) == BLOB
 
 
 class ThreadBody:
@@ -278,15 +300,13 @@ async def test_a_reader_joining_after_the_commit_reads_a_spool_written_around_th
     assert await FillingBlob(fill, "miss", ranged(upstream)).stored() == len(big)
     assert await direct_store.stat(digest) == len(big), "committed: the spool has its final name"
     # A request that found the fill just before the commit renamed its spool: the
-    # range and the slices must not need the spool's old name.
+    # range and the follower must not need the spool's old name.
     late = FillingBlob(fill, "coalesced", ranged(upstream))
     assert await _read(late, 1_000_000, 2_000_000) == big[1_000_000:3_000_000]
-    slices = late.slices()
-    assert slices is not None
-    pieces = [piece async for piece in slices]
-    assert all(piece.direct is not None for piece in pieces), "the spool went around the page cache"
-    buffer = directio.buffer(len(big) + 2 * directio.ALIGN)
-    assert b"".join(bytes(directio.pread(p.direct, buffer, p.offset, p.length)) for p in pieces) == big
+    spool = late.follower()
+    assert spool is not None
+    assert spool.direct() and spool.direct_fd is not None, "the spool went around the page cache"
+    assert await asyncio.to_thread(_followed, spool, len(big)) == big
 
 
 async def test_a_spool_written_around_the_page_cache_is_read_into_it_once_no_request_holds_the_fill(direct_store):
@@ -332,7 +352,7 @@ async def test_a_blob_another_replica_stored_first_is_read_from_the_store(tmp_pa
     fill = make_fills(store, index).start(DIGEST, ROUTE, upstream)  # type: ignore[arg-type]
     answer = FillingBlob(fill, "miss", ranged(upstream))
     assert await answer.opened() == len(BLOB)
-    assert answer.slices() is None, "no spool file to send from"
+    assert answer.follower() is None, "no spool file to send from"
     assert b"".join([chunk async for chunk in answer.chunks()]) == BLOB
     assert await answer.stored() == len(BLOB)
     assert upstream.opened == 0
@@ -505,7 +525,7 @@ async def test_a_small_blob_reaches_every_reader_whole_once_verified_with_no_spo
     upstream.push(SMALL[1000:], END)
     assert [await task for task in opened] == [len(SMALL), len(SMALL)]
     for answer in answers:
-        assert answer.slices() is None
+        assert answer.follower() is None
         assert b"".join([chunk async for chunk in answer.chunks()]) == SMALL
     assert await _read(answers[0], 100, 1000) == SMALL[100:1100]
     assert upstream.ranges == [], "a range of a blob in memory is not asked of the upstream"
@@ -549,12 +569,12 @@ async def test_small_blobs_past_what_fills_may_hold_in_memory_are_spooled(store,
     second_upstream.push(other, END)
     spooled = FillingBlob(second, "miss", ranged(second_upstream))
     assert await spooled.opened() == len(other)
-    assert spooled.slices() is not None, "no room left in memory: this one is spooled"
+    assert spooled.follower() is not None, "no room left in memory: this one is spooled"
     assert b"".join([chunk async for chunk in spooled.chunks()]) == other
     first_upstream.push(SMALL[10:], END)
     held = FillingBlob(first, "miss", ranged(first_upstream))
     assert await held.opened() == len(SMALL)
-    assert held.slices() is None
+    assert held.follower() is None
     assert await held.stored() == len(SMALL) and await spooled.stored() == len(other)
     assert fills.held_bytes == 0
 
