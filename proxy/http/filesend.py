@@ -21,8 +21,9 @@ A fill's client is the exception: it is sent the spool by sendfile wherever it i
 Its bytes were just written; copying them out again, as a file already cached is
 to a client on this host, adds a read of every byte on the path that bounds a
 cold GET here (two cores: the upstream sending, receiving, hashing, writing, the
-client). Measured on the cold 1 GiB GET, alternating: 0.91-1.01x the distribution
-proxy's throughput by sendfile, 0.76-0.79x copying, 0.83-0.95x before the change.
+client). Measured on the cold 1 GiB GET, alternating (README, "The first client follows
+the writer"): 0.91-1.15x the distribution proxy's throughput by sendfile, 0.76-0.79x
+copying, 0.78-1.00x before the follower.
 
 Safety: the thread works on duplicates of the socket and file descriptors, so
 a connection or file that aiohttp closes meanwhile can never be confused with

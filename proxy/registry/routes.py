@@ -144,8 +144,8 @@ async def blob(request: web.Request) -> web.StreamResponse:
         finally:
             await answer.release()
     size = await answer.opened()
-    # Slices go to the socket past aiohttp, so past its chunked framing: only a body
-    # whose length is in the headers may take them (an upstream may send none).
+    # A follower's bytes go to the socket past aiohttp, so past its chunked framing: only a
+    # body whose length is in the headers may take them (an upstream may send none).
     # A small one (its first batch and one more) costs less to send from the loop than to
     # hand to a thread and back.
     if size is not None and size > 2 * INLINE_RANGE and filesend.possible(request.transport):

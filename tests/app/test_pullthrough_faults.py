@@ -31,6 +31,13 @@ async def proxy(fake, aiohttp_client, tmp_path):
     return await aiohttp_client(create_app(settings_for(fake, tmp_path / "data")))
 
 
+async def cut_short(proxy, layer: str) -> None:
+    """A GET of ``layer`` whose connection is cut before the body's clean end."""
+    with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
+        r = await proxy.get(f"/v2/team/app/blobs/{layer}")
+        await r.read()
+
+
 def stored_files(root) -> list[str]:
     return sorted(p.name for p in (root / "blobs").rglob("*") if p.is_file())
 
@@ -55,9 +62,7 @@ async def test_corrupt_upstream_blob_is_never_committed(fake, proxy, tmp_path):
     fake.add_image("team/app", "1", [LAYER])
     layer = digest_of(LAYER)
     fake.faults[layer] = Fault("corrupt", times=1)
-    with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
-        r = await proxy.get(f"/v2/team/app/blobs/{layer}")
-        await r.read()
+    await cut_short(proxy, layer)
     await asyncio.sleep(0.05)
     assert layer.split(":")[1] not in stored_files(tmp_path / "data")
     assert list((tmp_path / "data" / "tmp").iterdir()) == []
@@ -71,9 +76,7 @@ async def test_a_client_cut_by_a_failed_fill_is_logged_with_the_fill_s_own_error
     fake.add_image("team/app", "1", [LAYER])
     layer = digest_of(LAYER)
     fake.faults[layer] = Fault("corrupt", times=1)
-    with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
-        r = await proxy.get(f"/v2/team/app/blobs/{layer}")
-        await r.read()
+    await cut_short(proxy, layer)
     for _ in range(100):  # the line is written once the handler is done
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "regcache.access"]
         if lines:
@@ -105,9 +108,7 @@ async def test_broken_upstream_stream_aborts_client_and_stores_nothing(fake, pro
     fake.add_image("team/app", "1", [LAYER])
     layer = digest_of(LAYER)
     fake.faults[layer] = Fault(kind, times=-1)
-    with pytest.raises((ClientPayloadError, ServerDisconnectedError, ConnectionError)):
-        r = await proxy.get(f"/v2/team/app/blobs/{layer}")
-        await r.read()
+    await cut_short(proxy, layer)
     await asyncio.sleep(0.05)
     assert layer.split(":")[1] not in stored_files(tmp_path / "data")
 
