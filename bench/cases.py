@@ -49,6 +49,7 @@ class Bench:
     wrk_seconds: float
     wan_rate: int
     say: Callable[[str], None]
+    quick: bool = False  # a smoke test, not figures: cases may give up on a hung peer sooner
 
     @staticmethod
     def blob_url(base: str, image: SeededImage, digest: str | None = None) -> str:

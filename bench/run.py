@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             wrk_seconds=args.seconds,
             wan_rate=wan_rate,
             say=say,
+            quick=args.quick,
         )
         for name in args.cases.split(","):
             t = time.monotonic()
