@@ -44,6 +44,11 @@ class SpoolProgress:
             self._aborted = True
             self._changed.notify_all()
 
+    def available(self) -> tuple[int, bool]:
+        """Now: how many bytes may be read, and whether that is all of them (verified)."""
+        with self._changed:
+            return self._readable(), self._verified
+
     def readable(self, past: int, timeout: float) -> tuple[int, bool] | None:
         """Blocking, at most ``timeout`` seconds: once more than ``past`` bytes may be read, or
         the blob is verified, how many may be and whether that is all of them (verified).

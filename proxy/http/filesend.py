@@ -35,6 +35,7 @@ the thread is done. TLS connections cannot use this (``possible`` says so).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import select
@@ -96,21 +97,12 @@ class FileSender:
         if count <= 0:
             return
         await self._drain_transport(stall_timeout)
-        fd = os.dup(file_fd if direct_fd is None else direct_fd)
-        self._jobs += 1
         # A direct read is copied to any client: sendfile would bring every page into the cache.
         send = _copy_blocking if self._copy else _sendfile_blocking
         if direct_fd is not None:
             send = _copy_direct_blocking
-        future = asyncio.get_running_loop().run_in_executor(
-            _POOL, send, self._sock, fd, offset, count, stall_timeout, self._stop
-        )
-        future.add_done_callback(lambda _: self._job_done(fd))
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self._stop.set()  # the thread stops at its next look; its done callback closes the fds
-            raise
+        fd = os.dup(file_fd if direct_fd is None else direct_fd)
+        await self._run(send, (fd, offset, count, stall_timeout), owned=(fd,))
 
     async def follow(self, spool: SpoolFollower, count: int, stall_timeout: float) -> None:
         """Send the first ``count`` bytes of a spool being written, each batch as soon as the
@@ -120,36 +112,26 @@ class FileSender:
         await self._drain_transport(stall_timeout)
         fd = os.dup(spool.fd)
         direct_fd = None if spool.direct_fd is None else os.dup(spool.direct_fd)
-        self._jobs += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            _POOL, _follow_blocking, self._sock, fd, direct_fd, spool, count, stall_timeout, self._stop
-        )
-
-        def done(_: object) -> None:
-            if direct_fd is not None:
-                os.close(direct_fd)
-            self._job_done(fd)
-
-        future.add_done_callback(done)
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self._stop.set()
-            raise
+        await self._run(_follow_blocking, (fd, direct_fd, spool, count, stall_timeout),
+                        owned=(fd,) if direct_fd is None else (fd, direct_fd))
 
     async def send_body(self, body: BlockingBody, count: int, stall_timeout: float) -> None:
         """Send ``count`` bytes of a remote store's ``body`` (``BlobBackend.open_body``), read and
         written on a pool thread; raises on a gone or stalled client or a body cut short."""
         await self._drain_transport(stall_timeout)
+        await self._run(_relay_blocking, (body, count, stall_timeout), owned=())
+
+    async def _run(self, job: Callable[..., None], args: tuple[Any, ...], owned: tuple[int, ...]) -> None:
+        """``job(socket, *args, stop)`` on a pool thread; the descriptors in ``owned`` are closed
+        once it is done, whether it finished, failed or was abandoned."""
         self._jobs += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            _POOL, _relay_blocking, self._sock, body, count, stall_timeout, self._stop
-        )
-        future.add_done_callback(lambda _: self._job_done(None))
+        run = functools.partial(job, self._sock, *args, self._stop)
+        future = asyncio.get_running_loop().run_in_executor(_POOL, run)
+        future.add_done_callback(lambda _: self._job_done(owned))
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
-            self._stop.set()
+            self._stop.set()  # the thread stops at its next look; its done callback closes the fds
             raise
 
     async def _drain_transport(self, stall_timeout: float) -> None:
@@ -164,8 +146,8 @@ class FileSender:
         if self._transport.is_closing():
             raise ConnectionResetError("connection lost")
 
-    def _job_done(self, fd: int | None) -> None:
-        if fd is not None:
+    def _job_done(self, owned: tuple[int, ...]) -> None:
+        for fd in owned:
             os.close(fd)
         self._jobs -= 1
         if self._closing and self._jobs == 0:

@@ -147,8 +147,7 @@ class Fill:
         writer = self._writer
         if writer is None:
             return False
-        landed = writer.flushed if writer.verified else writer.flushed - 1  # as in ``_landed``
-        return offset + length <= landed
+        return offset + length <= writer.progress.available()[0]
 
     async def read(self, offset: int, length: int | None) -> AsyncGenerator[bytes, None]:
         """``length`` bytes from ``offset`` (all that follow: None) as they land; raises if
@@ -189,8 +188,7 @@ class Fill:
         assert writer is not None
         offset = 0
         while True:
-            verified = writer.verified
-            available = writer.flushed if verified else writer.flushed - 1  # the last byte waits for the digest
+            available, verified = writer.progress.available()  # the last byte waits for the digest
             if offset < available:
                 yield offset, available - offset
                 offset = available

@@ -224,8 +224,7 @@ async def _send_following(
     """A fill's bytes from its spool file as they land, sent from a pool thread that the
     writing thread wakes (proxy.filesend). ``size`` goes out as Content-Length: raw bytes on
     the socket carry no framing of their own."""
-    response = web.StreamResponse(headers=headers)
-    response.content_length = size
+    response = _response(headers, size)
     await response.prepare(request)
     stall = request.app[SETTINGS].limits.client_timeout
     transport = request.transport

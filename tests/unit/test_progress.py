@@ -13,9 +13,11 @@ from storage.progress import SpoolProgress
 def test_the_last_landed_byte_waits_for_the_digest() -> None:
     progress = SpoolProgress()
     progress.reach(100)
+    assert progress.available() == (99, False)
     assert progress.readable(0, 1) == (99, False)
     assert progress.readable(99, 0.05) is None, "nothing past the held-back byte until verified"
     progress.verify()
+    assert progress.available() == (100, True)
     assert progress.readable(99, 1) == (100, True)
 
 
