@@ -71,13 +71,15 @@ def _committed(regcache: Regcache, digest: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-# How long ``quiet`` waits for an idle machine: a --quick run is a smoke test, not figures,
-# and must end in bounded time on a machine that other work keeps busy.
+# How long ``quiet`` waits for an idle machine, and over how long a window it judges: a
+# --quick run is a smoke test, not figures, and must end soon on a machine that other work
+# keeps busy (most of a quick run's time was these windows).
 QUIET_TIMEOUT = 30.0
+QUIET_WINDOW = 0.5
 
 
 def quiet(busy_below: float = 0.25, timeout: float | None = None) -> None:
-    """Wait (bounded) until the machine's CPUs are mostly idle (not waiting on the disk) over half a second."""
+    """Wait (bounded) until the machine's CPUs are mostly idle (not waiting on the disk) over ``QUIET_WINDOW``."""
     timeout = QUIET_TIMEOUT if timeout is None else timeout
 
     def busy_idle() -> tuple[int, int]:
@@ -89,7 +91,7 @@ def quiet(busy_below: float = 0.25, timeout: float | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         busy0, idle0 = busy_idle()
-        time.sleep(0.5)
+        time.sleep(QUIET_WINDOW)
         busy1, idle1 = busy_idle()
         total = (busy1 - busy0) + (idle1 - idle0)
         if total and (busy1 - busy0) / total < busy_below:

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = (8, 4, 4, 1, 1.0) if args.quick else (1024, 128, 40, 3, 3.0)
     if args.quick:
         cases.QUIET_TIMEOUT = 2.0
+        cases.QUIET_WINDOW = 0.1
     for name, default in zip(("big_mib", "mid_mib", "small_layers", "repeats", "seconds"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
