@@ -47,4 +47,7 @@ VENV="${REGCACHE_TEST_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
-exec "$VENV/bin/python" -m pytest "$@"
+# Two workers, each given whole test files (module-scoped peers such as a dockerd stay with
+# their file); each worker starts its own session peers (upstream registry, Ceph RGW). More
+# workers than cores would only make the peers' waits longer. `-n 0` runs in this process.
+exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
