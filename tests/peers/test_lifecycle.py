@@ -36,6 +36,9 @@ def make_proxy(aiohttp_server, tmp_path, upstream):
 
 async def pull(server, repository: str, dest: Path) -> None:
     await asyncio.to_thread(skopeo_pull, f"127.0.0.1:{server.port}", repository, dest)
+    # skopeo has every blob once it is verified; the fills commit after that, and what the
+    # tests check next (files, rows, the budget) is the committed store.
+    await server.app[PULLTHROUGH].fills.settle()
 
 
 async def evicted_after(lifecycle: Lifecycle, passes: int) -> list[str]:
@@ -186,6 +189,10 @@ async def test_sweep_waits_for_grace_and_never_takes_a_blob_in_use(lc, make_prox
     async with aiohttp.ClientSession() as session, session.get(url) as r:
         assert r.status == 200
         await r.read()
+    # The client has the last byte once the digest matches; the commit (fsync, rename, row)
+    # follows. Without waiting for it, a slow commit made the checks below look at no blob.
+    await server.app[PULLTHROUGH].fills.settle()
+    assert on_disk(data, layer)
     assert (await lifecycle.sweep(grace=3600)).blobs == 0
     lease = server.app[PULLTHROUGH].in_use.lease(layer)
     assert (await lifecycle.sweep(grace=0)).blobs == 0
