@@ -11,7 +11,7 @@ import pytest
 
 from config.settings import Settings, UpstreamSettings
 from proxy.app import create_app
-from proxy.resources import LIFECYCLE, METADATA
+from proxy.resources import LIFECYCLE, METADATA, PULLTHROUGH
 from tests.support.seed import ALPHA, BETA
 
 UPSTREAM = "upstream.test"
@@ -57,6 +57,9 @@ async def test_gc_prunes_the_row_of_a_repository_left_without_images(proxy, seed
         r = await proxy.get(f"/v2/{alpha.repository}/blobs/{blob}")
         assert r.status == 200
         await r.read()
+    # The fills (and the manifest's prefetch) commit after their clients' last byte: the
+    # removal below is of a settled image, not one whose blob rows are still landing.
+    await proxy.server.app[PULLTHROUGH].settle()
     await pull_manifest(proxy, beta)
     assert await repository_rows(proxy) == 2
     lifecycle = proxy.server.app[LIFECYCLE]
