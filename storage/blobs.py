@@ -55,10 +55,18 @@ class BlobWriter:
         # future each, so a reader that goes away cancels only its own wait.
         self._waiters: list[asyncio.Future[None]] = []
         self._done = False
-        self.verified = False  # size and digest checked: the spool file is the blob
-        self.aborted = False
-        # The same three facts for readers on other threads, told by the thread that writes.
+        # Bytes written, verified, aborted: for readers on any thread, told by the thread
+        # that writes (``flushed`` is what the loop has heard of so far).
         self.progress = SpoolProgress()
+
+    @property
+    def verified(self) -> bool:
+        """Size and digest checked: the spool file is the blob."""
+        return self.progress.verified
+
+    @property
+    def aborted(self) -> bool:
+        return self.progress.aborted
 
     @property
     def spool_path(self) -> Path:
@@ -199,7 +207,6 @@ class BlobWriter:
         except BaseException:
             await self.abort()
             raise
-        self.verified = True
         self.progress.verify()
         self._wake()
         return self.received
@@ -223,7 +230,6 @@ class BlobWriter:
     async def abort(self) -> None:
         if not self._done:
             self._done = True
-            self.aborted = True
             self.progress.abort()
             self._wake()
             future, self._inflight = self._inflight, None

@@ -44,6 +44,14 @@ class SpoolProgress:
             self._aborted = True
             self._changed.notify_all()
 
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def available(self) -> tuple[int, bool]:
         """Now: how many bytes may be read, and whether that is all of them (verified)."""
         with self._changed:
