@@ -28,6 +28,17 @@ FLUSH_BYTES = 1024 * 1024
 INLINE_BYTES = 64 * 1024
 
 
+class _Batch:
+    """Bytes handed to the worker thread, and whether their landing was told."""
+
+    __slots__ = ("future", "size", "told")
+
+    def __init__(self, future: asyncio.Future[None], size: int) -> None:
+        self.future = future
+        self.size = size
+        self.told = False
+
+
 class BlobWriter:
     """Hashes and spools one blob; ``finish`` verifies and commits.
 
@@ -48,7 +59,7 @@ class BlobWriter:
         self._hasher = digest.hasher()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._inflight: asyncio.Future[None] | None = None
+        self._inflight: _Batch | None = None
         self.received = 0
         self.flushed = 0  # bytes readable in the spool file
         # Readers waiting for the spool to grow, be verified or be aborted; one
@@ -113,14 +124,21 @@ class BlobWriter:
                 raise
             self._landed(size)
             return
-        future = asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks)
-        future.add_done_callback(lambda f: self._written(f, size))
-        self._inflight = future
+        batch = _Batch(asyncio.get_running_loop().run_in_executor(None, self._write_sync, chunks), size)
+        # Followers hear of the batch as soon as it is written, even while this task waits
+        # for the upstream; and ``_wait_inflight`` makes sure of it before going on.
+        batch.future.add_done_callback(lambda _: self._written(batch))
+        self._inflight = batch
 
-    def _written(self, future: asyncio.Future[None], size: int) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # the error surfaces in _wait_inflight
-        self._landed(size)
+    def _written(self, batch: _Batch) -> None:
+        """Once per batch, once it is written: a done callback can run after the task that
+        awaited the future went on (it was done before the await, and the callback still
+        queued), so both ask."""
+        future = batch.future
+        if batch.told or future.cancelled() or future.exception() is not None:
+            return  # told already, or the error surfaces in _wait_inflight
+        batch.told = True
+        self._landed(batch.size)
 
     def _landed(self, size: int) -> None:
         self.flushed += size
@@ -171,11 +189,12 @@ class BlobWriter:
             raise
 
     async def _wait_inflight(self) -> None:
-        future, self._inflight = self._inflight, None
-        if future is None:
+        batch, self._inflight = self._inflight, None
+        if batch is None:
             return
         try:
-            await future
+            await batch.future
+            self._written(batch)
         except StoreFull:
             if self._store is not None:
                 self._store.full()
@@ -232,12 +251,12 @@ class BlobWriter:
             self._done = True
             self.progress.abort()
             self._wake()
-            future, self._inflight = self._inflight, None
-            if future is not None:
+            batch, self._inflight = self._inflight, None
+            if batch is not None:
                 # The thread must be out of the file before it is closed and removed.
-                await asyncio.wait([future])
-                if not future.cancelled():
-                    future.exception()  # retrieved: the caller is already failing
+                await asyncio.wait([batch.future])
+                if not batch.future.cancelled():
+                    batch.future.exception()  # retrieved: the caller is already failing
             await self._upload.abort()
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from storage import paths
 from storage.backends.filesystem import FilesystemBackend
-from storage.blobs import FLUSH_BYTES, BlobStore
+from storage.blobs import FLUSH_BYTES, INLINE_BYTES, BlobStore
 from storage.errors import DigestMismatch, SizeMismatch, StoreFull
 from storage.oci.digest import Digest
 from tests.support.spool import digest_of, spool_files
@@ -117,6 +117,35 @@ async def test_a_spool_reader_wakes_when_bytes_land_and_when_the_blob_is_verifie
     assert seen[0][0] > 0, "woken by landed bytes"
     assert seen[-1] == (len(BIG), True)
     assert [flushed for flushed, _ in seen] == sorted(flushed for flushed, _ in seen)
+
+
+async def test_a_batch_the_thread_finished_before_the_writer_looked_counts_as_landed_at_verify(store, monkeypatch):
+    """A big first read goes to the thread; the next, small, one comes after the thread is
+    done but before the loop ran the batch's done callback. Verified, the spool must say it
+    holds every byte: a follower sent the blob's size would otherwise find it short."""
+    blob = BIG[:INLINE_BYTES * 3] + b"tail"
+    head, tail = blob[:-4], blob[-4:]
+    digest = digest_of(blob)
+    writer = await store.writer(digest, len(blob))
+    handed: list[asyncio.Future[None]] = []
+    run_in_executor = asyncio.get_running_loop().run_in_executor
+
+    def watched(*args):  # type: ignore[no-untyped-def]
+        future = run_in_executor(*args)
+        handed.append(future)
+        return future
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "run_in_executor", watched)
+    await writer.write(head)  # the first batch goes out at once, to the thread (bigger than INLINE_BYTES)
+    assert len(handed) == 1
+    while not handed[0].done():  # the task sees it done; its done callbacks are still queued
+        await asyncio.sleep(0)
+    await writer.write(tail)
+    assert await writer.verify() == len(blob)
+    assert writer.progress.available() == (len(blob), True)
+    assert writer.flushed == len(blob)
+    await writer.commit()
+    assert await read_all(store, digest) == blob
 
 
 async def test_a_spool_reader_wakes_when_the_writer_aborts(store):
