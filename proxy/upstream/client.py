@@ -36,6 +36,7 @@ from proxy.errors import (
 from proxy.tracing import client_span, client_trace_configs
 from proxy.upstream.auth import Credentials, UpstreamAuth
 from proxy.upstream.breaker import Breaker
+from proxy.upstream.inline import LoopAnswer, LoopConnections
 from proxy.upstream.responses import (
     BlobPart,
     BlobStream,
@@ -125,6 +126,8 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         # Blob bodies: read on the fill's thread, not through the loop (``proxy.upstream.transport``).
         self._connections: Connections | None = None
+        # Small blob bodies: on the loop, without aiohttp's per-request machinery (``proxy.upstream.inline``).
+        self._inline: LoopConnections | None = None
         self._ssl_own: ssl.SSLContext | None = None
         self._ssl_other: ssl.SSLContext | None = None
 
@@ -151,6 +154,7 @@ class UpstreamClient:
             trace_configs=client_trace_configs(),
         )
         self._connections = Connections(s.connect_timeout, s.read_timeout)
+        self._inline = LoopConnections(s.connect_timeout, s.read_timeout)
 
     async def close(self) -> None:
         await self.breaker.close()
@@ -160,6 +164,9 @@ class UpstreamClient:
         if self._connections is not None:
             self._connections.close()
             self._connections = None
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
 
     async def __aenter__(self) -> UpstreamClient:
         await self.start()
@@ -210,20 +217,21 @@ class UpstreamClient:
         The body is meant for a reader on a thread (``BlobStream.body``); ``chunks``
         reads the same body from the loop, for consumers that want pieces. A blob whose
         ``size`` (from its descriptor) is at most ``small_blob`` comes through the loop
-        only (``body`` None): its few reads cost less there than two hand-offs to threads.
+        only (``body`` None), by ``proxy.upstream.inline``: its few reads cost less there
+        than two hand-offs to threads, and that request less than one through aiohttp.
         """
         url = self._v2(repository, "blobs", str(Digest.parse(digest)))
         # The slot is held until the stream is closed: an open body is an
         # upstream connection in use.
         async with self._slot():
             if size is not None and size <= self._small_blob:
-                resp = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_aiohttp)
-                chunks = self._chunks(resp)
+                small = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_inline)
+                chunks = self._chunks(small.chunks())
                 try:
-                    yield BlobStream(resp.content_length, chunks)
+                    yield BlobStream(small.content_length, chunks)
                 finally:
                     await chunks.aclose()
-                    _done_with(resp)
+                    small.release()
                 return
             answer = await self._open(url, "blob", _pull_scope(repository), fetch=self._fetch_blocking)
             try:
@@ -261,7 +269,7 @@ class UpstreamClient:
                 if stop > size or resp.content_length not in (None, stop - start):
                     raise UpstreamError(f"upstream {self.name}: blob_range answered {start}-{stop - 1}/{size} "
                                         f"with {resp.content_length} bytes", upstream=self.name)
-                chunks = self._chunks(resp)
+                chunks = self._chunks(_pieces(resp))
                 try:
                     yield BlobPart(start, stop - start, size, chunks)
                 finally:
@@ -527,6 +535,11 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not called")
         return await self._session.request(method, url, headers=headers, allow_redirects=False, ssl=self._ssl_for(url))
 
+    async def _fetch_inline(self, method: str, url: URL, headers: dict[str, str]) -> LoopAnswer:
+        if self._inline is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        return await self._inline.fetch(method, url, headers, self._ssl_for(url))
+
     async def _fetch_blocking(self, method: str, url: URL, headers: dict[str, str]) -> Answer:
         connections = self._connections
         if connections is None:
@@ -568,11 +581,12 @@ class UpstreamClient:
                 self.rate_limit.window,
             )
 
-    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    async def _chunks(self, pieces: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """A body's ``pieces``, its failures as the upstream errors they are."""
         try:
-            # Each piece as it arrived: no joining or re-slicing copies.
-            async for chunk, _ in resp.content.iter_chunks():
-                yield chunk
+            async with contextlib.aclosing(pieces):
+                async for chunk in pieces:
+                    yield chunk
         except (aiohttp.ClientError, OSError) as exc:
             error = self._translate(exc, "blob body")
             self.breaker.failed(error)
@@ -656,6 +670,12 @@ def _pull_scope(repository: str) -> str:
 
 def _checked_reference(reference: str) -> str:
     return reference if is_digest(reference) else validate_tag(reference)
+
+
+async def _pieces(resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    # Each piece as it arrived: no joining or re-slicing copies.
+    async for chunk, _ in resp.content.iter_chunks():
+        yield chunk
 
 
 async def _answer_chunks(answer: Answer) -> AsyncGenerator[bytes, None]:

@@ -158,7 +158,7 @@ class Connections:
         """Send ``method url`` and read the status line and headers, the body left unread.
         A kept-alive connection the server has closed meanwhile is replaced once,
         transparently: nothing of the request was answered."""
-        context = _context(tls) if url.scheme == "https" else None
+        context = tls_context(tls) if url.scheme == "https" else None
         origin: Origin = (url.scheme, (url.host or "").lower(), url.port or 0, id(context))
         target = url.raw_path_qs or "/"
         while True:
@@ -268,7 +268,7 @@ def _close_unwanted(future: Future[Answer]) -> None:
 _DEFAULT_CONTEXT: ssl.SSLContext | None = None
 
 
-def _context(tls: ssl.SSLContext | bool) -> ssl.SSLContext:
+def tls_context(tls: ssl.SSLContext | bool) -> ssl.SSLContext:
     global _DEFAULT_CONTEXT
     if isinstance(tls, ssl.SSLContext):
         return tls

@@ -1,30 +1,24 @@
-"""proxy.upstream.transport against servers run in this process on loopback.
+"""proxy.upstream.transport against servers run in this process on loopback (``tests.support.origins``).
 
-The well-behaved server is an aiohttp application; the misbehaving ones (a body
-cut short, a silent body, a connection closed behind the pool's back) are raw
-``asyncio`` servers. Every blocking call of the transport runs on a thread, as
-it does in production; waits carry generous timeouts only so a broken transport
-fails instead of hanging.
+Every blocking call of the transport runs on a thread, as it does in production;
+waits carry generous timeouts only so a broken transport fails instead of hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
 import trustme
-from aiohttp import web
 from yarl import URL
 
 from proxy.upstream.transport import DRAIN_LIMIT, Answer, Connections
+from tests.support.origins import BODY, Origin, RawServer, head
 
 T = TypeVar("T")
-BODY = os.urandom(3 * 1024 * 1024 + 1234)
 GUARD = 20.0  # seconds: only ever reached when something hangs
 
 
@@ -69,56 +63,6 @@ async def read_all(answer: Answer, size: int = 64 * 1024) -> bytes:
         return bytes(out)
 
     return await blocking(read)
-
-
-# --------------------------------------------------------------------------- a well-behaved server
-
-
-class Origin:
-    """An aiohttp application that records the TCP connection (client address) of each request."""
-
-    def __init__(self) -> None:
-        self.peers: list[tuple[str, int]] = []
-        self.url = URL()
-
-    @property
-    def connections(self) -> int:
-        return len(set(self.peers))
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/blob/{size}", self.blob)
-        app.router.add_get("/pieces", self.pieces)
-        app.router.add_get("/chunked", self.chunked)
-        return app
-
-    def _seen(self, request: web.Request) -> None:
-        assert request.transport is not None
-        self.peers.append(request.transport.get_extra_info("peername")[:2])
-
-    async def blob(self, request: web.Request) -> web.Response:
-        self._seen(request)
-        return web.Response(body=BODY[:int(request.match_info["size"])])
-
-    async def _stream(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-        await response.prepare(request)
-        for start in range(0, len(BODY), 100_003):  # pieces that fit no buffer size
-            await response.write(BODY[start:start + 100_003])
-            await asyncio.sleep(0)
-        await response.write_eof()
-        return response
-
-    async def pieces(self, request: web.Request) -> web.StreamResponse:
-        self._seen(request)
-        response = web.StreamResponse()
-        response.content_length = len(BODY)
-        return await self._stream(request, response)
-
-    async def chunked(self, request: web.Request) -> web.StreamResponse:
-        self._seen(request)
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        return await self._stream(request, response)
 
 
 @pytest.fixture
@@ -225,65 +169,6 @@ async def test_https_through_the_given_tls_context(aiohttp_server, connections):
 
 
 # --------------------------------------------------------------------------- misbehaving servers
-
-
-Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class RawServer:
-    """A TCP server whose connections are handed to ``handle``; counts connections and requests."""
-
-    def __init__(self, handle: Handler) -> None:
-        self._handle = handle
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.peer_closed = asyncio.Event()  # a connection saw the client go away
-        self.closed = asyncio.Event()  # the server closed a connection
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = URL(f"http://127.0.0.1:{port}/v2/blob")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        try:
-            await self._handle(self, reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            self._tasks.discard(task)
-
-    async def request(self, reader: asyncio.StreamReader) -> bool:
-        """Read one request head; False at the end of the connection."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return False
-        self.requests.append(head)
-        return True
-
-    async def wait_for_eof(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while await reader.read(65536):
-                pass
-        self.peer_closed.set()
-
-
-def head(length: int) -> bytes:
-    return f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n".encode()
 
 
 async def test_a_pooled_connection_the_server_closed_is_replaced(connections):
