@@ -12,11 +12,26 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import pytest
 from aiohttp import web
 from yarl import URL
 
+T = TypeVar("T")
 BODY = os.urandom(3 * 1024 * 1024 + 1234)
+GUARD = 20.0  # seconds: only ever reached when something hangs
+
+
+async def guarded(awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s outcome; a hang fails the test (not as a ``TimeoutError``, which some tests expect)."""
+    try:
+        async with asyncio.timeout(GUARD) as guard:
+            return await awaitable
+    except TimeoutError:
+        if guard.expired():
+            pytest.fail(f"still waiting after {GUARD} s")
+        raise
 
 
 
@@ -124,3 +139,43 @@ class RawServer:
 
 def head(length: int) -> bytes:
     return f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
+# Handlers for ``RawServer``, one misbehaviour each, shared by the transports' tests.
+
+
+async def answer_once(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One request answered ("hello", keep-alive as far as the client knows), then the connection closed."""
+    if await server.request(reader):
+        writer.write(head(5) + b"hello")
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    server.closed.set()
+
+
+async def hang_up(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The request read, the connection closed without an answer."""
+    await server.request(reader)
+
+
+async def cut_short(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """300 bytes of a body whose Content-Length says 1000, then the connection closed."""
+    await server.request(reader)
+    writer.write(head(1000) + b"x" * 300)
+    await writer.drain()
+
+
+async def chunk_cut_short(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """300 bytes of a chunk announced as 1024, then the connection closed."""
+    await server.request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 300)
+    await writer.drain()
+
+
+async def silent_body(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """100 bytes of a body whose Content-Length says 1000, then nothing until the client leaves."""
+    await server.request(reader)
+    writer.write(head(1000) + b"x" * 100)
+    await writer.drain()
+    await server.wait_for_eof(reader)

@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable
-from typing import TypeVar
 
 import pytest
 import trustme
 from yarl import URL
 
 from proxy.upstream.inline import DRAIN_LIMIT, HEAD_LIMIT, LoopAnswer, LoopConnections
-from tests.support.origins import BODY, Origin, RawServer, head
-
-T = TypeVar("T")
-GUARD = 20.0  # seconds: only ever reached when something hangs
+from tests.support.origins import (
+    BODY,
+    GUARD,
+    Origin,
+    RawServer,
+    answer_once,
+    chunk_cut_short,
+    cut_short,
+    guarded,
+    hang_up,
+    head,
+    silent_body,
+)
 
 
 @pytest.fixture
@@ -27,25 +34,6 @@ async def connections():
     pool = LoopConnections(connect_timeout=5.0, read_timeout=3 * GUARD)
     yield pool
     pool.close()
-
-
-@pytest.fixture
-async def origin(aiohttp_server):
-    origin = Origin()
-    server = await aiohttp_server(origin.app())
-    origin.url = server.make_url("")
-    return origin
-
-
-async def guarded(awaitable: Awaitable[T]) -> T:
-    """``awaitable``'s outcome; a hang fails the test (not as a ``TimeoutError``, which some tests expect)."""
-    try:
-        async with asyncio.timeout(GUARD) as guard:
-            return await awaitable
-    except TimeoutError:
-        if guard.expired():
-            pytest.fail(f"still waiting after {GUARD} s")
-        raise
 
 
 async def get(pool: LoopConnections, url: URL, tls: ssl.SSLContext | bool = True,
@@ -133,13 +121,7 @@ async def test_a_header_that_would_split_the_request_is_refused_before_anything_
 
 
 async def test_a_pooled_connection_the_server_closed_is_replaced(connections):
-    async def once_per_connection(server, reader, writer):
-        if await server.request(reader):
-            writer.write(head(5) + b"hello")
-            await writer.drain()
-        server.closed.set()
-
-    async with RawServer(once_per_connection) as server:
+    async with RawServer(answer_once) as server:
         answer = await get(connections, server.url)
         assert await read_all(answer) == b"hello"
         answer.release()  # kept alive as far as the client knows
@@ -172,9 +154,6 @@ async def test_a_request_the_server_hangs_up_on_is_sent_again_on_a_new_connectio
 
 
 async def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(connections):
-    async def hang_up(server, reader, writer):
-        await server.request(reader)
-
     async with RawServer(hang_up) as server:
         with pytest.raises(ConnectionError):
             await get(connections, server.url)
@@ -182,11 +161,6 @@ async def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(
 
 
 async def test_a_body_shorter_than_its_content_length_is_a_connection_error(connections):
-    async def cut_short(server, reader, writer):
-        await server.request(reader)
-        writer.write(head(1000) + b"x" * 300)
-        await writer.drain()
-
     async with RawServer(cut_short) as server:
         answer = await get(connections, server.url)
         assert answer.content_length == 1000
@@ -197,12 +171,7 @@ async def test_a_body_shorter_than_its_content_length_is_a_connection_error(conn
 
 
 async def test_a_chunked_body_cut_short_is_a_connection_error(connections):
-    async def cut_short(server, reader, writer):
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 300)
-        await writer.drain()
-
-    async with RawServer(cut_short) as server:
+    async with RawServer(chunk_cut_short) as server:
         answer = await get(connections, server.url)
         with pytest.raises(ConnectionError):
             await read_all(answer)
@@ -226,15 +195,9 @@ async def test_a_chunk_size_that_is_not_one_is_a_connection_error(connections, s
 
 
 async def test_a_silent_body_times_out_after_the_read_timeout_and_its_connection_is_closed():
-    async def silent(server, reader, writer):
-        await server.request(reader)
-        writer.write(head(1000) + b"x" * 100)
-        await writer.drain()
-        await server.wait_for_eof(reader)
-
     pool = LoopConnections(connect_timeout=GUARD, read_timeout=0.3)
     try:
-        async with RawServer(silent) as server:
+        async with RawServer(silent_body) as server:
             answer = await get(pool, server.url)
             pieces = answer.chunks()
             assert await guarded(anext(pieces)) == b"x" * 100

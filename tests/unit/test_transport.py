@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
@@ -16,10 +16,20 @@ import trustme
 from yarl import URL
 
 from proxy.upstream.transport import DRAIN_LIMIT, Answer, Connections
-from tests.support.origins import BODY, Origin, RawServer, head
+from tests.support.origins import (
+    BODY,
+    GUARD,
+    Origin,
+    RawServer,
+    answer_once,
+    chunk_cut_short,
+    cut_short,
+    guarded,
+    hang_up,
+    silent_body,
+)
 
 T = TypeVar("T")
-GUARD = 20.0  # seconds: only ever reached when something hangs
 
 
 @pytest.fixture
@@ -33,17 +43,6 @@ async def connections():
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
-
-
-async def guarded(awaitable: Awaitable[T]) -> T:
-    """``awaitable``'s outcome; a hang fails the test (not as a ``TimeoutError``, which some tests expect)."""
-    try:
-        async with asyncio.timeout(GUARD) as guard:
-            return await awaitable
-    except TimeoutError:
-        if guard.expired():
-            pytest.fail(f"still waiting after {GUARD} s")
-        raise
 
 
 async def get(pool: Connections, url: URL, tls: ssl.SSLContext | bool = True) -> Answer:
@@ -63,14 +62,6 @@ async def read_all(answer: Answer, size: int = 64 * 1024) -> bytes:
         return bytes(out)
 
     return await blocking(read)
-
-
-@pytest.fixture
-async def origin(aiohttp_server):
-    origin = Origin()
-    server = await aiohttp_server(origin.app())
-    origin.url = server.make_url("")
-    return origin
 
 
 async def test_two_gets_in_a_row_share_one_connection(origin, connections):
@@ -172,15 +163,7 @@ async def test_https_through_the_given_tls_context(aiohttp_server, connections):
 
 
 async def test_a_pooled_connection_the_server_closed_is_replaced(connections):
-    async def once_per_connection(server, reader, writer):
-        if await server.request(reader):
-            writer.write(head(5) + b"hello")
-            await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-        server.closed.set()
-
-    async with RawServer(once_per_connection) as server:
+    async with RawServer(answer_once) as server:
         answer = await get(connections, server.url)
         assert await read_all(answer) == b"hello"
         await blocking(answer.release)  # kept alive as far as the client knows
@@ -195,9 +178,6 @@ async def test_a_pooled_connection_the_server_closed_is_replaced(connections):
 
 
 async def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(connections):
-    async def hang_up(server, reader, writer):
-        await server.request(reader)
-
     async with RawServer(hang_up) as server:
         with pytest.raises(ConnectionError):
             await get(connections, server.url)
@@ -205,11 +185,6 @@ async def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(
 
 
 async def test_a_body_shorter_than_its_content_length_is_a_connection_error(connections):
-    async def cut_short(server, reader, writer):
-        await server.request(reader)
-        writer.write(head(1000) + b"x" * 300)
-        await writer.drain()
-
     async with RawServer(cut_short) as server:
         answer = await get(connections, server.url)
         assert answer.content_length == 1000
@@ -223,12 +198,7 @@ async def test_a_body_shorter_than_its_content_length_is_a_connection_error(conn
 
 
 async def test_a_chunked_body_cut_short_is_a_connection_error(connections):
-    async def cut_short(server, reader, writer):
-        await server.request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 300)
-        await writer.drain()
-
-    async with RawServer(cut_short) as server:
+    async with RawServer(chunk_cut_short) as server:
         answer = await get(connections, server.url)
         with pytest.raises(ConnectionError):
             await read_all(answer, 4096)
@@ -236,15 +206,9 @@ async def test_a_chunked_body_cut_short_is_a_connection_error(connections):
 
 
 async def test_a_silent_body_times_out_after_the_read_timeout():
-    async def silent(server, reader, writer):
-        await server.request(reader)
-        writer.write(head(1000) + b"x" * 100)
-        await writer.drain()
-        await server.wait_for_eof(reader)
-
     pool = Connections(connect_timeout=GUARD, read_timeout=0.3)
     try:
-        async with RawServer(silent) as server:
+        async with RawServer(silent_body) as server:
             answer = await get(pool, server.url)
             buffer = memoryview(bytearray(100))
             assert await blocking(answer.readinto, buffer) == 100
@@ -258,13 +222,7 @@ async def test_a_silent_body_times_out_after_the_read_timeout():
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 async def test_interrupt_from_the_loop_ends_a_read_blocked_on_a_silent_body(tls, connections):
-    async def silent(server, reader, writer):
-        await server.request(reader)
-        writer.write(head(1000) + b"x" * 100)
-        await writer.drain()
-        await server.wait_for_eof(reader)
-
-    async with RawServer(silent) as server:
+    async with RawServer(silent_body) as server:
         url, context = server.url, True
         if tls:  # the same handler on a second, TLS, listener: shutting down an SSL socket differs
             ca = trustme.CA()
